@@ -1,0 +1,17 @@
+# weightpca: how much of a transformer's weights is really needed?
+# One DAG of file artifacts; see README.md and ../shared/ARCHITECTURE.md.
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/extract.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

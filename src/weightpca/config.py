@@ -1,0 +1,49 @@
+"""Checks on the workflow configuration that a JSON schema cannot express.
+
+``config/schema.yaml`` (enforced by ``snakemake.utils.validate``) covers types,
+ranges and unknown keys; ``check_config`` covers relations between keys. Both
+run when the Snakefile is parsed, before any job starts. Every message names
+the key to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_config(config: dict) -> None:
+    model, train, tok, corpus = config["model"], config["train"], config["tokenizer"], config["corpus"]
+    d = model["n_embd"]
+    if d % model["n_head"]:
+        raise ConfigError(f"model.n_embd ({d}) must be divisible by model.n_head ({model['n_head']})")
+    k = model.get("n_embd_wte")
+    if k is not None and k > d:
+        raise ConfigError(f"model.n_embd_wte ({k}) must not exceed model.n_embd ({d})")
+    if tok["kind"] == "bpe" and tok.get("dtype", "auto") != "auto":
+        limit = np.iinfo(np.dtype(tok["dtype"])).max + 1
+        if tok["vocab_size"] > limit:
+            raise ConfigError(
+                f"tokenizer.vocab_size ({tok['vocab_size']}) does not fit tokenizer.dtype "
+                f"{tok['dtype']} (at most {limit}); use uint32 or auto"
+            )
+    if train["min_lr"] > train["lr"]:
+        raise ConfigError(f"train.min_lr ({train['min_lr']}) must not exceed train.lr ({train['lr']})")
+    if train["warmup_steps"] > train["max_steps"]:
+        raise ConfigError(
+            f"train.warmup_steps ({train['warmup_steps']}) exceeds train.max_steps ({train['max_steps']})"
+        )
+    if train.get("compile") and config["device"] == "cpu":
+        raise ConfigError("train.compile is CUDA-only; set it false or device to auto/cuda")
+    archive = corpus.get("archive")
+    if archive and not Path(archive).is_file():
+        raise ConfigError(f"corpus.archive: file '{archive}' does not exist")
+    if corpus["source"] == "hf_dataset":
+        for split, path in (corpus.get("data_files") or {}).items():
+            if "://" not in path and not Path(path).is_file():
+                raise ConfigError(f"corpus.data_files.{split}: file '{path}' does not exist")

@@ -1,0 +1,105 @@
+"""File helpers: atomic writes and safe tensor loading.
+
+Every artifact is written to a temporary name in its destination folder and
+renamed into place, so a reader (or a resumed run) sees the old file or the
+new one, never a torn one. Nothing here unpickles: tensors travel as
+safetensors, arrays as ``.npy`` loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing, truncated or does not match the model."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return json.loads(path.read_text())
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: weight file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def check_state_dict(
+    loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source
+) -> None:
+    """Refuse ``loaded`` unless it has exactly ``expected``'s names and shapes."""
+    missing = sorted(set(expected) - set(loaded))
+    extra = sorted(set(loaded) - set(expected))
+    if missing or extra:
+        raise WeightFileError(f"{source}: missing tensors {missing}, unexpected tensors {extra}")
+    for name, ref in expected.items():
+        if tuple(loaded[name].shape) != tuple(ref.shape):
+            raise WeightFileError(
+                f"{source}: tensor '{name}' has shape {tuple(loaded[name].shape)}, "
+                f"the model expects {tuple(ref.shape)}"
+            )
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_npy(path, mmap: bool = False) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as e:
+        raise WeightFileError(f"{path}: refused, not a plain numeric .npy ({e})") from e

@@ -1,0 +1,18 @@
+"""Train one model run with the one training loop (weightpca.train)."""
+
+from pathlib import Path
+
+from weightpca.logs import job_log
+from weightpca.train import train
+
+with job_log(snakemake.log[0]):
+    run = dict(snakemake.params.run, wandb=snakemake.config["wandb"])
+    summary = train(
+        run,
+        data_dir=Path(snakemake.input.meta).parent,
+        out_dir=Path(snakemake.output.model).parent,
+        work_dir=snakemake.params.work_dir,
+        device=snakemake.config["device"],
+        threads=snakemake.threads,
+    )
+    print(summary)
