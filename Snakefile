@@ -12,6 +12,6 @@ include: "workflow/rules/extract.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

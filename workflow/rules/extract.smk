@@ -11,5 +11,7 @@ rule extract_baseline:
         manifest=f"{RESULTS}/extract/D/manifest.json",
     log:
         f"{LOGS}/extract/D.log",
+    conda:
+        "../../envs/train.yaml"
     script:
         "../scripts/extract.py"

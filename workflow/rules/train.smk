@@ -15,9 +15,12 @@ rule train_baseline:
         f"{LOGS}/train/D/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/train/D/seed{{seed}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config["threads"]["train"]
     params:
         run=baseline_run,
         work_dir=lambda w: f"{RESULTS}/train/D/seed{w.seed}/_work",
-    threads: config["threads"]["train"]
+        wandb_dir=f"{RESULTS}/wandb",
     script:
         "../scripts/train.py"

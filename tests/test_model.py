@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from weightpca.model import GPT, GPTConfig
+
+
+def meta_model(**kw):
+    with torch.device("meta"):
+        return GPT(GPTConfig(**kw))
+
+
+def test_gpt2_small_parameter_count():
+    # the published GPT-2 small count (124.44M incl. positions) with tied head
+    m = meta_model(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    assert m.num_params() == 124_439_808
+    assert m.embedding_params() == 50257 * 768
+
+
+@pytest.mark.parametrize("k", [64, 128, 256, 384])
+def test_factorised_embedding_counts(k):
+    V, d = 50257, 768
+    plain = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True)
+    fact = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True,
+                      n_embd_wte=k)
+    assert fact.embedding_params() == V * k + 2 * k * d
+    assert fact.num_params() == plain.num_params() - V * d + V * k + 2 * k * d
+    tied = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True,
+                      n_embd_wte=k, tie_scale=True)
+    assert tied.embedding_params() == V * k + k * d
+
+
+def test_forward_shapes_and_tied_head():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(100, (3, 8))
+    logits, loss = m(idx, idx)
+    assert logits.shape == (3, 8, 100)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    h = m.hidden_states(idx)
+    torch.testing.assert_close(logits, h @ m.transformer.wte.weight.T)
+
+
+def test_factorised_forward_uses_rank_k_embedding():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16, n_embd_wte=4))
+    idx = torch.randint(100, (2, 8))
+    logits, _ = m(idx)
+    assert m.transformer.wte.weight.shape == (100, 4)
+    assert m.scale_up.shape == (4, 16) and m.scale_down.shape == (16, 4)
+    h = m.hidden_states(idx)
+    torch.testing.assert_close(logits, h @ m.scale_down @ m.transformer.wte.weight.T)
+
+
+def test_k_larger_than_d_refused():
+    with pytest.raises(ValueError, match="n_embd_wte"):
+        GPTConfig(n_embd=32, n_head=2, n_embd_wte=33)
+
+
+def test_freeze_flags():
+    m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, n_embd_wte=4))
+    m.set_frozen(freeze_wte=True, freeze_scale=True)
+    assert not m.transformer.wte.weight.requires_grad
+    assert not m.scale_up.requires_grad and not m.scale_down.requires_grad
+    with pytest.raises(ValueError, match="factorised"):
+        GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)).set_frozen(
+            freeze_scale=True)

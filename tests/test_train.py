@@ -1,0 +1,159 @@
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_run
+from weightpca.io import WeightFileError, load_tensors, save_tensors
+from weightpca.model import GPT, GPTConfig
+from weightpca.train import TrainingDiverged, build_model, load_model, lr_at, train
+
+
+def weights(out):
+    return load_tensors(Path(out) / "model.safetensors")
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_trains_and_writes_artifacts(tiny_data, tmp_path):
+    s = train(tiny_run(max_steps=12), tiny_data, tmp_path / "out", tmp_path / "work")
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "metrics.csv",
+                                               "summary.json"}
+    assert not (tmp_path / "work").exists()  # in-progress state removed after success
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,tokens,lr") and [r.split(",")[0] for r in rows[1:]] == ["4", "8", "12"]
+    assert s["steps"] == 12 and s["tokens_seen"] == 12 * 4 * 16
+    assert s["final_val_ppl"] == pytest.approx(math.exp(s["final_val_loss"]))
+    assert s["final_val_ppl"] < 384  # better than a uniform guess after 12 steps
+    model = load_model(out / "model.safetensors", out / "config.json")
+    assert model.config.vocab_size == 384
+
+
+def test_cpu_run_bitwise_repeatable(tiny_data, tmp_path):
+    train(tiny_run(), tiny_data, tmp_path / "a", tmp_path / "wa")
+    train(tiny_run(), tiny_data, tmp_path / "b", tmp_path / "wb")
+    assert_bitwise_equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    train(tiny_run(seed=1), tiny_data, tmp_path / "c", tmp_path / "wc")
+    assert not torch.equal(weights(tmp_path / "a")["transformer.wte.weight"],
+                           weights(tmp_path / "c")["transformer.wte.weight"])
+
+
+TRAIN_IN_SUBPROCESS = """
+import json, sys
+from weightpca.train import train
+run, data, out, work = json.loads(sys.argv[1])
+train(run, data, out, work)
+"""
+
+
+def test_kill_9_then_resume_is_bitwise_equal(tiny_data, tmp_path):
+    run = tiny_run(max_steps=60, checkpoint_every=5, eval_every=20)
+    train(run, tiny_data, tmp_path / "ref", tmp_path / "wref")
+
+    args = json.dumps([run, str(tiny_data), str(tmp_path / "out"), str(tmp_path / "work")])
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_IN_SUBPROCESS, args])
+    latest = tmp_path / "work" / "ckpt" / "LATEST"
+    deadline = time.time() + 120
+    while not (latest.exists() and latest.read_text().strip() >= "step_00000015"):
+        assert proc.poll() is None, "training finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    killed_at = int(latest.read_text().strip().split("_")[1])
+    assert 15 <= killed_at < 60
+
+    done = subprocess.run([sys.executable, "-c", TRAIN_IN_SUBPROCESS, args],
+                          capture_output=True, text=True, check=True)
+    assert f"(step {killed_at})" in done.stdout
+    assert_bitwise_equal(weights(tmp_path / "ref"), weights(tmp_path / "out"))
+    # metrics of the resumed run equal the uninterrupted run's (wall time aside)
+    strip = lambda p: [r.rsplit(",", 1)[0] for r in (p / "metrics.csv").read_text().splitlines()]
+    assert strip(tmp_path / "ref") == strip(tmp_path / "out")
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, tmp_path):
+    from weightpca.checkpoint import latest_checkpoint
+    from weightpca.train import config_hash
+
+    run = tiny_run(max_steps=8, checkpoint_every=4)
+    assert config_hash(run) != config_hash(tiny_run(max_steps=8, checkpoint_every=4, lr=1e-3))
+    assert latest_checkpoint(tmp_path, config_hash(run)) is None
+
+
+def test_wrong_shape_checkpoint_refused_naming_tensor(tiny_data, tmp_path):
+    train(tiny_run(max_steps=4), tiny_data, tmp_path / "out", tmp_path / "work")
+    w = weights(tmp_path / "out")
+    w["transformer.h.1.attn.c_attn.weight"] = torch.zeros(48, 8)
+    save_tensors(tmp_path / "out" / "model.safetensors", w)
+    with pytest.raises(WeightFileError, match=r"transformer\.h\.1\.attn\.c_attn\.weight.*\(48, 8\)"):
+        load_model(tmp_path / "out" / "model.safetensors", tmp_path / "out" / "config.json")
+
+
+def test_truncated_weights_refused(tiny_data, tmp_path):
+    train(tiny_run(max_steps=4), tiny_data, tmp_path / "out", tmp_path / "work")
+    path = tmp_path / "out" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(WeightFileError, match="model.safetensors"):
+        load_model(path, tmp_path / "out" / "config.json")
+
+
+def test_divergence_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
+    run = tiny_run(max_steps=40, lr=1e6, min_lr=1e6, grad_clip=0.0, eval_every=4, checkpoint_every=4)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+"):
+        train(run, tiny_data, tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_model_and_embedding(tiny_data, tmp_path):
+    train(tiny_run(max_steps=4), tiny_data, tmp_path / "d", tmp_path / "wd")
+    run = tiny_run()
+    run["init"] = {"model": str(tmp_path / "d" / "model.safetensors")}
+    m = build_model(run, 384)
+    d = weights(tmp_path / "d")
+    assert torch.equal(m.state_dict()["transformer.h.0.mlp.c_fc.weight"], d["transformer.h.0.mlp.c_fc.weight"])
+    bad = dict(run, model=dict(run["model"], n_layer=3))
+    with pytest.raises(WeightFileError, match="missing tensors"):
+        build_model(bad, 384)
+
+
+def test_lr_schedule():
+    t = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
+
+
+def test_nothing_unpickles():
+    """No torch.load without weights_only, no allow_pickle=True, no remote code."""
+    offenders = []
+    for path in [*REPO.glob("src/**/*.py"), *REPO.glob("workflow/**/*.py"),
+                 *REPO.glob("workflow/**/*.smk"), *REPO.glob("benchmarks/*.py")]:
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in m.group(0):
+                offenders.append(f"{path}: {m.group(0)}")
+        for bad in ("allow_pickle=True", "trust_remote_code=True", "import pickle", "pickle.load"):
+            if bad in text:
+                offenders.append(f"{path}: {bad}")
+    assert not offenders, offenders
+
+
+def test_wandb_offline_run_written(tiny_data, tmp_path):
+    run = tiny_run(max_steps=4)
+    run["wandb"] = {"mode": "offline", "project": "weightpca-test", "dir": str(tmp_path / "wb")}
+    train(run, tiny_data, tmp_path / "out", tmp_path / "work")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
