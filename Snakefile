@@ -2,7 +2,7 @@
 # One DAG of file artifacts; see README.md and ../shared/ARCHITECTURE.md.
 
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

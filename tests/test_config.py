@@ -27,7 +27,7 @@ def test_bad_config_refused_before_any_job(tmp_path, overrides, message):
 
 
 def test_default_and_ci_configs_are_valid(tmp_path):
-    for name in ("config/config.yaml", "config/ci.yaml"):
+    for name in ("config/config.yaml", "config/ci.yaml", "config/wikitext103.yaml"):
         cfg = write_config(tmp_path / "ok.yaml", base=name)
         done = snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
         assert "train_baseline" in done.stdout
