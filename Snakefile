@@ -9,6 +9,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/factorize.smk"
+include: "workflow/rules/surgery.smk"
 
 
 rule all:

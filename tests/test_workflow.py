@@ -45,3 +45,69 @@ def test_rerun_is_a_no_op(ci_results):
     results, cfg = ci_results
     done = snakemake(results.parent, "-n", "--cores", "1", "all", configfile=cfg)
     assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_factorisation_branch_artifacts(ci_results):
+    import pandas as pd
+
+    results, _ = ci_results
+    spectrum = json.loads((results / "pca/spectrum.json").read_text())
+    assert len(spectrum["singular_values"]) == 32 and set(spectrum["relative_error"]) == {"4", "16"}
+    emb = load_file(str(results / "pca/k4/embedding.safetensors"))
+    assert emb["transformer.wte.weight"].shape == (512, 4) and emb["scale_up"].shape == (4, 32)
+    params = pd.read_csv(results / "pca/params.csv")
+    assert set(params.model) == {"this config", "gpt2-small"}
+    runs = pd.read_csv(results / "train/summary.csv")
+    assert len(runs) == 1 + 2 * 3  # D + (A, B, C) at k = 4, 16, one seed
+    b = runs[(runs.variant == "B") & (runs.k == 4)].iloc[0]
+    assert b.steps == 10 and b.embedding_params == 512 * 4 + 2 * 4 * 32
+    cmp = pd.read_csv(results / "train/comparisons.csv")
+    assert set(cmp.comparison) == {"A vs C", "A vs D", "B vs A", "B vs D"}
+    assert (cmp.verdict == "one seed: spread unknown").all()
+
+
+def scheduled_jobs(stdout: str) -> list[tuple[str, str]]:
+    """(rule, wildcards) of every job in a dry run's output."""
+    jobs, rule = [], None
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")):
+            rule, wildcards = line.split()[1].rstrip(":"), ""
+            jobs.append([rule, wildcards])
+        elif line.startswith("wildcards:") and jobs:
+            jobs[-1][1] = line.split(":", 1)[1].strip()
+    return [tuple(j) for j in jobs]
+
+
+def test_changing_one_rank_reruns_only_that_branch(ci_results, tmp_path):
+    results, cfg = ci_results
+    import yaml
+
+    changed = yaml.safe_load(cfg.read_text())
+    changed["experiment"]["rank_overrides"] = [{"k": 16, "train": {"lr": 0.002}}]
+    new_cfg = tmp_path / "changed.yaml"
+    new_cfg.write_text(yaml.safe_dump(changed))
+    done = snakemake(results.parent, "-n", "--cores", "1", "all", configfile=new_cfg)
+    jobs = scheduled_jobs(done.stdout)
+    trained = sorted(w for r, w in jobs if r == "train_variant")
+    assert trained == sorted(f"k=16, variant={v}, seed=7" for v in "ABC"), jobs
+    assert sorted({r for r, _ in jobs}) == ["all", "train_summary", "train_variant"], jobs
+
+
+def test_surgery_tables(ci_results):
+    import pandas as pd
+
+    results, _ = ci_results
+    for target in ("gpt", "smollm2"):
+        for mode in ("separate", "shared_kv", "cross_layer", "activation_aware"):
+            table = pd.read_csv(results / f"surgery/{target}/{mode}.csv")
+            assert list(table.threshold) == [1.0, 0.7]
+            full, cut = table.iloc[0], table.iloc[1]
+            assert abs(full.ppl - full.base_ppl) / full.base_ppl < 1e-4
+            assert full.params_fraction > cut.params_fraction
+            timing = json.loads((results / f"surgery/{target}/{mode}.json").read_text())
+            assert timing["eval_tokens"] == 256 and timing["sweep_cost_ratio"] >= 1.0
+    smol = pd.read_csv(results / "surgery/smollm2/separate.csv")
+    # SmolLM2-135M: 30 layers, q 576x576, k and v 192x576 (grouped-query)
+    assert smol.iloc[0].dense_q == 30 * 576 * 576 and smol.iloc[0].dense_kv == 30 * 2 * 192 * 576
+    assert 5 < smol.iloc[0].base_ppl < 200  # a trained LM on Shakespeare, not noise

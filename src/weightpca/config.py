@@ -40,6 +40,38 @@ def check_config(config: dict) -> None:
         )
     if train.get("compile") and config["device"] == "cpu":
         raise ConfigError("train.compile is CUDA-only; set it false or device to auto/cuda")
+    fact = config.get("factorize")
+    if fact:
+        vocab = tok.get("vocab_size") if tok["kind"] == "bpe" else None
+        for k in fact["ranks"]:
+            if k >= d:
+                raise ConfigError(
+                    f"factorize.ranks: k={k} must be smaller than model.n_embd ({d}); "
+                    f"a rank-{d} embedding is no compression"
+                )
+            if vocab is not None and k >= vocab:
+                raise ConfigError(f"factorize.ranks: k={k} must be smaller than tokenizer.vocab_size ({vocab})")
+        for i, o in enumerate(config["experiment"].get("rank_overrides", [])):
+            if o["k"] not in fact["ranks"]:
+                raise ConfigError(
+                    f"experiment.rank_overrides[{i}].k = {o['k']} is not one of factorize.ranks {fact['ranks']}"
+                )
+    surgery = config.get("surgery")
+    if surgery:
+        for name, t in surgery["targets"].items():
+            if t["kind"] == "hf" and t.get("path"):
+                folder = Path(t["path"])
+                if not folder.is_dir():
+                    raise ConfigError(f"surgery.targets.{name}.path: folder '{folder}' does not exist")
+                if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+                    raise ConfigError(
+                        f"surgery.targets.{name}.path: '{folder}' holds no model weights (*.safetensors or *.bin)"
+                    )
+        for i, e in enumerate(surgery.get("export", [])):
+            if e["target"] not in surgery["targets"]:
+                raise ConfigError(f"surgery.export[{i}].target '{e['target']}' is not in surgery.targets")
+            if surgery["targets"][e["target"]]["kind"] == "gpt":
+                raise ConfigError(f"surgery.export[{i}]: export is for Hugging Face targets, not '{e['target']}'")
     archive = corpus.get("archive")
     if archive and not Path(archive).is_file():
         raise ConfigError(f"corpus.archive: file '{archive}' does not exist")

@@ -40,6 +40,7 @@ class GPTConfig:
     bias: bool = False
     n_embd_wte: int | None = None  # k; None = plain [V, d] embedding
     tie_scale: bool = False  # scale_down = scale_up.T
+    embd_bias: bool = False  # a learned [d] vector added to every token embedding (centred PCA's mean row)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -133,6 +134,8 @@ class GPT(nn.Module):
         if config.factorized:
             self.scale_up = nn.Parameter(torch.empty(k, d))
             self.scale_down = None if config.tie_scale else nn.Parameter(torch.empty(d, k))
+        if config.embd_bias:
+            self.embd_bias = nn.Parameter(torch.zeros(d))
         self.apply(self._init_weights)
         if config.factorized:
             # orthogonal-ish random init keeps the residual stream's scale
@@ -168,6 +171,8 @@ class GPT(nn.Module):
     def embedding_params(self) -> int:
         """Parameters of the token embedding path: wte (+ scale matrices)."""
         n = self.transformer.wte.weight.numel()
+        if self.config.embd_bias:
+            n += self.embd_bias.numel()
         if self.config.factorized:
             n += self.scale_up.numel()
             if self.scale_down is not None:
@@ -183,15 +188,19 @@ class GPT(nn.Module):
         tok = self.transformer.wte(idx)
         if self.config.factorized:
             tok = tok @ self.scale_up
+        if self.config.embd_bias:
+            tok = tok + self.embd_bias
         x = self.transformer.drop(tok + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
 
+    def token_space(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden state [.., d] in token-embedding space [.., k] (identity when not factorised)."""
+        return h @ self.scale_down_matrix() if self.config.factorized else h
+
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        if self.config.factorized:
-            h = h @ self.scale_down_matrix()
-        return F.linear(h, self.transformer.wte.weight)  # tied head
+        return F.linear(self.token_space(h), self.transformer.wte.weight)  # tied head
 
     def forward(self, idx, targets=None):
         """idx [B, T] -> logits [B, T, V]; with targets, also the mean cross-entropy."""
@@ -211,3 +220,5 @@ class GPT(nn.Module):
             self.scale_up.requires_grad_(False)
             if self.scale_down is not None:
                 self.scale_down.requires_grad_(False)
+            if self.config.embd_bias:
+                self.embd_bias.requires_grad_(False)

@@ -39,7 +39,7 @@ from .io import atomic_path, check_state_dict, load_tensors, read_json, save_ten
 from .model import GPT, GPTConfig
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
 
-METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "elapsed_s"]
+METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "cos_target", "elapsed_s"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,7 +88,7 @@ def build_model(run: dict, vocab_size: int) -> GPT:
         # which the factorisation (init.embedding) or the seed replaces
         src = load_tensors(init["model"])
         own = model.state_dict()
-        skip = {"transformer.wte.weight", "scale_up", "scale_down"}
+        skip = {"transformer.wte.weight", "scale_up", "scale_down", "embd_bias"}
         wanted = {k: v for k, v in own.items() if k not in skip}
         check_state_dict({k: v for k, v in src.items() if k not in skip}, wanted, init["model"])
         model.load_state_dict({**own, **{k: src[k] for k in wanted}})
@@ -108,6 +108,8 @@ def load_embedding(model: GPT, path) -> None:
         names.append("scale_up")
         if model.scale_down is not None:
             names.append("scale_down")
+    if model.config.embd_bias:
+        names.append("embd_bias")
     check_state_dict({k: src[k] for k in names if k in src}, {k: own[k] for k in names}, path)
     with torch.no_grad():
         for k in names:
@@ -115,20 +117,31 @@ def load_embedding(model: GPT, path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, windows: np.ndarray, batch_size: int, device: str, autocast) -> float:
-    """Mean next-token cross-entropy over fixed [N, T+1] windows."""
+def evaluate(model, windows: np.ndarray, batch_size: int, device: str, autocast) -> tuple[float, float]:
+    """(mean next-token cross-entropy, mean cos_target) over fixed [N, T+1] windows.
+
+    cos_target is the seed experiments' ln_f diagnostic: the cosine between
+    the final hidden state mapped into token space (``h @ scale_down`` for a
+    factorised model, ``h`` otherwise) and the target token's embedding row.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, cos_total, count = 0.0, 0.0, 0
+    wte = model.transformer.wte.weight
     for i in range(0, len(windows), batch_size):
         xy = torch.from_numpy(windows[i:i + batch_size]).to(device)
+        x, y = xy[:, :-1], xy[:, 1:]
         with autocast():
-            _, loss = model(xy[:, :-1], xy[:, 1:])
-        n = xy[:, 1:].numel()
-        total += loss.item() * n
-        count += n
+            z = model.token_space(model.hidden_states(x))
+            logits = torch.nn.functional.linear(z, wte)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                                 y.reshape(-1), reduction="sum")
+        cos = torch.nn.functional.cosine_similarity(z.float(), wte[y].float(), dim=-1).sum()
+        total += loss.item()
+        cos_total += cos.item()
+        count += y.numel()
     model.train(was_training)
-    return total / count
+    return total / count, cos_total / count
 
 
 def config_hash(run: dict) -> str:
@@ -256,11 +269,12 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
                 )
             loss_sum.zero_()
             loss_steps = 0
-            val_loss = evaluate(model, val_windows[: t["eval_windows"]], t["batch_size"], device, autocast)
+            val_loss, cos = evaluate(model, val_windows[: t["eval_windows"]], t["batch_size"], device, autocast)
             progress.best_val_loss = min(progress.best_val_loss, val_loss)
             progress.elapsed_s = time.perf_counter() - started
             row = dict(step=progress.step, tokens=progress.tokens, lr=lr, train_loss=train_loss,
-                       val_loss=val_loss, val_ppl=math.exp(val_loss), elapsed_s=progress.elapsed_s)
+                       val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
+                       elapsed_s=progress.elapsed_s)
             metrics.append(row)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if wb is not None:
@@ -275,12 +289,12 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
     bar.close()
 
     # final evaluation on the whole (or eval_tokens-capped) validation split
-    final_val = evaluate(model, val_windows, t["batch_size"], device, autocast)
+    final_val, final_cos = evaluate(model, val_windows, t["batch_size"], device, autocast)
     targets = val_windows[:, 1:]
     summary = dict(
         name=run["name"], seed=run["seed"], steps=progress.step, tokens_seen=progress.tokens,
         final_val_loss=final_val, final_val_ppl=math.exp(final_val),
-        best_val_ppl=math.exp(min(progress.best_val_loss, final_val)),
+        best_val_ppl=math.exp(min(progress.best_val_loss, final_val)), final_cos_target=final_cos,
         unigram_val_ppl=unigram_perplexity(train_tokens, targets, meta["vocab_size"]),
         val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
         params=model.num_params(), embedding_params=model.embedding_params(),

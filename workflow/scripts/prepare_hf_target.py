@@ -1,0 +1,15 @@
+"""Load a Hugging Face causal LM once (GGUF, hub id or folder) and save it as safetensors."""
+
+from pathlib import Path
+
+import torch
+
+from weightpca.logs import job_log
+from weightpca.targets import prepare_hf_model
+
+with job_log(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    t = snakemake.params.target
+    source = snakemake.input.get("gguf") or snakemake.input.get("folder") or t["model_id"]
+    info = prepare_hf_model(source, Path(snakemake.output.config).parent)
+    print(info)

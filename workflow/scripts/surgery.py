@@ -1,0 +1,32 @@
+"""One surgery sweep: perplexity, ranks and parameters at every threshold of one mode."""
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from weightpca.io import atomic_path, write_json
+from weightpca.logs import job_log
+from weightpca.surgery import run_sweep
+from weightpca.targets import load_target
+
+with job_log(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    s = snakemake.params.settings
+    target, val, calib, window = load_target(
+        snakemake.params.kind, Path(snakemake.input.model).parent, Path(snakemake.input.meta).parent,
+        s["eval_tokens"], s["calib_tokens"], s["window"],
+    )
+    rows, timing = run_sweep(target, snakemake.wildcards.mode, s["thresholds"], val, window,
+                             calib_tokens=calib, prompt=s["prompt"], gen_tokens=s["gen_tokens"])
+    table = pd.DataFrame(rows)
+    table.insert(0, "mode", snakemake.wildcards.mode)
+    table.insert(0, "target", snakemake.wildcards.target)
+    with atomic_path(snakemake.output.table) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(snakemake.output.timing, dict(timing, target=snakemake.wildcards.target,
+                                             mode=snakemake.wildcards.mode, note=snakemake.params.note,
+                                             eval_tokens=int(len(val) - 1), window=window,
+                                             threads=snakemake.threads))
+    print(table.drop(columns=["ranks", "continuation"]).to_string(index=False))
+    print(timing)
