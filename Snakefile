@@ -5,12 +5,16 @@
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/factorize.smk"
 include: "workflow/rules/surgery.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

