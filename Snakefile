@@ -14,6 +14,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/factorize.smk"
 include: "workflow/rules/surgery.smk"
+include: "workflow/rules/sketch.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -91,7 +91,7 @@ def test_changing_one_rank_reruns_only_that_branch(ci_results, tmp_path):
     jobs = scheduled_jobs(done.stdout)
     trained = sorted(w for r, w in jobs if r == "train_variant")
     assert trained == sorted(f"k=16, variant={v}, seed=7" for v in "ABC"), jobs
-    assert sorted({r for r, _ in jobs}) == ["all", "train_summary", "train_variant"], jobs
+    assert sorted({r for r, _ in jobs}) == ["all", "report", "train_summary", "train_variant"], jobs
 
 
 def test_surgery_tables(ci_results):
@@ -111,3 +111,18 @@ def test_surgery_tables(ci_results):
     # SmolLM2-135M: 30 layers, q 576x576, k and v 192x576 (grouped-query)
     assert smol.iloc[0].dense_q == 30 * 576 * 576 and smol.iloc[0].dense_kv == 30 * 2 * 192 * 576
     assert 5 < smol.iloc[0].base_ppl < 200  # a trained LM on Shakespeare, not noise
+
+
+def test_sketch_on_snapshots(ci_results):
+    results, _ = ci_results
+    snapshots = sorted((results / "train/D/seed7/snapshots").glob("*.safetensors"))
+    assert [p.name for p in snapshots] == [f"step_{s:08d}.safetensors" for s in (5, 10, 15, 20, 25, 30)]
+    errors = {m: json.loads((results / f"sketch/{m}/k2_r8_centered/errors.json").read_text())
+              for m in ("exact", "seed_srht", "srht", "gaussian")}
+    n_params = sum(v.numel() for v in load_file(str(snapshots[0])).values())
+    assert errors["exact"]["D"] == n_params and errors["exact"]["n_samples"] == 6
+    # r = 8 >= 6 samples: the range sketch holds every direction, so the correct sketch is optimal
+    assert errors["srht"]["mean_error_ratio_to_optimum"] < 1.01
+    assert errors["seed_srht"]["mean_error_ratio_to_optimum"] > 1.5
+    W = np.load(results / "sketch/srht/k2_r8_centered/W.npy", allow_pickle=False)
+    assert W.shape == (n_params, 2)

@@ -72,6 +72,17 @@ def check_config(config: dict) -> None:
                 raise ConfigError(f"surgery.export[{i}].target '{e['target']}' is not in surgery.targets")
             if surgery["targets"][e["target"]]["kind"] == "gpt":
                 raise ConfigError(f"surgery.export[{i}]: export is for Hugging Face targets, not '{e['target']}'")
+    sketch = config.get("sketch")
+    if sketch and sketch["enabled"]:
+        n_snapshots = train["max_steps"] // sketch["snapshot_every"]
+        for k in sketch["ks"]:
+            if k >= n_snapshots:
+                raise ConfigError(
+                    f"sketch.ks: k={k} must be smaller than the number of snapshots ({n_snapshots} = "
+                    f"train.max_steps {train['max_steps']} // sketch.snapshot_every {sketch['snapshot_every']})"
+                )
+        if sketch["methods"] and "exact" not in sketch["methods"]:
+            raise ConfigError("sketch.methods must include 'exact': it is the yardstick of every other method")
     archive = corpus.get("archive")
     if archive and not Path(archive).is_file():
         raise ConfigError(f"corpus.archive: file '{archive}' does not exist")

@@ -8,6 +8,8 @@ the rules below, never typed by hand:
   per-seed perplexity differences (``weightpca.tables.compare_variants``);
   "X better/worse than Y" when |mean| exceeds the spread, "not
   distinguishable" otherwise, "spread unknown" with one seed;
+- sketch methods: ratio of mean reconstruction error to exact PCA's at the
+  same k; "near optimal" within ``SKETCH_TOLERANCE``;
 - surgery modes per target: perplexity of every mode at equal threshold and,
   interpolated on log(perplexity), at equal fraction of parameters kept;
   modes within ``SURGERY_TIE`` (relative) of the best are tied. The sweeps are
@@ -168,6 +170,16 @@ def _interp_log_ppl(m: pd.DataFrame, fraction: float) -> float:
     return float(np.exp(np.interp(fraction, x, y)))
 
 
+def _common_budget(compressed: dict[str, pd.DataFrame]) -> tuple[float, list[str]]:
+    """The parameter fraction inside the most modes' sweeps (ties: the largest), and those modes."""
+    best = (0, 0.0, [])
+    for f in sorted({float(x) for c in compressed.values() for x in c.params_fraction}):
+        inside = [m for m, c in compressed.items() if c.params_fraction.min() <= f <= c.params_fraction.max()]
+        if (len(inside), f) > (best[0], best[1]):
+            best = (len(inside), f, inside)
+    return best[1], best[2]
+
+
 def surgery_verdicts(surgery: pd.DataFrame) -> list[dict]:
     """Per target: which mode keeps perplexity lowest, at equal threshold and at equal parameters kept."""
     lines = []
@@ -175,16 +187,28 @@ def surgery_verdicts(surgery: pd.DataFrame) -> list[dict]:
         modes = list(dict.fromkeys(t["mode"]))
         # equal threshold: the lowest threshold every mode ran
         thr = min(t.threshold)
-        at = t[t.threshold == thr].set_index("mode").ppl
-        lines.append(_rank_line("surgery", target, f"modes at equal threshold {thr:g}", at.to_dict(),
-                                "ppl"))
-        # equal parameters: the largest fraction every mode's sweep reaches below full size
-        lo = max(t[t["mode"] == m].params_fraction.min() for m in modes)
-        if lo < 1.0:
-            fraction = max(lo, 0.5) if lo <= 0.5 else lo
-            values = {m: _interp_log_ppl(t[t["mode"] == m], fraction) for m in modes}
-            lines.append(_rank_line("surgery", target, f"modes at equal q/k/v parameters ({fraction:.2f} of dense)",
-                                    values, "ppl (interpolated)"))
+        at = t[t.threshold == thr].set_index("mode")
+        line = _rank_line("surgery", target, f"modes at equal threshold {thr:g}", at.ppl.to_dict(), "ppl")
+        line["numbers"] += "; q/k/v parameters kept: " + ", ".join(
+            f"{m} {at.params_fraction[m]:.2f}" for m in at.index)
+        lines.append(line)
+        # equal parameters: interpolate the compressed points (factored form
+        # smaller than dense) at the budget that most modes' sweeps cover
+        compressed = {m: t[(t["mode"] == m) & (t.params_fraction < 1.0)] for m in modes}
+        compressed = {m: c for m, c in compressed.items() if len(c)}
+        fraction, inside = _common_budget(compressed)
+        if len(inside) >= 2:
+            values = {m: _interp_log_ppl(compressed[m], fraction) for m in inside}
+            line = _rank_line("surgery", target, f"modes at equal q/k/v parameters ({fraction:.2f} of dense)",
+                              values, "ppl (interpolated)")
+            outside = [m for m in modes if m not in inside]
+            if outside:
+                line["numbers"] += f"; outside this budget: {', '.join(outside)}"
+            lines.append(line)
+        else:
+            lines.append(dict(stage="surgery", subject=target, question="modes at equal q/k/v parameters",
+                              numbers="", spread="", verdict="no parameter budget is inside two modes' "
+                              "sweeps; add thresholds to compare at equal parameters"))
     return lines
 
 
@@ -194,7 +218,7 @@ def _rank_line(stage: str, subject: str, question: str, values: dict, unit: str)
     tied = [k for k, v in finite.items() if v <= finite[best] * (1 + SURGERY_TIE)]
     numbers = ", ".join(f"{k} {v:.2f}" for k, v in sorted(finite.items(), key=lambda kv: kv[1]))
     if len(tied) == len(finite):
-        verdict = f"all modes within {SURGERY_TIE:.0%}: not distinguishable"
+        verdict = f"all compared modes within {SURGERY_TIE:.0%}: not distinguishable"
     elif len(tied) > 1:
         verdict = f"{' = '.join(tied)} best (within {SURGERY_TIE:.0%})"
     else:
@@ -202,6 +226,58 @@ def _rank_line(stage: str, subject: str, question: str, values: dict, unit: str)
         verdict = f"{best} best, {runner / finite[best]:.2f}x lower {unit} than the next"
     return dict(stage=stage, subject=subject, question=question, numbers=numbers, spread="0 (deterministic)",
                 verdict=verdict)
+
+
+# ---------------------------------------------------------------- sketch
+
+SKETCH_TOLERANCE = 1.05  # "near optimal": mean error within 5 % of exact PCA's
+
+
+def sketch_table(paths) -> pd.DataFrame:
+    rows = []
+    for p in paths:
+        e = json.loads(Path(p).read_text())
+        ratios = np.asarray(e.get("ratio_to_optimum", [1.0] * len(e["l2_error"])))
+        rows.append(dict(method=e["method"], k=e["k"], r=e["r"], centered=e["centered"],
+                         mean_relative_error=e["mean_relative_error"],
+                         median_relative_error=e["median_relative_error"],
+                         mean_error_ratio=e.get("mean_error_ratio_to_optimum", 1.0),
+                         ratio_std=float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0,
+                         wall_s=e["wall_s"], throughput_mb_s=e["throughput_bytes_per_s"] / 1e6))
+    return pd.DataFrame(rows)
+
+
+def plot_sketch(table: pd.DataFrame, path) -> None:
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for (method, centered), m in table.groupby(["method", "centered"], sort=False):
+        m = m.sort_values("k")
+        style = "k--" if method == "exact" else "o-"
+        label = f"{method} ({'centred' if centered else 'uncentred'})"
+        ax.plot(m.k, m.mean_relative_error, style, marker="o", label=label)
+    ax.set_xlabel("number of components k (sketch size r = r_factor · k)")
+    ax.set_ylabel("mean relative reconstruction error ||x − W Wᵀx|| / ||x||")
+    ax.set_yscale("log")
+    ax.set_title("streaming-sketch PCA of D's weight snapshots")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def sketch_verdicts(table: pd.DataFrame) -> list[dict]:
+    lines = []
+    for r in table[table.method != "exact"].sort_values(["method", "k"]).itertuples():
+        opt = table[(table.method == "exact") & (table.k == r.k) & (table.centered == r.centered)]
+        opt_err = float(opt.mean_relative_error.iloc[0]) if len(opt) else float("nan")
+        if r.mean_error_ratio <= SKETCH_TOLERANCE:
+            verdict = f"near optimal (mean error within {SKETCH_TOLERANCE - 1:.0%} of exact PCA)"
+        else:
+            verdict = f"{r.mean_error_ratio:.2f}x the optimum's mean error"
+        lines.append(dict(
+            stage="sketch", subject=f"k={r.k}, r={r.r}", question=f"{r.method} vs exact PCA",
+            numbers=f"mean rel. error {r.mean_relative_error:.4f} vs optimum {opt_err:.4f} "
+                    f"(ratio {r.mean_error_ratio:.3f}); {r.throughput_mb_s:.0f} MB/s",
+            spread=f"per-sample ratio std {r.ratio_std:.3f}", verdict=verdict))
+    return lines
 
 
 # ---------------------------------------------------------------- timing
@@ -266,7 +342,8 @@ def build_report(inputs: dict, out_dir, bench_root, surgery_notes: dict[str, str
     """Write every figure plus summary.csv/.md into ``out_dir``; returns the summary table.
 
     ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
-    metrics (list of metrics.csv), surgery (list of csv), benchmarks (list of
+    metrics (list of metrics.csv), surgery (list of csv), sketch (list of
+    errors.json), benchmarks (list of
     Snakemake benchmark files under ``bench_root``); absent keys mean the stage
     was not run.
     """
@@ -301,8 +378,13 @@ def build_report(inputs: dict, out_dir, bench_root, surgery_notes: dict[str, str
         not_run["surgery"] = "surgery.enabled is false"
         _not_run(fig / "surgery.png", "attention surgery", "surgery.enabled is false")
 
-    not_run["sketch"] = "the streaming-sketch stage is not part of this workflow yet"
-    _not_run(fig / "sketch_error.png", "streaming-sketch PCA", not_run["sketch"])
+    if inputs.get("sketch"):
+        table = sketch_table(inputs["sketch"])
+        plot_sketch(table, fig / "sketch_error.png")
+        lines += sketch_verdicts(table)
+    else:
+        not_run["sketch"] = "sketch.enabled is false"
+        _not_run(fig / "sketch_error.png", "streaming-sketch PCA", not_run["sketch"])
 
     bench = read_benchmarks(inputs.get("benchmarks", []), bench_root)
     if bench.empty:

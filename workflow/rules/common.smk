@@ -27,6 +27,7 @@ BENCH = f"{RESULTS}/benchmarks"
 
 
 SURGERY = config["surgery"]
+SKETCH = config["sketch"]
 
 
 wildcard_constraints:
@@ -36,6 +37,9 @@ wildcard_constraints:
     mode="|".join(SURGERY["modes"]) or "none",
     target="|".join(SURGERY["targets"]) or "none",
     threshold=r"[01](\.\d+)?",
+    method="|".join(SKETCH["methods"]) or "none",
+    r=r"\d+",
+    centering="centered|uncentered",
 
 
 def baseline_run(wildcards):
@@ -46,10 +50,15 @@ def baseline_run(wildcards):
         "group": "D",
         "seed": seed,
         "model": config["model"],
-        "train": config["train"],
+        # D's weight snapshots are the samples of the sketch stage
+        "train": dict(config["train"], snapshot_every=sketch_snapshot_every()),
         "init": {},
         "freeze": {},
     }
+
+
+def sketch_snapshot_every():
+    return SKETCH["snapshot_every"] if SKETCH["enabled"] else 0
 
 
 def variant_settings(variant, k):
@@ -194,6 +203,7 @@ def benchmark_files():
             seed=e["seeds"],
         ),
     ]
+    files += [f"{BENCH}/{name}.tsv" for name in sketch_jobs()]
     if SURGERY["enabled"]:
         files += expand(
             f"{BENCH}/surgery/{{target}}/{{mode}}.tsv",
@@ -213,11 +223,45 @@ def report_inputs(wildcards):
         "metrics": [p.replace("summary.json", "metrics.csv") for p in run_summaries()],
         "benchmarks": benchmark_files(),
     }
+    if SKETCH["enabled"]:
+        inputs["sketch"] = sketch_outputs()
     if SURGERY["enabled"]:
         inputs["surgery"] = expand(
             f"{RESULTS}/surgery/{{target}}/{{mode}}.csv",
             target=list(SURGERY["targets"]),
             mode=SURGERY["modes"],
+        )
+    return inputs
+
+
+def sketch_name(method, k, centering):
+    return f"sketch/{method}/k{k}_r{SKETCH['r_factor'] * int(k)}_{centering}"
+
+
+def sketch_dir(method, k, centering):
+    return f"{RESULTS}/{sketch_name(method, k, centering)}"
+
+
+def sketch_jobs():
+    if not SKETCH["enabled"]:
+        return []
+    return [
+        sketch_name(m, k, c)
+        for m in SKETCH["methods"]
+        for k in SKETCH["ks"]
+        for c in SKETCH["centerings"]
+    ]
+
+
+def sketch_outputs():
+    return [f"{RESULTS}/{name}/errors.json" for name in sketch_jobs()]
+
+
+def sketch_inputs(wildcards):
+    inputs = {"snapshots": f"{RESULTS}/train/D/seed{baseline_seed()}/snapshots"}
+    if wildcards.method != "exact":
+        inputs["optimum"] = (
+            f"{sketch_dir('exact', wildcards.k, wildcards.centering)}/errors.json"
         )
     return inputs
 
@@ -244,5 +288,6 @@ def all_outputs():
         f"{RESULTS}/train/summary.csv",
         f"{RESULTS}/train/comparisons.csv",
         *surgery_outputs(),
+        *sketch_outputs(),
         f"{RESULTS}/report/summary.md",
     ]

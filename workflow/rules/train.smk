@@ -11,6 +11,7 @@ rule train_baseline:
         config=f"{RESULTS}/train/D/seed{{seed}}/config.json",
         metrics=f"{RESULTS}/train/D/seed{{seed}}/metrics.csv",
         summary=f"{RESULTS}/train/D/seed{{seed}}/summary.json",
+        snapshots=directory(f"{RESULTS}/train/D/seed{{seed}}/snapshots"),
     log:
         f"{LOGS}/train/D/seed{{seed}}.log",
     benchmark:

@@ -1,0 +1,15 @@
+"""One sketch method on D's snapshots: W.npy and errors.json (per-sample errors, time, memory)."""
+
+import json
+from pathlib import Path
+
+from weightpca.logs import job_log
+from weightpca.sketch import SafetensorsSamples, run_method
+
+with job_log(snakemake.log[0]):
+    w = snakemake.wildcards
+    src = SafetensorsSamples(sorted(Path(snakemake.input.snapshots).glob("*.safetensors")))
+    optimum = json.loads(Path(snakemake.input.optimum).read_text()) if "optimum" in snakemake.input.keys() else None
+    report = run_method(w.method, src, int(w.k), int(w.r), Path(snakemake.output.errors).parent,
+                        w.centering == "centered", snakemake.params.block, snakemake.params.seed, optimum)
+    print({k: v for k, v in report.items() if not isinstance(v, list)})
