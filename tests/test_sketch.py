@@ -133,3 +133,9 @@ def test_safetensors_samples_flatten_in_name_order(tmp_path):
     (tmp_path / "other.safetensors").write_bytes((tmp_path / "step_00000000.safetensors").read_bytes()[:60])
     with pytest.raises(SketchError, match="other.safetensors: truncated"):
         SafetensorsSamples(sorted(tmp_path.glob("*.safetensors")))
+
+
+def test_pickled_npy_sample_refused(tmp_path):
+    np.save(tmp_path / "evil.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SketchError, match="evil.npy: refused, an object"):
+        NpySamples([tmp_path / "evil.npy"])

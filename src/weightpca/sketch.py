@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path, load_npy, write_json
+from .io import write_json
 
 METHODS = ("exact", "seed_srht", "srht", "gaussian")
 
@@ -114,6 +114,57 @@ def hadamard_rows(rows: np.ndarray, n: int) -> np.ndarray:
     return ((1 - 2 * parity) / math.sqrt(n)).astype(np.float32)
 
 
+# ---------------------------------------------------------------- file access
+
+# Data and D-sized results are read and written with pread/pwrite, not
+# memory maps: pages of a mapped file count towards the process's resident
+# set, which would then grow with D even though no array of size D is held.
+
+def _pread_f32(fd: int, offset: int, count: int) -> np.ndarray:
+    buf = os.pread(fd, 4 * count, offset)
+    if len(buf) != 4 * count:
+        raise SketchError(f"short read at byte {offset}: the file is truncated")
+    return np.frombuffer(buf, dtype="<f4")
+
+
+def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) of a .npy file, read from its header; object arrays refused."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+        except ValueError as e:
+            raise SketchError(f"{path}: not a .npy file ({e})") from e
+        if dtype.hasobject:
+            raise SketchError(f"{path}: refused, an object (pickle) array")
+        if fortran and len(shape) > 1:
+            raise SketchError(f"{path}: Fortran-ordered arrays are not supported")
+        return f.tell(), shape, dtype
+
+
+class _RowFile:
+    """Row-sliceable view of a D × c float32 .npy file through pread/pwrite."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int], fd: int):
+        self.path, self.offset, self.shape, self.fd = path, offset, shape, fd
+
+    def _range(self, rows: slice) -> tuple[int, int]:
+        b0, b1, _ = rows.indices(self.shape[0])
+        return b0, max(b0, b1)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        b0, b1 = self._range(rows)
+        c = self.shape[1]
+        return _pread_f32(self.fd, self.offset + 4 * b0 * c, (b1 - b0) * c).reshape(b1 - b0, c)
+
+    def __setitem__(self, rows: slice, value) -> None:
+        b0, b1 = self._range(rows)
+        data = np.ascontiguousarray(np.broadcast_to(value, (b1 - b0, self.shape[1])), dtype="<f4")
+        os.pwrite(self.fd, data.tobytes(), self.offset + 4 * b0 * self.shape[1])
+
+
 # ---------------------------------------------------------------- samples
 
 class Samples:
@@ -132,34 +183,51 @@ class Samples:
             yield b0, b1, self.block(b0, b1)
 
 
+def _check_finite(block: np.ndarray, paths, b0: int, b1: int) -> np.ndarray:
+    """Refuse NaN/inf. A row sum is one pass without a temporary; it also flags sums overflowing float32."""
+    bad = ~np.isfinite(block.sum(axis=1))
+    if bad.any():
+        raise SketchError(f"{paths[int(np.argmax(bad))]}: non-finite values in coordinates {b0}..{b1}")
+    return block
+
+
 class NpySamples(Samples):
-    """Flattened samples stored one per ``.npy`` file, memory-mapped (never loaded whole)."""
+    """Flattened samples stored one per ``.npy`` file (1-D float32), read block by block."""
 
     def __init__(self, paths):
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise SketchError("no sample files given")
-        self.maps = [load_npy(p, mmap=True) for p in self.paths]
-        first = self.maps[0]
-        for p, m in zip(self.paths, self.maps):
-            if m.ndim != 1:
-                raise SketchError(f"{p}: a flattened sample must be 1-D, got shape {m.shape}")
-            if m.shape != first.shape or m.dtype != first.dtype:
+        layouts = []
+        for p in self.paths:
+            if not p.is_file():
+                raise SketchError(f"{p}: sample file not found")
+            layouts.append(_npy_layout(p))
+        _, shape0, dtype0 = layouts[0]
+        for p, (_, shape, dtype) in zip(self.paths, layouts):
+            if len(shape) != 1:
+                raise SketchError(f"{p}: a flattened sample must be 1-D, got shape {shape}")
+            if shape != shape0 or dtype != dtype0:
                 raise SketchError(
-                    f"{p}: shape {m.shape} dtype {m.dtype} differs from {self.paths[0]}: "
-                    f"shape {first.shape} dtype {first.dtype}; every sample must match"
+                    f"{p}: shape {shape} dtype {dtype} differs from {self.paths[0]}: "
+                    f"shape {shape0} dtype {dtype0}; every sample must match"
                 )
-        self.n, self.D = len(self.maps), int(first.shape[0])
+        if dtype0 != np.dtype("<f4"):
+            raise SketchError(f"{self.paths[0]}: samples must be float32, got {dtype0}")
+        self.offsets = [off for off, _, _ in layouts]
+        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        self.n, self.D = len(self.paths), int(shape0[0])
         self.names = [p.stem for p in self.paths]
 
     def block(self, b0, b1):
         out = np.empty((self.n, b1 - b0), dtype=np.float32)
-        for i, m in enumerate(self.maps):
-            out[i] = m[b0:b1]
-        bad = ~np.isfinite(out).all(axis=1)
-        if bad.any():
-            raise SketchError(f"{self.paths[int(np.argmax(bad))]}: non-finite values in coordinates {b0}..{b1}")
-        return out
+        for i, (fd, off) in enumerate(zip(self.fds, self.offsets)):
+            out[i] = _pread_f32(fd, off + 4 * b0, b1 - b0)
+        return _check_finite(out, self.paths, b0, b1)
+
+    def __del__(self):
+        for fd in getattr(self, "fds", []):
+            os.close(fd)
 
 
 class SyntheticSamples(Samples):
@@ -200,7 +268,7 @@ class SafetensorsSamples(Samples):
 
     Flattening order, fixed and documented: tensors sorted by name, each
     flattened row-major, concatenated (``flat_layout`` gives the offsets).
-    The files are memory-mapped and sliced; nothing is copied whole.
+    Blocks are read with pread; nothing is loaded whole.
     """
 
     def __init__(self, paths):
@@ -222,13 +290,19 @@ class SafetensorsSamples(Samples):
 
     @staticmethod
     def _open(path):
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if raw.size < 8:
-            raise SketchError(f"{path}: not a safetensors file (too short)")
-        hlen = int(np.frombuffer(raw[:8].tobytes(), dtype="<u8")[0])
-        if 8 + hlen > raw.size:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SketchError(f"{path}: not a safetensors file (too short)")
+            hlen = int(np.frombuffer(head, dtype="<u8")[0])
+            raw = f.read(hlen)
+            size = os.fstat(f.fileno()).st_size
+        if len(raw) < hlen:
             raise SketchError(f"{path}: truncated safetensors header")
-        header = json.loads(raw[8:8 + hlen].tobytes())
+        try:
+            header = json.loads(raw)
+        except ValueError as e:
+            raise SketchError(f"{path}: unreadable safetensors header ({e})") from e
         header.pop("__metadata__", None)
         segments = []
         for name in sorted(header):
@@ -236,29 +310,23 @@ class SafetensorsSamples(Samples):
             if info["dtype"] != "F32":
                 raise SketchError(f"{path}: tensor '{name}' is {info['dtype']}, expected F32")
             b0, b1 = info["data_offsets"]
-            if 8 + hlen + b1 > raw.size:
+            if 8 + hlen + b1 > size:
                 raise SketchError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
-            if (8 + hlen + b0) % 4:
-                raise SketchError(f"{path}: tensor '{name}' is not 4-byte aligned")
-            segments.append((name, (8 + hlen + b0) // 4, (b1 - b0) // 4))
-        return segments, np.memmap(path, dtype="<f4", mode="r")
+            segments.append((name, 8 + hlen + b0, (b1 - b0) // 4))
+        return segments, os.open(path, os.O_RDONLY)
 
     def block(self, b0, b1):
         out = np.empty((self.n, b1 - b0), dtype=np.float32)
         first = int(np.searchsorted(self.starts, b0, side="right")) - 1
-        for i, (mm, offsets) in enumerate(self.maps):
+        for i, (fd, offsets) in enumerate(self.maps):
             pos, seg = b0, first
             while pos < b1:
                 start = self.starts[seg]
                 take = min(b1, self.starts[seg + 1]) - pos
-                off = offsets[seg] + (pos - start)
-                out[i, pos - b0: pos - b0 + take] = mm[off: off + take]
+                out[i, pos - b0: pos - b0 + take] = _pread_f32(fd, offsets[seg] + 4 * (pos - start), take)
                 pos += take
                 seg += 1
-        bad = ~np.isfinite(out).all(axis=1)
-        if bad.any():
-            raise SketchError(f"{self.paths[int(np.argmax(bad))]}: non-finite values in coordinates {b0}..{b1}")
-        return out
+        return _check_finite(out, self.paths, b0, b1)
 
 
 def flatten_state(tensors: dict) -> np.ndarray:
@@ -278,19 +346,28 @@ def flat_layout(tensors: dict) -> list[dict]:
 # ---------------------------------------------------------------- helpers
 
 class DiskMatrix:
-    """A D × c float32 memmap written and read in row blocks (W, Y)."""
+    """A D × c float32 ``.npy`` file written and read in row blocks (W, Y); ``mm[b0:b1]`` slices it."""
 
     def __init__(self, path, D: int, c: int):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.mm = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(D, c))
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": (D, c)})
+            offset = f.tell()
+            f.truncate(offset + 4 * D * c)
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.mm = _RowFile(self.path, offset, (D, c), self.fd)
 
     def flush(self):
-        self.mm.flush()
+        os.fsync(self.fd)
 
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
-def _center(xb: np.ndarray, centered: bool) -> np.ndarray:
-    return xb - xb.mean(axis=0, keepdims=True) if centered else xb
+    def __del__(self):
+        self.close()
 
 
 def orthonormalise(mat: DiskMatrix, block: int) -> None:
@@ -317,21 +394,26 @@ class Fit:
 
 # ---------------------------------------------------------------- methods
 
+def centering_matrix(n: int, centered: bool) -> np.ndarray:
+    """P = I − 11ᵀ/n (or I): the centred data are A P, so (AP)ᵀ(AP) = P G P and AP M = A (P M)."""
+    return np.eye(n) - np.full((n, n), 1.0 / n) if centered else np.eye(n)
+
+
 def fit_exact(src: Samples, k: int, out_path, centered: bool, block: int) -> Fit:
     t0, nbytes = time.perf_counter(), 0
     gram = np.zeros((src.n, src.n))
     for _, _, xb in src.blocks(block):
-        xb = _center(xb, centered)
-        gram += (xb @ xb.T).astype(np.float64)
+        gram += xb @ xb.T  # one BLAS product per block; centring is applied to G afterwards
         nbytes += xb.nbytes
-    evals, evecs = np.linalg.eigh(gram)
+    p = centering_matrix(src.n, centered)
+    evals, evecs = np.linalg.eigh(p @ gram @ p)
     order = np.argsort(evals)[::-1][:k]
-    if evals[order[-1]] <= 0:
+    if evals[order[-1]] <= 1e-12 * max(evals.max(), 1e-300):
         raise SketchError(f"the samples span fewer than k={k} dimensions")
-    proj = (evecs[:, order] / np.sqrt(evals[order])).astype(np.float32)  # [n, k]
+    proj = (p @ evecs[:, order] / np.sqrt(evals[order])).astype(np.float32)  # [n, k]
     W = DiskMatrix(out_path, src.D, k)
     for b0, b1, xb in src.blocks(block):
-        W.mm[b0:b1] = _center(xb, centered).T @ proj
+        W.mm[b0:b1] = xb.T @ proj
         nbytes += xb.nbytes
     W.flush()
     return Fit("exact", W, time.perf_counter() - t0, nbytes)
@@ -354,12 +436,13 @@ def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block:
     for bi in range(n_blocks):
         b0, b1 = bi * bsize, min(src.D, (bi + 1) * bsize)
         xb = np.zeros((src.n, bsize), dtype=np.float32)
-        xb[:, : b1 - b0] = _center(src.block(b0, b1), centered)
+        xb[:, : b1 - b0] = src.block(b0, b1)
         nbytes += src.n * (b1 - b0) * 4
         signs = np.random.default_rng([seed, bi]).choice(np.float32([-1, 1]), size=bsize)
         sel = (idx >= b0) & (idx < b0 + bsize)
         if sel.any():
             rx[:, sel] += scale * fwht(xb * signs)[:, idx[sel] - b0]
+    rx = centering_matrix(src.n, centered) @ rx  # R is linear: centre the sketches
     sketch_c = rx.T @ rx
     evals, evecs = np.linalg.eigh(sketch_c)
     u_r = evecs[:, np.argsort(evals)[::-1][:k]].astype(np.float32)  # [r, k]
@@ -407,14 +490,16 @@ def fit_tropp(src: Samples, k: int, r: int, out_path, centered: bool, block: int
     s = 2 * r + 1
     co = _CoRange(kind, s, src.D, block, seed)
     step = co.bsize  # blocks aligned with the Hadamard blocks
-    omega = np.random.default_rng([seed, 0]).standard_normal((src.n, r)).astype(np.float32)
+    p = centering_matrix(src.n, centered)
+    omega = np.random.default_rng([seed, 0]).standard_normal((src.n, r))
+    omega_c = (p @ omega).astype(np.float32)  # (A P) Ω = A (P Ω): centring folded into Ω
     Y = DiskMatrix(Path(out_path).with_suffix(".range.npy"), src.D, r)
     z = np.zeros((src.n, s))
     for b0, b1, xb in src.blocks(step):  # the one pass over the data
-        xb = _center(xb, centered)
-        Y.mm[b0:b1] = xb.T @ omega
+        Y.mm[b0:b1] = xb.T @ omega_c
         z += co.apply(xb, b0)
         nbytes += xb.nbytes
+    z = p @ z  # Ψ (A P) = (Ψ A) P
     orthonormalise(Y, step)  # Y -> Q
     psi_q = np.zeros((r, s))
     for b0 in range(0, src.D, step):
@@ -450,13 +535,19 @@ def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = Tr
 # ---------------------------------------------------------------- errors
 
 def reconstruction_errors(src: Samples, W: np.ndarray, centered: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(L2 error, norm) per sample of x_rec = W (Wᵀ x), x centred if asked; W has orthonormal columns."""
+    """(L2 error, norm) per sample of x_rec = W (Wᵀ x), x centred if asked; W has orthonormal columns.
+
+    One pass accumulates the Gram G = AᵀA and AᵀW; centring enters as P
+    (see ``centering_matrix``): ||x_i||² = (P G P)_ii, Wᵀx_i = (P AᵀW)_i.
+    """
+    gram = np.zeros((src.n, src.n))
     proj = np.zeros((src.n, W.shape[1]))
-    norms2 = np.zeros(src.n)
     for b0, b1, xb in src.blocks(block):
-        xb = _center(xb, centered).astype(np.float64)
+        gram += xb @ xb.T
         proj += xb @ W[b0:b1]
-        norms2 += np.einsum("ij,ij->i", xb, xb)
+    p = centering_matrix(src.n, centered)
+    norms2 = np.clip(np.diag(p @ gram @ p), 0.0, None)
+    proj = p @ proj
     err2 = np.clip(norms2 - np.einsum("ij,ij->i", proj, proj), 0.0, None)
     return np.sqrt(err2), np.sqrt(norms2)
 
