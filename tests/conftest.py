@@ -44,15 +44,21 @@ def tiny_run(name="t", seed=0, **train_overrides):
             "train": train, "init": {}, "freeze": {}, "wandb": {"mode": "disabled", "project": "t"}}
 
 
+REMOVE = object()  # an override value that deletes the key
+
+
 def write_config(path, base="config/ci.yaml", **overrides):
-    """A config file: `base` deep-updated with `overrides` (dotted keys allowed)."""
+    """A config file: `base` deep-updated with `overrides` (dotted keys allowed; REMOVE deletes)."""
     cfg = yaml.safe_load((REPO / base).read_text())
     for dotted, value in overrides.items():
         node = cfg
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node[p]
-        node[leaf] = value
+            node = node.setdefault(p, {})
+        if value is REMOVE:
+            del node[leaf]
+        else:
+            node[leaf] = value
     Path(path).write_text(yaml.safe_dump(cfg))
     return Path(path)
 

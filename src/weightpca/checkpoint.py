@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .io import check_state_dict, load_tensors, save_tensors, write_text
+from .io import WeightFileError, check_state_dict, load_tensors, save_tensors, write_text
 
 
 @dataclass
@@ -88,10 +88,16 @@ def latest_checkpoint(ckpt_root, config_hash: str) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(ckpt_root) / pointer.read_text().strip()
-    if not (path / "state.safetensors").is_file():
+    state = path / "state.safetensors"
+    if not state.is_file():
         return None
-    with safe_open(str(path / "state.safetensors"), framework="pt") as f:
-        meta = json.loads(f.metadata()["progress"])
+    try:
+        with safe_open(str(state), framework="pt") as f:
+            meta = json.loads(f.metadata()["progress"])
+    except Exception as e:  # written atomically, so a bad file was damaged or replaced afterwards
+        raise WeightFileError(
+            f"{state}: unreadable checkpoint state ({e}); delete {Path(ckpt_root).parent} to restart the run"
+        ) from e
     return path if meta["config_hash"] == config_hash else None
 
 

@@ -1,0 +1,33 @@
+"""A writer killed mid-write leaves the old file or the new one, never a torn one."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+WRITER = """
+import sys
+from weightpca.io import write_json
+path = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    write_json(path, {"i": i, "payload": "x" * 2_000_000})
+"""
+
+
+def test_killed_writer_never_tears_the_file(tmp_path):
+    path = tmp_path / "artifact.json"
+    for attempt in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+        deadline = time.time() + 60
+        while not path.exists() and time.time() < deadline:  # wait out the interpreter start
+            time.sleep(0.01)
+        time.sleep(0.05 + 0.037 * attempt)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        data = json.loads(path.read_text())  # parses: complete, old or new
+        assert data["i"] >= 1 and len(data["payload"]) == 2_000_000
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "artifact.json"]
+    assert all(p.name.startswith(".artifact.json.") for p in leftovers)  # only temporary names
