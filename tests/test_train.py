@@ -111,11 +111,24 @@ def test_truncated_weights_refused(tiny_data, tmp_path):
         load_model(path, tmp_path / "out" / "config.json")
 
 
-def test_divergence_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
-    run = tiny_run(max_steps=40, lr=1e6, min_lr=1e6, grad_clip=0.0, eval_every=4, checkpoint_every=4)
-    with pytest.raises(TrainingDiverged, match=r"at step \d+"):
+@pytest.mark.parametrize("eval_every,checkpoint_every", [(4, 4), (8, 2)])
+def test_divergence_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch, eval_every,
+                                                         checkpoint_every):
+    import weightpca.train as train_module
+    from weightpca.checkpoint import latest_checkpoint, load_checkpoint
+    from weightpca.train import config_hash, make_optimizer
+
+    # a sane learning rate for 6 steps, then an absurd one
+    monkeypatch.setattr(train_module, "lr_at", lambda step, t: 1e-3 if step < 6 else 1e6)
+    run = tiny_run(max_steps=40, grad_clip=0.0, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    with pytest.raises(TrainingDiverged, match=r"step \d+.*last good checkpoint"):
         train(run, tiny_data, tmp_path / "out", tmp_path / "work")
     assert not (tmp_path / "out").exists()
+    ckpt = latest_checkpoint(tmp_path / "work" / "ckpt", config_hash(run))
+    assert ckpt is not None  # the last checkpoint before the loss went non-finite
+    model = build_model(run, 384)
+    load_checkpoint(ckpt, model, make_optimizer(model, run["train"], "cpu"), torch.Generator())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_init_from_model_and_embedding(tiny_data, tmp_path):

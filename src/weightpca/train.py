@@ -285,11 +285,20 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
         if t["checkpoint_every"] and progress.step % t["checkpoint_every"] == 0 and not last:
             progress.elapsed_s = time.perf_counter() - started
             progress.extra = {"loss_sum": loss_sum.item(), "loss_steps": loss_steps}
+            weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
+            if not (weights_finite and math.isfinite(progress.extra["loss_sum"])):
+                # never checkpoint diverged weights: the previous checkpoint stays the latest
+                raise TrainingDiverged(
+                    f"{run['name']}: weights or training loss not finite at step {progress.step} "
+                    f"(lr {lr:.3g}); the last good checkpoint is kept in {ckpt_root}"
+                )
             save_checkpoint(ckpt_root, model, opt, sampler.generator, progress, chash)
     bar.close()
 
     # final evaluation on the whole (or eval_tokens-capped) validation split
     final_val, final_cos = evaluate(model, val_windows, t["batch_size"], device, autocast)
+    if not math.isfinite(final_val):
+        raise TrainingDiverged(f"{run['name']}: final validation loss is {final_val}; no outputs written")
     targets = val_windows[:, 1:]
     summary = dict(
         name=run["name"], seed=run["seed"], steps=progress.step, tokens_seen=progress.tokens,
