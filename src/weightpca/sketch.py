@@ -147,8 +147,8 @@ def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
 class _RowFile:
     """Row-sliceable view of a D × c float32 .npy file through pread/pwrite."""
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, int], fd: int):
-        self.path, self.offset, self.shape, self.fd = path, offset, shape, fd
+    def __init__(self, offset: int, shape: tuple[int, int], fd: int):
+        self.offset, self.shape, self.fd = offset, shape, fd
 
     def _range(self, rows: slice) -> tuple[int, int]:
         b0, b1, _ = rows.indices(self.shape[0])
@@ -356,7 +356,7 @@ class DiskMatrix:
             offset = f.tell()
             f.truncate(offset + 4 * D * c)
         self.fd = os.open(self.path, os.O_RDWR)
-        self.mm = _RowFile(self.path, offset, (D, c), self.fd)
+        self.mm = _RowFile(offset, (D, c), self.fd)
 
     def flush(self):
         os.fsync(self.fd)

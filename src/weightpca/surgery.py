@@ -229,9 +229,8 @@ class SweepPlan:
                     new["k"] = basis.reconstruct(r, slice(start, start + n_k))
                     new["v"] = basis.reconstruct(r, slice(start + n_k, start + n_k + n_v))
                     ranks["kv"].append(r)
-                    n_rows = lw["k"].shape[0] + lw["v"].shape[0]
                     m = lw["k"].shape[1]
-                    params["kv"] += n_rows * r + (0 if shared_rank is not None else r * m + m)
+                    params["kv"] += (n_k + n_v) * r + (0 if shared_rank is not None else r * m + m)
             out.append(new)
         info = {
             "ranks": {k: v for k, v in ranks.items() if v},

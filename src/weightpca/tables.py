@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, padded_vocab
 
 GPT2_SMALL = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
 GPT2_SMALL_RANKS = (64, 128, 256, 384)
@@ -43,8 +43,7 @@ def param_rows(label: str, base: dict, ranks, tie_scale: bool = False, embd_bias
 def param_table(model_cfg: dict, vocab_size: int, ranks, tie_scale=False, embd_bias=False) -> pd.DataFrame:
     """This configuration's counts at every rank, and GPT-2 small's at k = 64, 128, 256, 384."""
     base = {k: v for k, v in model_cfg.items() if k not in ("vocab_multiple", "n_embd_wte", "tie_scale")}
-    multiple = model_cfg.get("vocab_multiple", 1)
-    base["vocab_size"] = -(-vocab_size // multiple) * multiple
+    base["vocab_size"] = padded_vocab(vocab_size, model_cfg.get("vocab_multiple", 1))
     rows = param_rows("this config", base, ranks, tie_scale, embd_bias)
     rows += param_rows("gpt2-small", GPT2_SMALL, GPT2_SMALL_RANKS)
     return pd.DataFrame(rows)

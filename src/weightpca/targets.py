@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .extract import split_qkv
+from .tokens import eval_windows
 
 
 class TargetError(ValueError):
@@ -130,13 +131,9 @@ def load_hf_model(path_or_id: str, gguf_file: str | None = None):
 @torch.no_grad()
 def perplexity(target, tokens: np.ndarray, window: int, batch_size: int = 4) -> float:
     """exp(mean next-token cross-entropy) over non-overlapping windows of ``window + 1`` tokens."""
-    n = (len(tokens) - 1) // window
-    if n == 0:
-        raise ValueError(f"{len(tokens)} evaluation tokens cannot fill one window of {window}")
-    idx = np.arange(n)[:, None] * window + np.arange(window + 1)
-    xy = torch.from_numpy(np.asarray(tokens, dtype=np.int64)[idx])
+    xy = torch.from_numpy(eval_windows(tokens, window, None))
     total, count = 0.0, 0
-    for i in range(0, n, batch_size):
+    for i in range(0, len(xy), batch_size):
         b = xy[i:i + batch_size]
         logits = target.logits(b[:, :-1]).float()
         total += torch.nn.functional.cross_entropy(
@@ -172,10 +169,22 @@ def input_moments(target, tokens: np.ndarray, window: int) -> list[np.ndarray]:
     return [(s / c).numpy() for s, c in zip(sums, counts)]
 
 
-def text_tokens(target, text_path, n_tokens: int, max_chars: int = 2_000_000) -> np.ndarray:
-    """The first ``n_tokens + 1`` tokens of a text file through the target's own tokenizer."""
-    text = Path(text_path).read_text()[:max_chars]
-    ids = np.asarray(target.encode(text), dtype=np.int64)
+def text_tokens(target, text_path, n_tokens: int, margin: int = 64) -> np.ndarray:
+    """The first ``n_tokens + 1`` tokens of a text file through the target's own tokenizer.
+
+    Encodes a prefix ending at a line break, about 8 characters per token and
+    doubled until it yields ``margin`` tokens more than needed, rather than the
+    whole file (every surgery job calls this). Only tokens near the cut could
+    differ from the whole file's; the margin keeps them out of the result.
+    """
+    text = Path(text_path).read_text()
+    chars = 8 * (n_tokens + 1 + margin)
+    while True:
+        cut = text.rfind("\n", 0, chars) + 1 if chars < len(text) else len(text)
+        ids = np.asarray(target.encode(text[:cut or chars]), dtype=np.int64)
+        if len(ids) >= n_tokens + 1 + margin or chars >= len(text):
+            break
+        chars *= 2
     if len(ids) < n_tokens + 1:
         raise ValueError(f"{text_path}: {len(ids)} tokens, fewer than the {n_tokens + 1} requested")
     return ids[: n_tokens + 1]

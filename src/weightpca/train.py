@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .io import atomic_path, check_state_dict, load_tensors, read_json, save_tensors, write_json
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, padded_vocab
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
 
 METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "cos_target", "elapsed_s"]
@@ -77,10 +77,8 @@ def build_model(run: dict, vocab_size: int) -> GPT:
     """Seeded model, initialised from ``run['init']`` files where given, frozen per ``run['freeze']``."""
     torch.manual_seed(run["seed"])
     model_cfg = dict(run["model"])
-    # rows past the tokenizer's vocabulary are never targets; padding to a
-    # multiple of 64 makes the head's matmul faster on GPUs
-    multiple = model_cfg.pop("vocab_multiple", 1)
-    model_cfg["vocab_size"] = -(-vocab_size // multiple) * multiple
+    # rows past the tokenizer's vocabulary are never targets
+    model_cfg["vocab_size"] = padded_vocab(vocab_size, model_cfg.pop("vocab_multiple", 1))
     model = GPT(GPTConfig.from_dict(model_cfg))
     init = run.get("init") or {}
     if init.get("model"):
