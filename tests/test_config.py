@@ -3,8 +3,11 @@
 from conftest import snakemake, write_config
 
 
-def test_default_and_ci_configs_are_valid(tmp_path):
-    for name in ("config/config.yaml", "config/ci.yaml", "config/wikitext103.yaml"):
+def test_default_and_preset_configs_are_valid(tmp_path):
+    for name in ("config/config.yaml", "config/ci.yaml", "config/gpt2.yaml", "config/gpu-smoke.yaml"):
         cfg = write_config(tmp_path / "ok.yaml", base=name)
         done = snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
         assert "train_baseline" in done.stdout
+        # presets drop the default's SmolLM2 target with `smollm2: null`
+        assert ("results/surgery/smollm2/" in done.stdout) == (name in ("config/config.yaml", "config/ci.yaml"))
+        assert ("results/surgery/tinyllama/" in done.stdout) == (name == "config/gpt2.yaml")

@@ -170,3 +170,22 @@ def test_wandb_offline_run_written(tiny_data, tmp_path):
     train(run, tiny_data, tmp_path / "out", tmp_path / "work")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_ddp_two_processes_match_one_process_at_twice_the_batch(tiny_data, tmp_path):
+    """torchrun + gloo on 2 CPU processes: each rank trains on its half of the same global batch,
+    so the weights match one process at batch 2b (up to the all-reduce's float rounding)."""
+    from weightpca.train import train_distributed
+
+    ddp = train_distributed(tiny_run(batch_size=2), tiny_data, tmp_path / "ddp", tmp_path / "wddp", nproc=2,
+                            device="cpu")
+    single = train(tiny_run(batch_size=4), tiny_data, tmp_path / "one", tmp_path / "wone")
+    assert ddp["world_size"] == 2 and ddp["tokens_seen"] == single["tokens_seen"]
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert ddp["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-4)
+    assert not (tmp_path / "wddp").exists() and not list(tmp_path.glob("*.json"))
+    # and a different split of the batch is really different training
+    other = train(tiny_run(batch_size=2), tiny_data, tmp_path / "half", tmp_path / "whalf")
+    assert other["final_val_loss"] != pytest.approx(single["final_val_loss"], rel=1e-4)

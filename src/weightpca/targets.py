@@ -28,25 +28,26 @@ class GPTTarget:
     def __init__(self, model, tokenizer):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
         self.d = model.config.n_embd
         self.n_layers = model.config.n_layer
         self.max_len = model.config.block_size
 
     def get_qkv(self, i: int) -> dict[str, np.ndarray]:
         w = self.model.transformer.h[i].attn.c_attn.weight.detach()
-        return {k: v.double().numpy() for k, v in split_qkv(w, self.d).items()}
+        return {k: v.double().cpu().numpy() for k, v in split_qkv(w, self.d).items()}
 
     def set_qkv(self, i: int, qkv: dict[str, np.ndarray]) -> None:
         w = self.model.transformer.h[i].attn.c_attn.weight
         with torch.no_grad():
             for j, name in enumerate(("q", "k", "v")):
-                w[j * self.d:(j + 1) * self.d].copy_(torch.from_numpy(qkv[name]))
+                w[j * self.d:(j + 1) * self.d].copy_(torch.from_numpy(qkv[name]).to(w.device))
 
     def attention_inputs(self) -> list[torch.nn.Module]:
         return [b.attn.c_attn for b in self.model.transformer.h]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+        return self.model(x.to(self.device))[0]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -56,7 +57,7 @@ class GPTTarget:
 
     @torch.no_grad()
     def greedy(self, prompt_ids: list[int], n_new: int) -> list[int]:
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=self.device)
         for _ in range(n_new):
             nxt = self.logits(ids[:, -self.max_len:])[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
@@ -69,6 +70,7 @@ class HFTarget:
     def __init__(self, model, tokenizer):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
         try:
             self.layers = list(model.model.layers)
             for layer in self.layers:
@@ -92,13 +94,13 @@ class HFTarget:
         with torch.no_grad():
             for n in "qkv":
                 w = self._proj(i, n).weight
-                w.copy_(torch.from_numpy(qkv[n]).to(w.dtype))
+                w.copy_(torch.from_numpy(qkv[n]).to(w.device, w.dtype))
 
     def attention_inputs(self) -> list[torch.nn.Module]:
         return [self._proj(i, "q") for i in range(self.n_layers)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=x, use_cache=False).logits
+        return self.model(input_ids=x.to(self.device), use_cache=False).logits
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -108,7 +110,7 @@ class HFTarget:
 
     @torch.no_grad()
     def greedy(self, prompt_ids: list[int], n_new: int) -> list[int]:
-        out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=n_new, do_sample=False,
+        out = self.model.generate(torch.tensor([prompt_ids], device=self.device), max_new_tokens=n_new, do_sample=False,
                                   pad_token_id=self.tokenizer.eos_token_id)
         return out[0, len(prompt_ids):].tolist()
 
@@ -137,7 +139,7 @@ def perplexity(target, tokens: np.ndarray, window: int, batch_size: int = 4) -> 
         b = xy[i:i + batch_size]
         logits = target.logits(b[:, :-1]).float()
         total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1), reduction="sum").item()
+            logits.reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1).to(logits.device), reduction="sum").item()
         count += b[:, 1:].numel()
     return math.exp(total / count)
 
@@ -166,7 +168,7 @@ def input_moments(target, tokens: np.ndarray, window: int) -> list[np.ndarray]:
     finally:
         for h in handles:
             h.remove()
-    return [(s / c).numpy() for s, c in zip(sums, counts)]
+    return [(s / c).cpu().numpy() for s, c in zip(sums, counts)]
 
 
 def text_tokens(target, text_path, n_tokens: int, margin: int = 64) -> np.ndarray:
@@ -190,13 +192,15 @@ def text_tokens(target, text_path, n_tokens: int, margin: int = 64) -> np.ndarra
     return ids[: n_tokens + 1]
 
 
-def load_target(kind: str, model_dir, data_dir, eval_tokens: int, calib_tokens: int, window: int):
+def load_target(kind: str, model_dir, data_dir, eval_tokens: int, calib_tokens: int, window: int,
+                device: str = "cpu"):
     """(target, eval tokens, calibration tokens, window) for one surgery target.
 
     ``gpt``: our trained model in ``model_dir`` (model.safetensors, config.json),
     evaluated on the first tokens of val.bin, calibrated on train.bin, window =
     its block size. Hugging Face targets: the saved model folder ``model_dir``,
-    evaluated on the same validation *text* through its own tokenizer.
+    evaluated on the same validation *text* through its own tokenizer. The
+    model runs on ``device``; the decompositions stay on the CPU in float64.
     """
     from .io import read_json
     from .tokens import load_tokenizer, open_tokens
@@ -204,13 +208,14 @@ def load_target(kind: str, model_dir, data_dir, eval_tokens: int, calib_tokens: 
 
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     if kind == "gpt":
-        model = load_model(model_dir / "model.safetensors", model_dir / "config.json")
+        model = load_model(model_dir / "model.safetensors", model_dir / "config.json", device)
         target = GPTTarget(model, load_tokenizer(data_dir / "tokenizer.json"))
         meta = read_json(data_dir / "meta.json")
         val = np.asarray(open_tokens(data_dir / "val.bin", meta)[: eval_tokens + 1], dtype=np.int64)
         calib = np.asarray(open_tokens(data_dir / "train.bin", meta)[: calib_tokens + 1], dtype=np.int64)
         return target, val, calib, model.config.block_size
-    target = HFTarget(*load_hf_model(str(model_dir)))
+    model, tokenizer = load_hf_model(str(model_dir))
+    target = HFTarget(model.to(device), tokenizer)
     val = text_tokens(target, data_dir / "val.txt", eval_tokens)
     calib = text_tokens(target, data_dir / "train.txt", calib_tokens)
     return target, val, calib, min(window, target.max_len)

@@ -135,10 +135,15 @@ class BatchSampler:
     with offsets ``o_b`` drawn uniformly by a seeded ``torch.Generator``; the
     generator state is part of a training checkpoint so a resumed run draws
     the same batches as an uninterrupted one.
+
+    Data-parallel ranks share the seed: each draws the offsets of the whole
+    ``world_size · batch_size`` batch and keeps its own slice, so all ranks'
+    generators stay equal (one checkpoint serves them all) and ``n`` ranks
+    see exactly the batches one process at ``n · batch_size`` would.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", rank: int = 0, world_size: int = 1):
         if len(tokens) <= block_size + 1:
             raise ValueError(
                 f"{len(tokens)} tokens cannot fill one window of model.block_size={block_size}"
@@ -147,12 +152,14 @@ class BatchSampler:
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = device
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self._window = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,),
-                                generator=self.generator).numpy()
+        offsets = torch.randint(len(self.tokens) - self.block_size - 1,
+                                (self.world_size * self.batch_size,), generator=self.generator).numpy()
+        offsets = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         xy = torch.from_numpy(self.tokens[offsets[:, None] + self._window].astype(np.int64))
         if self.device.startswith("cuda"):
             xy = xy.pin_memory().to(self.device, non_blocking=True)

@@ -7,7 +7,11 @@ resume from the last checkpoint if one matches this configuration, then
                          clip -> AdamW step -> (log / eval / snapshot / checkpoint)
 
 and finally evaluate on the validation split and write the artifacts
-atomically. A run is a dict of plain values (see ``config/config.yaml``):
+atomically. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs as
+DistributedDataParallel: every rank draws the same global batch offsets and
+trains on its slice, so ``n`` ranks at ``batch_size`` b step like one process
+at ``n·b``; rank 0 alone writes files. A run is a dict of plain values (see
+``config/config.yaml``):
 
     run = {"name", "seed", "model": {...GPTConfig}, "train": {...}, "init": {...},
            "freeze": {...}, "wandb": {...}}
@@ -27,6 +31,9 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +54,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; an explicit CUDA request without one is an error."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -71,6 +79,61 @@ def make_optimizer(model: torch.nn.Module, t: dict, device: str) -> torch.optim.
     ]
     return torch.optim.AdamW(groups, lr=t["lr"], betas=(t["beta1"], t["beta2"]),
                              fused=device.startswith("cuda"))
+
+
+def optimizer_step(forward, model, opt, sampler, t: dict, autocast, no_sync=None) -> torch.Tensor:
+    """One AdamW step over ``t['grad_accum']`` micro-batches; returns the mean loss on the device.
+
+    ``forward(x, y) -> (logits, loss)`` is the (possibly compiled, possibly
+    DDP-wrapped) model; ``no_sync`` is DDP's context manager that skips the
+    gradient all-reduce on all but the last micro-batch. Nothing here reads a
+    value back to the host, so the GPU never waits for Python.
+    """
+    mean_loss = torch.zeros((), device=next(model.parameters()).device)
+    for micro in range(t["grad_accum"]):
+        x, y = sampler.next()
+        last_micro = micro == t["grad_accum"] - 1
+        with contextlib.nullcontext() if (last_micro or no_sync is None) else no_sync():
+            with autocast():
+                _, loss = forward(x, y)
+            (loss / t["grad_accum"]).backward()
+        mean_loss += loss.detach() / t["grad_accum"]
+    if t["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return mean_loss
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) for a plain process."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup_precision(device: str, t: dict):
+    """TF32 matmuls on CUDA; returns the autocast context factory (bf16 on CUDA unless dtype float32)."""
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if t.get("dtype", "auto") == "float32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def training_forward(model: GPT, t: dict, device: str, world: int = 1, local_rank: int = 0):
+    """(forward, no_sync) for :func:`optimizer_step`: the model, DDP-wrapped across ranks and
+    compiled on CUDA when ``t['compile']`` (CPU runs stay eager: compiling costs more than it saves
+    at laptop scale). ``no_sync`` is None without DDP."""
+    forward, no_sync = model, None
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        forward, no_sync = ddp, ddp.no_sync
+    if t.get("compile") and device.startswith("cuda"):
+        forward = torch.compile(forward)
+    return forward, no_sync
 
 
 def build_model(run: dict, vocab_size: int) -> GPT:
@@ -198,12 +261,15 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
     data_dir, out_dir, work_dir = Path(data_dir), Path(out_dir), Path(work_dir)
     t = run["train"]
     device = resolve_device(device)
+    rank, world, local_rank = distributed_env()
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    main = rank == 0  # the one process that writes files
     torch.set_num_threads(threads)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = device == "cuda" and t.get("dtype", "auto") in ("auto", "bfloat16")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    autocast = setup_precision(device, t)
 
     meta = read_json(data_dir / "meta.json")
     train_tokens = open_tokens(data_dir / "train.bin", meta)
@@ -213,45 +279,38 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
 
     model = build_model(run, meta["vocab_size"]).to(device)
     opt = make_optimizer(model, t, device)
-    sampler = BatchSampler(train_tokens, t["batch_size"], block, run["seed"], device)
+    sampler = BatchSampler(train_tokens, t["batch_size"], block, run["seed"], device, rank, world)
     chash = config_hash(run)
 
     ckpt_root = work_dir / "ckpt"
     progress = Progress()
     resume = latest_checkpoint(ckpt_root, chash)
-    if resume is None:
+    if resume is None and main:
         shutil.rmtree(work_dir, ignore_errors=True)  # stale state of other settings
         work_dir.mkdir(parents=True)
-    else:
+    if resume is not None:
         progress = load_checkpoint(resume, model, opt, sampler.generator)
         print(f"resuming {run['name']} from {resume} (step {progress.step})", flush=True)
-    metrics = MetricsLog(work_dir / "metrics.csv", progress.step)
-    step_fn = torch.compile(model) if (t.get("compile") and device == "cuda") else model
-    wb = start_wandb(run, chash)
+    if world > 1:
+        torch.distributed.barrier()  # work_dir exists before any rank goes on
+    metrics = MetricsLog(work_dir / "metrics.csv", progress.step) if main else None
+    forward, no_sync = training_forward(model, t, device, world, local_rank)
+    wb = start_wandb(run, chash) if main else None
 
-    tokens_per_step = t["batch_size"] * block * t["grad_accum"]
+    tokens_per_step = t["batch_size"] * block * t["grad_accum"] * world
     # running train-loss sum since the last eval; part of the checkpoint so a
     # resumed run logs the same averages as an uninterrupted one
     loss_sum = torch.tensor(progress.extra.get("loss_sum", 0.0), dtype=torch.float64, device=device)
     loss_steps = progress.extra.get("loss_steps", 0)
     started = time.perf_counter() - progress.elapsed_s
     bar = tqdm(total=t["max_steps"], initial=progress.step, desc=run["name"], unit="step",
-               mininterval=5.0, dynamic_ncols=True)
+               mininterval=5.0, dynamic_ncols=True, disable=not main)
     model.train()
     while progress.step < t["max_steps"]:
         lr = lr_at(progress.step, t)
         for group in opt.param_groups:
             group["lr"] = lr
-        for _ in range(t["grad_accum"]):
-            x, y = sampler.next()
-            with autocast():
-                _, loss = step_fn(x, y)
-            (loss / t["grad_accum"]).backward()
-            loss_sum += loss.detach() / t["grad_accum"]  # stays on device: no host sync
-        if t["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum += optimizer_step(forward, model, opt, sampler, t, autocast, no_sync)
         progress.step += 1
         progress.tokens += tokens_per_step
         loss_steps += 1
@@ -259,6 +318,9 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
 
         last = progress.step == t["max_steps"]
         if progress.step % t["eval_every"] == 0 or last:
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= world
             train_loss = loss_sum.item() / loss_steps  # the one host sync per interval
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
@@ -273,11 +335,12 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
             row = dict(step=progress.step, tokens=progress.tokens, lr=lr, train_loss=train_loss,
                        val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
                        elapsed_s=progress.elapsed_s)
-            metrics.append(row)
+            if main:
+                metrics.append(row)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if wb is not None:
                 wb.log(row, step=progress.step)
-        if t["snapshot_every"] and progress.step % t["snapshot_every"] == 0:
+        if main and t["snapshot_every"] and progress.step % t["snapshot_every"] == 0:
             save_tensors(work_dir / "snapshots" / f"step_{progress.step:08d}.safetensors",
                          model.state_dict())
         if t["checkpoint_every"] and progress.step % t["checkpoint_every"] == 0 and not last:
@@ -290,7 +353,8 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
                     f"{run['name']}: weights or training loss not finite at step {progress.step} "
                     f"(lr {lr:.3g}); the last good checkpoint is kept in {ckpt_root}"
                 )
-            save_checkpoint(ckpt_root, model, opt, sampler.generator, progress, chash)
+            if main:
+                save_checkpoint(ckpt_root, model, opt, sampler.generator, progress, chash)
     bar.close()
 
     # final evaluation on the whole (or eval_tokens-capped) validation split
@@ -305,11 +369,16 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
         unigram_val_ppl=unigram_perplexity(train_tokens, targets, meta["vocab_size"]),
         val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
         params=model.num_params(), embedding_params=model.embedding_params(),
-        device=device, threads=threads, config_hash=chash,
+        device=device, threads=threads, world_size=world, config_hash=chash,
     )
     if wb is not None:
         wb.summary.update(summary)
         wb.finish()
+    if world > 1:
+        torch.distributed.barrier()  # every rank is done with work_dir before rank 0 removes it
+        torch.distributed.destroy_process_group()
+    if not main:
+        return summary
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if (work_dir / "snapshots").is_dir():
@@ -324,6 +393,54 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
     return summary
 
 
+def _file_or_none(stream):
+    """``stream`` if a child process can write to it (a real file, e.g. the job's log), else None."""
+    try:
+        stream.fileno()
+        return stream
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def train_distributed(run: dict, data_dir, out_dir, work_dir, nproc: int, device: str = "auto",
+                      threads: int = 1) -> dict:
+    """:func:`train` as ``nproc`` DDP processes under torchrun (one per GPU; gloo on CPU).
+
+    The run dict travels as a JSON file next to ``out_dir``; torchrun's
+    ``--standalone`` picks a free rendezvous port, so several such jobs can
+    share a node. Returns rank 0's summary.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir.parent, delete=False) as f:
+        json.dump(run, f)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+             "-m", "weightpca.train", f.name, str(data_dir), str(out_dir), str(work_dir),
+             f"--device={device}", f"--threads={threads}"],
+            check=True, stdout=_file_or_none(sys.stdout), stderr=_file_or_none(sys.stderr),
+        )
+    finally:
+        os.unlink(f.name)
+    return read_json(out_dir / "summary.json")
+
+
+def main(argv=None) -> None:
+    """``python -m weightpca.train RUN_JSON DATA_DIR OUT_DIR WORK_DIR``: the entry point torchrun launches."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_json", help="the run dict (as the workflow's train rule builds it) as JSON")
+    parser.add_argument("data_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("work_dir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    train(read_json(args.run_json), args.data_dir, args.out_dir, args.work_dir, args.device, args.threads)
+
+
 def load_model(model_path, config_path, device: str = "cpu") -> GPT:
     """A trained model from its safetensors weights and config.json; refuses mismatched tensors."""
     cfg = read_json(config_path)
@@ -332,3 +449,7 @@ def load_model(model_path, config_path, device: str = "cpu") -> GPT:
     check_state_dict(weights, model.state_dict(), model_path)
     model.load_state_dict(weights)
     return model.to(device)
+
+
+if __name__ == "__main__":
+    main()

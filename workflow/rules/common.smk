@@ -18,6 +18,10 @@ from weightpca.config import check_config
 
 # refuse a bad config before any job is scheduled
 validate(config, "../../config/schema.yaml")
+# config files merge key by key, so a preset removes a target of the default by setting it to null
+config["surgery"]["targets"] = {
+    name: t for name, t in config["surgery"]["targets"].items() if t is not None
+}
 check_config(config)
 
 RESULTS = "results"

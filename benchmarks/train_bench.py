@@ -1,0 +1,103 @@
+"""Training throughput of the one training step (weightpca.train.optimizer_step).
+
+Builds the model of a config preset, feeds it random tokens from a memmap-like
+array through the same BatchSampler, precision settings and (compiled or
+eager) forward as the training loop, and prints tokens per second after
+warm-up, for every requested path and embedding rank k:
+
+    python benchmarks/train_bench.py --config config/gpt2.yaml --batch 12 --block 1024 \\
+        --paths eager compiled --ks none 128 [--grad-accum 1] [--steps 30] [--json out.json]
+
+Tokens per second = batch · block · grad_accum · steps / wall time, timed
+between two CUDA synchronisations; compilation and allocator warm-up happen
+in the untimed warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from weightpca.tokens import BatchSampler  # noqa: E402
+from weightpca.train import (  # noqa: E402
+    build_model, make_optimizer, optimizer_step, resolve_device, setup_precision, training_forward,
+)
+
+
+def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, steps: int, warmup: int) -> dict:
+    run = {"name": "bench", "seed": 0, "model": model_cfg, "train": train_cfg}
+    autocast = setup_precision(device, train_cfg)
+    model = build_model(run, vocab_size).to(device)
+    opt = make_optimizer(model, train_cfg, device)
+    forward, no_sync = training_forward(model, train_cfg, device)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, size=20_000_000, dtype=np.uint16)
+    sampler = BatchSampler(tokens, train_cfg["batch_size"], model_cfg["block_size"], 0, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync)
+    sync()
+    wall = time.perf_counter() - t0
+    n_tokens = train_cfg["batch_size"] * model_cfg["block_size"] * train_cfg["grad_accum"] * steps
+    return {"tokens_per_s": n_tokens / wall, "step_ms": 1e3 * wall / steps, "warmup_s": warmup_s,
+            "final_loss": float(loss), "params": model.num_params(),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/gpt2.yaml", help="preset whose model and train sections to use")
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--block", type=int, default=1024)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=50257, help="tokenizer vocabulary (GPT-2: 50257)")
+    parser.add_argument("--paths", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--ks", nargs="+", default=["none"], help="embedding ranks; 'none' = full embedding")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    device = resolve_device(args.device)
+    results = []
+    for k in args.ks:
+        for path in args.paths:
+            model_cfg = dict(cfg["model"], block_size=args.block,
+                             n_embd_wte=None if k == "none" else int(k))
+            train_cfg = dict(cfg["train"], batch_size=args.batch, grad_accum=args.grad_accum,
+                             compile=path == "compiled")
+            r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup)
+            r.update(k=k, path=path, batch=args.batch, block=args.block, grad_accum=args.grad_accum,
+                     device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                     torch=torch.__version__)
+            results.append(r)
+            print(f"k={k:>5} {path:>8}: {r['tokens_per_s']:>10,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  "
+                  f"(warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, device {r['device']})",
+                  flush=True)
+            torch._dynamo.reset()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
