@@ -6,11 +6,13 @@ eager) forward as the training loop, and prints tokens per second after
 warm-up, for every requested path and embedding rank k:
 
     python benchmarks/train_bench.py --config config/gpt2.yaml --batch 12 --block 1024 \\
-        --paths eager compiled --ks none 128 [--grad-accum 1] [--steps 30] [--json out.json]
+        --paths eager compiled --ks none 128 [--compile-modes default max-autotune] \
+        [--grad-accum 1] [--steps 30] [--json out.json]
 
 Tokens per second = batch · block · grad_accum · steps / wall time, timed
 between two CUDA synchronisations; compilation and allocator warm-up happen
-in the untimed warm-up steps.
+in the untimed warm-up steps. On a CPU the compiled path runs eager, as the
+training loop does (it compiles on CUDA only).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=50257, help="tokenizer vocabulary (GPT-2: 50257)")
     parser.add_argument("--paths", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--compile-modes", nargs="+", default=["default"],
+                        help="torch.compile modes to measure on the compiled path")
     parser.add_argument("--ks", nargs="+", default=["none"], help="embedding ranks; 'none' = full embedding")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
@@ -77,18 +81,21 @@ def main(argv=None) -> None:
     cfg = yaml.safe_load(Path(args.config).read_text())
     device = resolve_device(args.device)
     results = []
+    paths = [("eager", None)] if "eager" in args.paths else []
+    paths += [("compiled", mode) for mode in args.compile_modes] if "compiled" in args.paths else []
     for k in args.ks:
-        for path in args.paths:
+        for path, mode in paths:
             model_cfg = dict(cfg["model"], block_size=args.block,
                              n_embd_wte=None if k == "none" else int(k))
             train_cfg = dict(cfg["train"], batch_size=args.batch, grad_accum=args.grad_accum,
-                             compile=path == "compiled")
+                             compile=path == "compiled", compile_mode=mode or "default")
             r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup)
-            r.update(k=k, path=path, batch=args.batch, block=args.block, grad_accum=args.grad_accum,
-                     device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                     torch=torch.__version__)
+            r.update(k=k, path=path, compile_mode=mode, batch=args.batch, block=args.block,
+                     grad_accum=args.grad_accum, torch=torch.__version__,
+                     device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
             results.append(r)
-            print(f"k={k:>5} {path:>8}: {r['tokens_per_s']:>10,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  "
+            label = path if mode is None else f"{path}:{mode}"
+            print(f"k={k:>5} {label:>36}: {r['tokens_per_s']:>10,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  "
                   f"(warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, device {r['device']})",
                   flush=True)
             torch._dynamo.reset()

@@ -132,7 +132,7 @@ def training_forward(model: GPT, t: dict, device: str, world: int = 1, local_ran
             model, device_ids=[local_rank] if device.startswith("cuda") else None)
         forward, no_sync = ddp, ddp.no_sync
     if t.get("compile") and device.startswith("cuda"):
-        forward = torch.compile(forward)
+        forward = torch.compile(forward, mode=t.get("compile_mode", "default"))
     return forward, no_sync
 
 
