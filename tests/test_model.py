@@ -33,9 +33,10 @@ def test_forward_shapes_and_tied_head():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=16))
     idx = torch.randint(100, (3, 8))
-    logits, loss = m(idx, idx)
-    assert logits.shape == (3, 8, 100)
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    logits, no_loss = m(idx)
+    no_logits, loss = m(idx, idx)
+    assert logits.shape == (3, 8, 100) and no_loss is None and no_logits is None
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 100), idx.reshape(-1)))
     h = m.hidden_states(idx)
     torch.testing.assert_close(logits, h @ m.transformer.wte.weight.T)
 

@@ -132,6 +132,10 @@ def training_forward(model: GPT, t: dict, device: str, world: int = 1, local_ran
             model, device_ids=[local_rank] if device.startswith("cuda") else None)
         forward, no_sync = ddp, ddp.no_sync
     if t.get("compile") and device.startswith("cuda"):
+        from torch._inductor import config as inductor_config
+
+        # tune the generated kernels' launch parameters at compile time (+1.3 % for GPT-2 small, H100)
+        inductor_config.coordinate_descent_tuning = True
         forward = torch.compile(forward, mode=t.get("compile_mode", "default"))
     return forward, no_sync
 
