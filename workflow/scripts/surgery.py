@@ -14,9 +14,10 @@ from weightpca.train import resolve_device
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     s = snakemake.params.settings
+    device = resolve_device(snakemake.config["device"])
     target, val, calib, window = load_target(
         snakemake.params.kind, Path(snakemake.input.model).parent, Path(snakemake.input.meta).parent,
-        s["eval_tokens"], s["calib_tokens"], s["window"], resolve_device(snakemake.config["device"]),
+        s["eval_tokens"], s["calib_tokens"], s["window"], device,
     )
     rows, timing = run_sweep(target, snakemake.wildcards.mode, s["thresholds"], val, window,
                              calib_tokens=calib, prompt=s["prompt"], gen_tokens=s["gen_tokens"])
@@ -28,6 +29,6 @@ with job_log(snakemake.log[0]):
     write_json(snakemake.output.timing, dict(timing, target=snakemake.wildcards.target,
                                              mode=snakemake.wildcards.mode, note=snakemake.params.note,
                                              eval_tokens=int(len(val) - 1), window=window,
-                                             threads=snakemake.threads))
+                                             threads=snakemake.threads, device=device))
     print(table.drop(columns=["ranks", "continuation"]).to_string(index=False))
     print(timing)
