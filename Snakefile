@@ -15,6 +15,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/factorize.smk"
 include: "workflow/rules/surgery.smk"
 include: "workflow/rules/sketch.smk"
+include: "workflow/rules/lowrank.smk"
 include: "workflow/rules/report.smk"
 
 

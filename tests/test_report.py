@@ -12,7 +12,7 @@ from conftest import snakemake
 pytestmark = pytest.mark.workflow
 
 FIGURES = ["training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "sketch_error",
-           "wall_times"]
+           "lowrank", "wall_times"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,13 @@ def test_summary_answers_every_question(dag):
     assert surgery.question.str.contains("equal threshold").sum() == 2
     sketch = summary[summary.stage == "sketch"]
     assert set(sketch.question) == {"seed_srht vs exact PCA", "srht vs exact PCA", "gaussian vs exact PCA"}
+    lowrank = summary[summary.stage == "low-rank regulariser"]
+    assert list(lowrank.subject) == ["100% of rank", "50% of rank", "25% of rank"]  # λ = 1 vs the control
+    assert lowrank.verdict.str.contains("one seed").all()
+    stats = pd.read_csv(work / "results/report/lowrank.csv")
+    assert set(stats["lambda"]) == {0.0, 1.0} and set(stats.fraction) == {1.0, 0.5, 0.25}
     md = (work / "results/report/summary.md").read_text()
+    assert "## low-rank regulariser" in md
     assert "## factorisation" in md and "## surgery" in md and "| k=4 |" in md
 
 

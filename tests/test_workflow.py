@@ -123,3 +123,23 @@ def test_sketch_on_snapshots(ci_results):
     assert errors["seed_srht"]["mean_error_ratio_to_optimum"] > 1.5
     W = np.load(results / "sketch/srht/k2_r8_centered/W.npy", allow_pickle=False)
     assert W.shape == (n_params, 2)
+
+
+def test_lowrank_branch(ci_results):
+    """λ ∈ {0, 1} at seed 7: same init, the penalty concentrates the spectrum, sweep.csv per model."""
+    import pandas as pd
+
+    results, _ = ci_results
+    control = json.loads((results / "lowrank/lambda0.0/seed7/summary.json").read_text())
+    penalised = json.loads((results / "lowrank/lambda1.0/seed7/summary.json").read_text())
+    assert control["steps"] == penalised["steps"] == 20
+    assert penalised["final_lowrank_value"] > control["final_lowrank_value"]
+    metrics = pd.read_csv(results / "lowrank/lambda1.0/seed7/metrics.csv")
+    assert metrics.lowrank_value.notna().all()
+    for lam in ("0.0", "1.0"):
+        sweep = pd.read_csv(results / f"lowrank/lambda{lam}/seed7/sweep.csv")
+        assert list(sweep.fraction) == [1.0, 0.5, 0.25] and (sweep["lambda"] == float(lam)).all()
+        assert sweep.params_kept.is_monotonic_decreasing and sweep.params_kept.iloc[0] == sweep.params_total.iloc[0]
+        # the untruncated point is the trained model's own validation loss
+        assert sweep.val_loss.iloc[0] == pytest.approx(
+            json.loads((results / f"lowrank/lambda{lam}/seed7/summary.json").read_text())["final_val_loss"], rel=1e-5)

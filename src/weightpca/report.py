@@ -10,6 +10,9 @@ the rules below, never typed by hand:
   distinguishable" otherwise, "spread unknown" with one seed;
 - sketch methods: ratio of mean reconstruction error to exact PCA's at the
   same k; "near optimal" within ``SKETCH_TOLERANCE``;
+- low-rank regulariser: per λ > 0 and fraction of rank kept, the per-seed
+  perplexity differences to the λ = 0 control (same init and batches), judged
+  by the training rule above;
 - surgery modes per target: perplexity of every mode at equal threshold and,
   interpolated on log(perplexity), at equal fraction of parameters kept;
   modes within ``SURGERY_TIE`` (relative) of the best are tied. The sweeps are
@@ -281,6 +284,76 @@ def sketch_verdicts(table: pd.DataFrame) -> list[dict]:
     return lines
 
 
+# ---------------------------------------------------------------- low-rank regulariser
+
+LOWRANK_VERDICT_FRACTIONS = (1.0, 0.5, 0.25)  # full rank, and the two truncations the summary judges
+
+
+def lowrank_table(paths) -> pd.DataFrame:
+    """Every sweep.csv (λ, seed, fraction, val_ppl, parameters ...) in one table."""
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+
+
+def lowrank_stats(table: pd.DataFrame) -> pd.DataFrame:
+    """Per λ and fraction: mean, sample std, min and max of val_ppl over seeds, and parameters kept."""
+    g = table.groupby(["lambda", "fraction"])
+    stats = g.val_ppl.agg(["mean", "std", "min", "max", "count"]).rename(columns=lambda c: f"ppl_{c}")
+    stats["params_kept"] = g.params_kept.first()
+    return stats.reset_index().sort_values(["lambda", "fraction"], ascending=[True, False])
+
+
+def plot_lowrank(table: pd.DataFrame, path) -> None:
+    stats = lowrank_stats(table)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for lam, m in stats.groupby("lambda"):
+        line, = left.plot(m.fraction, m.ppl_mean, "o-", label=f"λ = {lam:g}" + (" (control)" if lam == 0 else ""))
+        left.fill_between(m.fraction, m.ppl_min, m.ppl_max, color=line.get_color(), alpha=0.2)
+    left.set_xscale("log", base=2)
+    left.invert_xaxis()
+    left.set_yscale("log")
+    left.set_xlabel("fraction of each targeted matrix's rank kept (SVD truncation)")
+    left.set_ylabel("validation perplexity")
+    left.set_title("perplexity after truncation (band: min–max over seeds)")
+    left.legend()
+    left.grid(alpha=0.3)
+    full = stats[stats.fraction == stats.fraction.max()]
+    err = full.ppl_std.fillna(0.0)
+    right.bar([f"{x:g}" for x in full["lambda"]], full.ppl_mean, yerr=err, capsize=4, color="tab:gray")
+    right.set_xlabel("λ")
+    right.set_ylabel("validation perplexity, untruncated")
+    right.set_title("cost of the penalty at full rank (bars: std over seeds)")
+    right.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def lowrank_verdicts(table: pd.DataFrame) -> list[dict]:
+    """Each λ > 0 against the λ = 0 control at full rank, 50 % and 25 % rank, paired by seed."""
+    from .tables import difference_verdict
+
+    lines = []
+    control = table[table["lambda"] == 0].set_index(["fraction", "seed"]).val_ppl
+    if control.empty:
+        return [dict(stage="low-rank regulariser", subject="", question="", numbers="", spread="",
+                     verdict="no λ = 0 control in lowrank.lambdas: nothing to compare against")]
+    for lam in sorted(x for x in table["lambda"].unique() if x != 0):
+        runs = table[table["lambda"] == lam].set_index(["fraction", "seed"]).val_ppl
+        for f in LOWRANK_VERDICT_FRACTIONS:
+            if f not in runs.index.get_level_values(0) or f not in control.index.get_level_values(0):
+                continue
+            a, b = runs.loc[f], control.loc[f]
+            seeds = a.index.intersection(b.index)
+            mean, spread, verdict = difference_verdict((a.loc[seeds] - b.loc[seeds]).to_numpy(),
+                                                       f"λ={lam:g}", "λ=0")
+            shown = "n/a (one seed)" if not math.isfinite(spread) else f"{spread:.2f}"
+            lines.append(dict(
+                stage="low-rank regulariser", subject=f"{f:.0%} of rank",
+                question=f"λ={lam:g} vs λ=0 (same init per seed): perplexity after truncation",
+                numbers=f"{a.mean():.2f} vs {b.mean():.2f} ppl; difference {mean:+.2f} ± {shown} "
+                        f"over {len(seeds)} seed(s)",
+                spread=shown, verdict=verdict))
+    return lines
+
+
 # ---------------------------------------------------------------- timing
 
 def plot_wall_times(bench: pd.DataFrame, path) -> None:
@@ -344,7 +417,7 @@ def build_report(inputs: dict, out_dir, bench_root, surgery_notes: dict[str, str
 
     ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
     metrics (list of metrics.csv), surgery (list of csv), sketch (list of
-    errors.json), benchmarks (list of
+    errors.json), lowrank (list of sweep.csv), benchmarks (list of
     Snakemake benchmark files under ``bench_root``); absent keys mean the stage
     was not run.
     """
@@ -386,6 +459,16 @@ def build_report(inputs: dict, out_dir, bench_root, surgery_notes: dict[str, str
     else:
         not_run["sketch"] = "sketch.enabled is false"
         _not_run(fig / "sketch_error.png", "streaming-sketch PCA", not_run["sketch"])
+
+    if inputs.get("lowrank"):
+        table = lowrank_table(inputs["lowrank"])
+        lowrank_stats(table).to_csv(out / "lowrank.csv", index=False)
+        plot_lowrank(table, fig / "lowrank.png")
+        lines += lowrank_verdicts(table)
+    else:
+        not_run["low-rank regulariser"] = "lowrank.enabled is false"
+        pd.DataFrame().to_csv(out / "lowrank.csv", index=False)
+        _not_run(fig / "lowrank.png", "low-rank regulariser", not_run["low-rank regulariser"])
 
     bench = read_benchmarks(inputs.get("benchmarks", []), bench_root)
     if bench.empty:

@@ -78,6 +78,18 @@ def _diff_stats(diffs: np.ndarray) -> tuple[float, float]:
     return mean, spread
 
 
+def difference_verdict(diffs: np.ndarray, first: str, second: str) -> tuple[float, float, str]:
+    """(mean, spread, verdict) of perplexity differences first − second over seeds (lower is better)."""
+    mean, spread = _diff_stats(diffs)
+    if math.isnan(spread):
+        verdict = "one seed: spread unknown"
+    elif abs(mean) <= spread:
+        verdict = "not distinguishable"
+    else:
+        verdict = f"{first} {'better' if mean < 0 else 'worse'} than {second}"
+    return mean, spread, verdict
+
+
 def compare_variants(runs: pd.DataFrame) -> pd.DataFrame:
     """Final val perplexity differences (first − second) per k, mean ± spread over seeds.
 
@@ -105,13 +117,7 @@ def compare_variants(runs: pd.DataFrame) -> pd.DataFrame:
                 b = at_k.loc[second]
                 seeds = a.index.intersection(b.index)
                 diffs = (a.loc[seeds] - b.loc[seeds]).to_numpy()
-            mean, spread = _diff_stats(diffs)
-            if math.isnan(spread):
-                verdict = "one seed: spread unknown"
-            elif abs(mean) <= spread:
-                verdict = "not distinguishable"
-            else:
-                verdict = f"{first} {'better' if mean < 0 else 'worse'} than {second}"
+            mean, spread, verdict = difference_verdict(diffs, first, second)
             rows.append(dict(k=int(k), comparison=f"{first} vs {second}", question=question,
                              ppl_first=float(a.mean()),
                              ppl_second=float(d_ppl.mean() if second == "D" else at_k.loc[second].mean()),

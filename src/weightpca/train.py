@@ -41,12 +41,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import lowrank
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .io import atomic_path, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTConfig, padded_vocab
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
 
-METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "cos_target", "elapsed_s"]
+METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "cos_target", "lowrank_value",
+                 "elapsed_s"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,9 +88,14 @@ def optimizer_step(forward, model, opt, sampler, t: dict, autocast, no_sync=None
 
     ``forward(x, y) -> (logits, loss)`` is the (possibly compiled, possibly
     DDP-wrapped) model; ``no_sync`` is DDP's context manager that skips the
-    gradient all-reduce on all but the last micro-batch. Nothing here reads a
-    value back to the host, so the GPU never waits for Python.
+    gradient all-reduce on all but the last micro-batch. A low-rank
+    regulariser (``t['lowrank_reg']``, see weightpca.lowrank) depends on the
+    weights alone, so its gradient is added once per step, before the
+    micro-batches (under DDP every rank adds the same, which averaging keeps).
+    Nothing here reads a value back to the host, so the GPU never waits for Python.
     """
+    if lowrank.active(t.get("lowrank_reg")):
+        lowrank.penalty(model, t["lowrank_reg"]).backward()
     mean_loss = torch.zeros((), device=next(model.parameters()).device)
     for micro in range(t["grad_accum"]):
         x, y = sampler.next()
@@ -207,6 +214,13 @@ def evaluate(model, windows: np.ndarray, batch_size: int, device: str, autocast)
         count += y.numel()
     model.train(was_training)
     return total / count, cos_total / count
+
+
+@torch.no_grad()
+def lowrank_value(model: GPT, t: dict):
+    """The regulariser's statistic (mean over its matrices, before λ) for metrics.csv; '' without one."""
+    reg = t.get("lowrank_reg")
+    return float(lowrank.mean_statistic(model, reg["kind"], reg["targets"])) if reg else ""
 
 
 def config_hash(run: dict) -> str:
@@ -338,7 +352,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
             progress.elapsed_s = time.perf_counter() - started
             row = dict(step=progress.step, tokens=progress.tokens, lr=lr, train_loss=train_loss,
                        val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
-                       elapsed_s=progress.elapsed_s)
+                       lowrank_value=lowrank_value(model, t), elapsed_s=progress.elapsed_s)
             if main:
                 metrics.append(row)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
@@ -370,6 +384,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
         name=run["name"], seed=run["seed"], steps=progress.step, tokens_seen=progress.tokens,
         final_val_loss=final_val, final_val_ppl=math.exp(final_val),
         best_val_ppl=math.exp(min(progress.best_val_loss, final_val)), final_cos_target=final_cos,
+        final_lowrank_value=lowrank_value(model, t),
         unigram_val_ppl=unigram_perplexity(train_tokens, targets, meta["vocab_size"]),
         val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
         params=model.num_params(), embedding_params=model.embedding_params(),

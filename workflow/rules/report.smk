@@ -37,6 +37,12 @@ rule report:
             caption="../report/sketch_error.rst",
             category="Streaming sketch",
         ),
+        lowrank_csv=f"{RESULTS}/report/lowrank.csv",
+        lowrank=report(
+            f"{RESULTS}/report/figures/lowrank.png",
+            caption="../report/lowrank.rst",
+            category="Low-rank regulariser",
+        ),
         wall_times=report(
             f"{RESULTS}/report/figures/wall_times.png",
             caption="../report/wall_times.rst",

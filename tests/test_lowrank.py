@@ -1,0 +1,115 @@
+"""The low-rank regulariser: exact values against an SVD, gradients, λ = 0, and the truncation sweep."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_run
+from weightpca.io import load_tensors
+from weightpca.lowrank import (
+    mean_statistic, nuclear_ratio, rank_sweep, spectral_ratio, target_matrices, truncate,
+)
+from weightpca.model import GPT, GPTConfig
+from weightpca.train import train
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (16, 16), (40, 3)])
+def test_ratio_and_nuclear_match_the_singular_values(shape):
+    torch.manual_seed(sum(shape))
+    a = torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64)
+    s = torch.linalg.svdvals(a)
+    torch.testing.assert_close(spectral_ratio(a), (s**4).sum() / (s**2).sum() ** 2)
+    torch.testing.assert_close(nuclear_ratio(a), s.sum() / (s**2).sum().sqrt())
+
+
+def test_ratio_extremes():
+    torch.manual_seed(0)
+    u, v = torch.randn(9, 1, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)
+    assert spectral_ratio(3.0 * u @ v).item() == pytest.approx(1.0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    assert spectral_ratio(q).item() == pytest.approx(1 / 12)
+    assert nuclear_ratio(q).item() == pytest.approx(math.sqrt(12))
+    assert spectral_ratio(5.0 * q).item() == pytest.approx(1 / 12)  # scale-free
+
+
+@pytest.mark.parametrize("stat", [spectral_ratio, nuclear_ratio])
+def test_gradient_matches_finite_differences(stat):
+    torch.manual_seed(1)
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(stat, (a,), eps=1e-6, atol=1e-7)
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, **kw))
+
+
+def test_targets_are_views_of_the_parameters():
+    m = small_model()
+    mats = target_matrices(m, ["attn", "mlp"])
+    assert len(mats) == 2 * 6 and mats["h0.attn.k"].shape == (16, 16) and mats["h1.mlp.c_fc"].shape == (64, 16)
+    mean_statistic(m, "ratio", ["attn"]).backward()
+    assert m.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+    assert m.transformer.h[0].mlp.c_fc.weight.grad is None
+    with pytest.raises(ValueError, match="unknown"):
+        target_matrices(m, ["embedding"])
+
+
+def test_truncate_keeps_the_rank_and_counts_parameters():
+    m = small_model()
+    counts = truncate(m, ["attn", "mlp"], 0.25)
+    mats = target_matrices(m, ["attn", "mlp"])
+    for name, w in mats.items():
+        # 0.25 * min(m, n) = 4; float32 storage leaves noise far below rtol
+        assert torch.linalg.matrix_rank(w.detach(), rtol=1e-4).item() == 4, name
+    # q, k, v, c_proj: 16x16 -> 4*32; c_fc 64x16 and c_proj 16x64 -> 4*80, per layer
+    assert counts["target_params_kept"] == 2 * (4 * 4 * 32 + 2 * 4 * 80)
+    assert counts["target_params_full"] == 2 * (4 * 256 + 2 * 1024)
+    assert counts["params_total"] - counts["params_kept"] == counts["target_params_full"] - counts["target_params_kept"]
+
+
+def test_full_rank_sweep_point_is_the_model(tiny_data, tmp_path):
+    from weightpca.tokens import eval_windows, open_tokens
+    from weightpca.io import read_json
+    from weightpca.train import evaluate, load_model
+    import contextlib
+
+    train(tiny_run(), tiny_data, tmp_path / "m", tmp_path / "w")
+    model = load_model(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json")
+    meta = read_json(tiny_data / "meta.json")
+    windows = eval_windows(open_tokens(tiny_data / "val.bin", meta), 16, 1024)
+    rows = rank_sweep(model, windows, [0.25, 1.0, 0.5], ["attn", "mlp"], batch_size=8)
+    assert [r["fraction"] for r in rows] == [1.0, 0.5, 0.25]
+    full, _ = evaluate(model, windows, 8, "cpu", contextlib.nullcontext)  # model restored after the sweep
+    assert rows[0]["val_loss"] == pytest.approx(full, abs=1e-6)
+    assert rows[0]["params_kept"] == rows[0]["params_total"]
+    assert rows[2]["params_kept"] < rows[1]["params_kept"] < rows[0]["params_kept"]
+    assert rows[2]["val_loss"] > rows[0]["val_loss"]
+
+
+def test_lambda_zero_is_bitwise_the_unregularised_run(tiny_data, tmp_path):
+    reg = {"kind": "ratio", "lambda": 0.0, "targets": ["attn", "mlp"]}
+    plain = train(tiny_run(), tiny_data, tmp_path / "a", tmp_path / "wa")
+    zero = train(tiny_run(lowrank_reg=reg), tiny_data, tmp_path / "b", tmp_path / "wb")
+    a, b = load_tensors(tmp_path / "a" / "model.safetensors"), load_tensors(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert zero["final_val_loss"] == plain["final_val_loss"]
+    assert plain["final_lowrank_value"] == "" and 0 < zero["final_lowrank_value"] < 1
+    header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0]
+    assert "lowrank_value" in header
+
+
+@pytest.mark.parametrize("kind", ["ratio", "nuclear"])
+def test_penalty_concentrates_the_spectrum(tiny_data, tmp_path, kind):
+    """Training with λ > 0 ends with a more concentrated spectrum than the control from the same init."""
+    reg0 = {"kind": kind, "lambda": 0.0, "targets": ["attn", "mlp"]}
+    reg = dict(reg0, **{"lambda": 2.0})
+    control = train(tiny_run(max_steps=24, lowrank_reg=reg0), tiny_data, tmp_path / "c", tmp_path / "wc")
+    penalised = train(tiny_run(max_steps=24, lowrank_reg=reg), tiny_data, tmp_path / "p", tmp_path / "wp")
+    if kind == "ratio":
+        assert penalised["final_lowrank_value"] > 1.2 * control["final_lowrank_value"]
+    else:
+        assert penalised["final_lowrank_value"] < 0.95 * control["final_lowrank_value"]
+    assert np.isfinite(penalised["final_val_loss"])
