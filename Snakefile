@@ -19,6 +19,14 @@ include: "workflow/rules/lowrank.smk"
 include: "workflow/rules/report.smk"
 
 
+# run where Snakemake runs, not as cluster jobs: downloads (compute nodes are
+# often offline) and the target rule
+localrules:
+    all,
+    fetch_corpus,
+    fetch_gguf,
+
+
 rule all:
     default_target: True
     input:

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# A single-node Slurm cluster on this machine, for tests/test_slurm.py.
+#
+#   tests/slurm/start-cluster.sh start   # idempotent; prints the SLURM_CONF to export
+#   tests/slurm/start-cluster.sh stop    # stops what start started
+#
+# Needs root and Debian's slurm-wlm and munge (apt-get install slurm-wlm munge;
+# .ci/run does this). No systemd: the daemons are started directly. Everything
+# lives in $WEIGHTPCA_SLURM_DIR (default /tmp/weightpca-slurm); the system's
+# /etc/slurm is not touched, so clients need SLURM_CONF=$DIR/slurm.conf.
+#
+# The node declares fake resources so that profiles/slurm can be used as it is
+# shipped: 2 GPUs as a count-only GRES (jobs asking for gpu: 1 are scheduled;
+# they see no CUDA device and run on the CPU) and 128 GB of memory
+# (SlurmdParameters=config_overrides: the declared node wins over the hardware).
+set -euo pipefail
+
+DIR=${WEIGHTPCA_SLURM_DIR:-/tmp/weightpca-slurm}
+CONF=$DIR/slurm.conf
+HOST=$(hostname -s)
+export SLURM_CONF=$CONF
+
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+cluster_idle() { sinfo -h -o %T 2>/dev/null | grep -qx idle; }
+
+start_munge() {
+    munge_ok && return 0
+    mkdir -p /run/munge /var/log/munge /etc/munge /var/lib/munge
+    if [ ! -s /etc/munge/munge.key ]; then
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    fi
+    chown munge:munge /run/munge /var/log/munge /etc/munge /etc/munge/munge.key /var/lib/munge
+    chmod 0700 /etc/munge /var/log/munge
+    chmod 0400 /etc/munge/munge.key
+    chmod 0755 /run/munge
+    touch /var/log/munge/munged.log && chown munge:munge /var/log/munge/munged.log
+    # munged refuses to run as root
+    runuser -u munge -- munged
+    touch "$DIR/started-munge"
+    for _ in $(seq 50); do munge_ok && return 0; sleep 0.1; done
+    echo "munged did not start: see /var/log/munge/munged.log" >&2
+    return 1
+}
+
+write_conf() {
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    cat > "$CONF.new" <<CONF
+ClusterName=weightpca-test
+SlurmctldHost=$HOST
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+GresTypes=gpu
+# finished jobs stay visible to squeue for an hour (the status command without accounting)
+MinJobAge=3600
+ReturnToService=2
+SlurmdParameters=config_overrides
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+NodeName=$HOST CPUs=$(nproc) RealMemory=128000 Gres=gpu:2 State=UNKNOWN
+PartitionName=main Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+CONF
+    echo "NodeName=$HOST Name=gpu Count=2" > "$DIR/gres.conf"
+    mv "$CONF.new" "$CONF"
+}
+
+start() {
+    command -v slurmctld >/dev/null || { echo "slurmctld not found: apt-get install slurm-wlm munge" >&2; exit 1; }
+    mkdir -p "$DIR"
+    start_munge
+    if [ -f "$CONF" ] && cluster_idle; then
+        echo "SLURM_CONF=$CONF"
+        return 0
+    fi
+    write_conf
+    pgrep -F "$DIR/slurmctld.pid" >/dev/null 2>&1 || slurmctld -f "$CONF"
+    pgrep -F "$DIR/slurmd.pid" >/dev/null 2>&1 || slurmd -f "$CONF"
+    for _ in $(seq 150); do
+        if cluster_idle; then echo "SLURM_CONF=$CONF"; return 0; fi
+        sleep 0.2
+    done
+    echo "the test cluster did not become idle; state: $(sinfo -h -o '%T %E' 2>&1)" >&2
+    tail -5 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    exit 1
+}
+
+stop() {
+    for daemon in slurmd slurmctld; do
+        if [ -f "$DIR/$daemon.pid" ]; then
+            pkill -F "$DIR/$daemon.pid" 2>/dev/null || true
+            rm -f "$DIR/$daemon.pid"
+        fi
+    done
+    if [ -f "$DIR/started-munge" ]; then
+        pkill -u munge munged 2>/dev/null || true
+        rm -f "$DIR/started-munge"
+    fi
+}
+
+case ${1:-start} in
+    start) start ;;
+    stop) stop ;;
+    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

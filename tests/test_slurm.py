@@ -1,0 +1,159 @@
+"""profiles/slurm on a real single-node Slurm cluster (tests/slurm/start-cluster.sh).
+
+Runs where slurm-wlm and munge are installed and we are root; .ci/run installs
+them and sets WEIGHTPCA_REQUIRE_SLURM=1 so that a missing cluster fails the
+suite instead of skipping it. The cluster has no Slurm accounting, so jobs
+are followed with squeue (--slurm-status-command squeue --slurm-no-account),
+as README "Run on a Slurm cluster" says for such clusters.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, write_config
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
+
+SCRIPT = REPO / "tests" / "slurm" / "start-cluster.sh"
+LOCAL_RULES = {"all", "fetch_corpus", "fetch_gguf"}
+JOBID = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        why = "needs root and Debian's slurm-wlm and munge (apt-get install slurm-wlm munge)"
+        if os.environ.get("WEIGHTPCA_REQUIRE_SLURM"):
+            pytest.fail(f"WEIGHTPCA_REQUIRE_SLURM is set but the test cluster {why}")
+        pytest.skip(f"the Slurm test cluster {why}")
+    done = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    conf = done.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    yield dict(os.environ, SLURM_CONF=conf, PYTHONUNBUFFERED="1")
+    subprocess.run([str(SCRIPT), "stop"], capture_output=True, text=True, timeout=60)
+
+
+def slurm_snakemake(workdir, env, *args, configfile, popen=False):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--profile", str(REPO / "profiles" / "slurm"),
+           # a cluster without accounting (the test cluster's case)
+           "--slurm-status-command", "squeue", "--slurm-no-account",
+           # poll often: the test's jobs take seconds, not hours
+           "--slurm-init-seconds-before-status-checks", "2",
+           *args, "--configfile", str(configfile)]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+
+
+def submitted(log: str) -> dict[str, list[str]]:
+    """Rule name -> SLURM job ids, from Snakemake's log (each 'rule X:' block precedes its submission)."""
+    by_rule, rule_of_job = {}, {}
+    for m in re.finditer(r"^(?:localrule|rule) (\w+):\n(?:.*\n)*?\s+jobid: (\d+)", log, re.M):
+        rule_of_job[m.group(2)] = m.group(1)
+    for job, slurm_id in JOBID.findall(log):
+        by_rule.setdefault(rule_of_job[job], []).append(slurm_id)
+    return by_rule
+
+
+def squeue_ids(env) -> set[str]:
+    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return set(out.split())
+
+
+def scontrol_job(job_id: str, env) -> str:
+    """The TRES a finished job was given, as scontrol reports it (gres/gpu=1 for a GPU job)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    return " ".join(re.findall(r"(?:AllocTRES|TresPerJob|TresPerNode)=(\S*)", out))
+
+
+def test_whole_dag_runs_as_slurm_jobs_and_matches_a_local_run(slurm_env, ci_dag, tmp_path):
+    local_results, cfg = ci_dag
+    started = time.perf_counter()
+    done = slurm_snakemake(tmp_path, slurm_env, "all", configfile=cfg)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    print(f"ci DAG on the Slurm test cluster: {time.perf_counter() - started:.0f} s")
+
+    jobs = submitted(log)
+    planned = set(re.findall(r"^rule (\w+):", log, re.M))
+    assert planned and planned.isdisjoint(LOCAL_RULES)
+    assert set(jobs) == planned  # every non-local rule's jobs went through sbatch
+    ids = {i for v in jobs.values() for i in v}
+    assert len(ids) == log.count("has been submitted with SLURM jobid")
+    assert ids <= squeue_ids(slurm_env)  # and Slurm knows them (MinJobAge keeps finished jobs)
+    assert re.search(r"^localrule all:", log, re.M)
+    # the profile's GPU rules asked Slurm for a GPU (the test node's GPUs are a count-only GRES)
+    assert "gpu" in scontrol_job(jobs["train_baseline"][0], slurm_env)
+    assert "gpu" not in scontrol_job(jobs["sketch"][0], slurm_env)
+    # the same numbers as the local run: CPU training is bitwise repeatable
+    slurm_results = tmp_path / "results"
+    models = sorted(p.relative_to(local_results) for p in local_results.glob("**/model.safetensors"))
+    assert len(models) >= 10
+    for rel in models:
+        a, b = load_file(str(local_results / rel)), load_file(str(slurm_results / rel))
+        assert all((a[k] == b[k]).all() for k in a), rel
+    for rel in ["lowrank/lambda1.0/seed7/sweep.csv", "surgery/gpt/separate.csv", "pca/spectrum.json"]:
+        assert (local_results / rel).read_text() == (slurm_results / rel).read_text(), rel
+
+
+def test_failing_job_is_reported_with_its_slurm_log_retried_and_leaves_no_output(slurm_env, ci_dag,
+                                                                              tmp_path):
+    _, cfg = ci_dag
+    data = tmp_path / "results" / "data" / "shakespeare"
+    done = slurm_snakemake(tmp_path, slurm_env, str(data / "train.bin"), configfile=cfg)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # a torn tokenised corpus: every attempt of the training job fails on the cluster
+    with open(data / "train.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 3)
+    target = tmp_path / "results" / "train" / "D" / "seed7" / "summary.json"
+    done = slurm_snakemake(tmp_path, slurm_env, str(target), configfile=cfg)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
+    attempts = submitted(log)["train_baseline"]
+    assert len(attempts) == 3  # the first try and the profile's 2 retries
+    slurm_logs = re.findall(r"(\S+/\.snakemake/slurm_logs/rule_train_baseline/\S+?\.log)", log)
+    assert slurm_logs, log[-3000:]
+    assert "train.bin" in open(slurm_logs[0]).read()  # the job's own error, in the log Snakemake names
+    assert not any((tmp_path / "results" / "train" / "D" / "seed7").glob("*.safetensors"))
+    assert not target.exists()
+
+
+def test_cancelled_job_is_resubmitted_and_completes(slurm_env, ci_dag, tmp_path):
+    _, base = ci_dag
+    cfg = write_config(tmp_path / "ci.yaml", base=str(base), **{"train.max_steps": 3000,
+                                                                "train.checkpoint_every": 50})
+    target = tmp_path / "results" / "train" / "D" / "seed7" / "summary.json"
+    proc = slurm_snakemake(tmp_path, slurm_env, str(target), configfile=cfg, popen=True)
+    try:
+        deadline = time.time() + 600
+        ckpt = tmp_path / "results" / "train" / "D" / "seed7" / "_work" / "ckpt" / "LATEST"
+        while not ckpt.exists():  # the training job is running on the cluster
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.5)
+        running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"], capture_output=True,
+                                 text=True, env=slurm_env, check=True).stdout.splitlines()
+        victim = next(line.split()[0] for line in running if "train_baseline" in line)
+        subprocess.run(["scancel", victim], env=slurm_env, check=True)
+        log, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    assert proc.returncode == 0, log[-3000:]
+    attempts = submitted(log)["train_baseline"]
+    assert attempts[0] == victim and len(attempts) == 2
+    assert re.search(rf"SLURM-job '{victim}' failed, SLURM status is: 'CANCELLED", log), log[-3000:]
+    assert target.exists()
+    # the resubmitted job went on from the cancelled one's last checkpoint
+    assert "resuming D/seed7 from" in (tmp_path / "results" / "logs" / "train" / "D" / "seed7.log").read_text()
