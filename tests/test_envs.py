@@ -14,7 +14,7 @@ from conftest import REPO
 
 CONDA_TO_PIP = {"pytorch": "torch"}
 NOT_IN_PYPROJECT = {"python", "pip"}
-ONLY_FOR_THE_DRIVER = {"snakemake"}  # runs the DAG; jobs do not import it
+ONLY_FOR_THE_DRIVER = {"snakemake", "snakemake-executor-plugin-slurm"}  # run the DAG; jobs do not import them
 
 
 def split_req(req: str) -> tuple[str, str]:

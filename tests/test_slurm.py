@@ -36,8 +36,7 @@ def slurm_env():
         pytest.skip(f"the Slurm test cluster {why}")
     done = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    conf = done.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    yield dict(os.environ, SLURM_CONF=conf, PYTHONUNBUFFERED="1")
+    yield dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.run([str(SCRIPT), "stop"], capture_output=True, text=True, timeout=60)
 
 
@@ -111,13 +110,13 @@ def test_failing_job_is_reported_with_its_slurm_log_retried_and_leaves_no_output
                                                                               tmp_path):
     _, cfg = ci_dag
     data = tmp_path / "results" / "data" / "shakespeare"
-    done = slurm_snakemake(tmp_path, slurm_env, str(data / "train.bin"), configfile=cfg)
+    done = slurm_snakemake(tmp_path, slurm_env, "results/data/shakespeare/train.bin", configfile=cfg)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     # a torn tokenised corpus: every attempt of the training job fails on the cluster
     with open(data / "train.bin", "r+b") as f:
         f.truncate(f.seek(0, 2) - 3)
     target = tmp_path / "results" / "train" / "D" / "seed7" / "summary.json"
-    done = slurm_snakemake(tmp_path, slurm_env, str(target), configfile=cfg)
+    done = slurm_snakemake(tmp_path, slurm_env, str(target.relative_to(tmp_path)), configfile=cfg)
     log = done.stdout + done.stderr
     assert done.returncode != 0
     attempts = submitted(log)["train_baseline"]
@@ -134,7 +133,7 @@ def test_cancelled_job_is_resubmitted_and_completes(slurm_env, ci_dag, tmp_path)
     cfg = write_config(tmp_path / "ci.yaml", base=str(base), **{"train.max_steps": 3000,
                                                                 "train.checkpoint_every": 50})
     target = tmp_path / "results" / "train" / "D" / "seed7" / "summary.json"
-    proc = slurm_snakemake(tmp_path, slurm_env, str(target), configfile=cfg, popen=True)
+    proc = slurm_snakemake(tmp_path, slurm_env, str(target.relative_to(tmp_path)), configfile=cfg, popen=True)
     try:
         deadline = time.time() + 600
         ckpt = tmp_path / "results" / "train" / "D" / "seed7" / "_work" / "ckpt" / "LATEST"

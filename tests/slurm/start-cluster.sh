@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # A single-node Slurm cluster on this machine, for tests/test_slurm.py.
 #
-#   tests/slurm/start-cluster.sh start   # idempotent; prints the SLURM_CONF to export
+#   tests/slurm/start-cluster.sh start   # idempotent
 #   tests/slurm/start-cluster.sh stop    # stops what start started
 #
 # Needs root and Debian's slurm-wlm and munge (apt-get install slurm-wlm munge;
-# .ci/run does this). No systemd: the daemons are started directly. Everything
-# lives in $WEIGHTPCA_SLURM_DIR (default /tmp/weightpca-slurm); the system's
-# /etc/slurm is not touched, so clients need SLURM_CONF=$DIR/slurm.conf.
+# .ci/run does this). No systemd: the daemons are started directly. State,
+# spool and logs live in $WEIGHTPCA_SLURM_DIR (default /tmp/weightpca-slurm).
+# The configuration must be the default /etc/slurm/slurm.conf: the Slurm
+# plugin's job step removes SLURM_* variables (SLURM_CONF too) before its
+# srun. An existing slurm.conf that this script did not write is never
+# replaced: start fails instead.
 #
 # The node declares fake resources so that profiles/slurm can be used as it is
-# shipped: 2 GPUs as a count-only GRES (jobs asking for gpu: 1 are scheduled;
-# they see no CUDA device and run on the CPU) and 128 GB of memory
+# shipped: 2 GPUs backed by plain files (jobs asking for gpu: 1 are
+# scheduled; they see no CUDA device and run on the CPU) and 128 GB of memory
 # (SlurmdParameters=config_overrides: the declared node wins over the hardware).
 set -euo pipefail
 
 DIR=${WEIGHTPCA_SLURM_DIR:-/tmp/weightpca-slurm}
-CONF=$DIR/slurm.conf
+CONF=/etc/slurm/slurm.conf
+MARK="# written by weightpca tests/slurm/start-cluster.sh"
 HOST=$(hostname -s)
-export SLURM_CONF=$CONF
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 cluster_idle() { sinfo -h -o %T 2>/dev/null | grep -qx idle; }
@@ -42,9 +45,16 @@ start_munge() {
     return 1
 }
 
+ours() { [ -f "$CONF" ] && head -n 1 "$CONF" | grep -qxF "$MARK"; }
+
 write_conf() {
-    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    if [ -e "$CONF" ] && ! ours; then
+        echo "$CONF exists and was not written by this script; not replacing it" >&2
+        exit 1
+    fi
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" /etc/slurm
     cat > "$CONF.new" <<CONF
+$MARK
 ClusterName=weightpca-test
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -71,7 +81,9 @@ SlurmdPidFile=$DIR/slurmd.pid
 NodeName=$HOST CPUs=$(nproc) RealMemory=128000 Gres=gpu:2 State=UNKNOWN
 PartitionName=main Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
-    echo "NodeName=$HOST Name=gpu Count=2" > "$DIR/gres.conf"
+    # slurmd counts a GPU per device file; plain files stand in for /dev/nvidia*
+    touch "$DIR/fake-gpu0" "$DIR/fake-gpu1"
+    echo "NodeName=$HOST Name=gpu File=$DIR/fake-gpu[0-1]" > /etc/slurm/gres.conf
     mv "$CONF.new" "$CONF"
 }
 
@@ -79,19 +91,18 @@ start() {
     command -v slurmctld >/dev/null || { echo "slurmctld not found: apt-get install slurm-wlm munge" >&2; exit 1; }
     mkdir -p "$DIR"
     start_munge
-    if [ -f "$CONF" ] && cluster_idle; then
-        echo "SLURM_CONF=$CONF"
+    if ours && cluster_idle; then
         return 0
     fi
     write_conf
-    pgrep -F "$DIR/slurmctld.pid" >/dev/null 2>&1 || slurmctld -f "$CONF"
-    pgrep -F "$DIR/slurmd.pid" >/dev/null 2>&1 || slurmd -f "$CONF"
+    pgrep -F "$DIR/slurmctld.pid" >/dev/null 2>&1 || slurmctld
+    pgrep -F "$DIR/slurmd.pid" >/dev/null 2>&1 || slurmd
     for _ in $(seq 150); do
-        if cluster_idle; then echo "SLURM_CONF=$CONF"; return 0; fi
+        if cluster_idle; then return 0; fi
         sleep 0.2
     done
     echo "the test cluster did not become idle; state: $(sinfo -h -o '%T %E' 2>&1)" >&2
-    tail -5 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    tail -n 5 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
     exit 1
 }
 
@@ -105,6 +116,9 @@ stop() {
     if [ -f "$DIR/started-munge" ]; then
         pkill -u munge munged 2>/dev/null || true
         rm -f "$DIR/started-munge"
+    fi
+    if ours; then
+        rm -f "$CONF" /etc/slurm/gres.conf
     fi
 }
 
