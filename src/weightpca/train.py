@@ -285,7 +285,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    main = rank == 0  # the one process that writes files
+    is_main = rank == 0  # the one process that writes files
     torch.set_num_threads(threads)
     autocast = setup_precision(device, t)
 
@@ -303,7 +303,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
     ckpt_root = work_dir / "ckpt"
     progress = Progress()
     resume = latest_checkpoint(ckpt_root, chash)
-    if resume is None and main:
+    if resume is None and is_main:
         shutil.rmtree(work_dir, ignore_errors=True)  # stale state of other settings
         work_dir.mkdir(parents=True)
     if resume is not None:
@@ -311,9 +311,9 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
         print(f"resuming {run['name']} from {resume} (step {progress.step})", flush=True)
     if world > 1:
         torch.distributed.barrier()  # work_dir exists before any rank goes on
-    metrics = MetricsLog(work_dir / "metrics.csv", progress.step) if main else None
+    metrics = MetricsLog(work_dir / "metrics.csv", progress.step) if is_main else None
     forward, no_sync = training_forward(model, t, device, world, local_rank)
-    wb = start_wandb(run, chash) if main else None
+    wb = start_wandb(run, chash) if is_main else None
 
     tokens_per_step = t["batch_size"] * block * t["grad_accum"] * world
     # running train-loss sum since the last eval; part of the checkpoint so a
@@ -322,7 +322,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
     loss_steps = progress.extra.get("loss_steps", 0)
     started = time.perf_counter() - progress.elapsed_s
     bar = tqdm(total=t["max_steps"], initial=progress.step, desc=run["name"], unit="step",
-               mininterval=5.0, dynamic_ncols=True, disable=not main)
+               mininterval=5.0, dynamic_ncols=True, disable=not is_main)
     model.train()
     while progress.step < t["max_steps"]:
         lr = lr_at(progress.step, t)
@@ -353,12 +353,12 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
             row = dict(step=progress.step, tokens=progress.tokens, lr=lr, train_loss=train_loss,
                        val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
                        lowrank_value=lowrank_value(model, t), elapsed_s=progress.elapsed_s)
-            if main:
+            if is_main:
                 metrics.append(row)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if wb is not None:
                 wb.log(row, step=progress.step)
-        if main and t["snapshot_every"] and progress.step % t["snapshot_every"] == 0:
+        if is_main and t["snapshot_every"] and progress.step % t["snapshot_every"] == 0:
             save_tensors(work_dir / "snapshots" / f"step_{progress.step:08d}.safetensors",
                          model.state_dict())
         if t["checkpoint_every"] and progress.step % t["checkpoint_every"] == 0 and not last:
@@ -371,7 +371,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
                     f"{run['name']}: weights or training loss not finite at step {progress.step} "
                     f"(lr {lr:.3g}); the last good checkpoint is kept in {ckpt_root}"
                 )
-            if main:
+            if is_main:
                 save_checkpoint(ckpt_root, model, opt, sampler.generator, progress, chash)
     bar.close()
 
@@ -396,7 +396,7 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
     if world > 1:
         torch.distributed.barrier()  # every rank is done with work_dir before rank 0 removes it
         torch.distributed.destroy_process_group()
-    if not main:
+    if not is_main:
         return summary
 
     out_dir.mkdir(parents=True, exist_ok=True)
