@@ -6,7 +6,7 @@ import torch
 from scipy.linalg import hadamard
 
 from weightpca.sketch import (
-    NpySamples, SketchError, SyntheticSamples, fwht, fwht_torch, hadamard_rows, reconstruction_errors,
+    NpySamples, SketchError, centering_matrix, SyntheticSamples, fwht, fwht_torch, hadamard_rows, reconstruction_errors,
     run_method,
 )
 
@@ -65,11 +65,23 @@ def test_seed_srht_lift_stays_in_row_space_of_r(synthetic_results):
     assert opt["median_relative_error"] < 0.05
 
 
-def test_correct_sketches_near_optimum(synthetic_results):
-    _, opt, res, _ = synthetic_results
+def test_correct_sketches_near_their_range_floor(synthetic_results):
+    """A one-pass sketch can at best find the best rank-k approximation inside its range sketch
+    span(A Ω); the co-range estimate must come within 3 % of that two-pass floor (s = 2r + 1 missed
+    it by 5 %). The floor itself is 1.09x exact PCA here: no range of r = 4k columns without power
+    iterations reaches 1.05x on this spectrum (a gap after rank 8, then flat noise)."""
+    src, opt, res, _ = synthetic_results
+    a = src.block(0, src.D).T.astype(np.float64)
+    p = centering_matrix(src.n, True)
+    omega = np.random.default_rng([0, 0]).standard_normal((src.n, 32))  # fit_tropp's Ω for seed 0
+    q, _ = np.linalg.qr(a @ (p @ omega))
+    u, _, _ = np.linalg.svd(q.T @ (a @ p), full_matrices=False)
+    w = q @ u[:, :8]
+    floor = np.linalg.norm(a @ p - w @ (w.T @ (a @ p)), axis=0).mean() / np.mean(opt["l2_error"])
+    assert 1.0 < floor < 1.12
     for m in ("srht", "gaussian"):
-        assert res[m]["mean_error_ratio_to_optimum"] < 1.25, m
-        assert res[m]["median_relative_error"] < 2 * opt["median_relative_error"]
+        assert floor <= res[m]["mean_error_ratio_to_optimum"] < 1.03 * floor, m
+        assert res[m]["median_relative_error"] < 1.2 * opt["median_relative_error"]
 
 
 def test_errors_json_contents(synthetic_results):
