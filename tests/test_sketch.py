@@ -6,7 +6,7 @@ import torch
 from scipy.linalg import hadamard
 
 from weightpca.sketch import (
-    NpySamples, SketchError, centering_matrix, SyntheticSamples, fwht, fwht_torch, hadamard_rows, reconstruction_errors,
+    NpySamples, SketchError, SyntheticSamples, centering_matrix, fwht, fwht_torch, hadamard_rows,
     run_method,
 )
 

@@ -12,7 +12,6 @@ import torch
 
 from conftest import REPO, tiny_run
 from weightpca.io import WeightFileError, load_tensors, save_tensors
-from weightpca.model import GPT, GPTConfig
 from weightpca.train import TrainingDiverged, build_model, load_model, lr_at, train
 
 

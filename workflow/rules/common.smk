@@ -45,7 +45,7 @@ wildcard_constraints:
     method="|".join(SKETCH["methods"]) or "none",
     r=r"\d+",
     centering="centered|uncentered",
-    lam=r"\d+(\.\d+)?",
+    lam=r"[0-9][0-9.e+-]*",
 
 
 def baseline_run(wildcards):
