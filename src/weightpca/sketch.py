@@ -128,6 +128,13 @@ def _pread_f32(fd: int, offset: int, count: int) -> np.ndarray:
     return np.frombuffer(buf, dtype="<f4")
 
 
+def _pread_into(fd: int, offset: int, dst: np.ndarray) -> None:
+    """Fill the contiguous float32 array ``dst`` from the file at ``offset`` (one copy, no temporary)."""
+    got = os.preadv(fd, [dst], offset)
+    if got != dst.nbytes:
+        raise SketchError(f"short read at byte {offset}: the file is truncated")
+
+
 def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
     """(data offset, shape, dtype) of a .npy file, read from its header; object arrays refused."""
     with open(path, "rb") as f:
@@ -223,7 +230,7 @@ class NpySamples(Samples):
     def block(self, b0, b1):
         out = np.empty((self.n, b1 - b0), dtype=np.float32)
         for i, (fd, off) in enumerate(zip(self.fds, self.offsets)):
-            out[i] = _pread_f32(fd, off + 4 * b0, b1 - b0)
+            _pread_into(fd, off + 4 * b0, out[i])
         return _check_finite(out, self.paths, b0, b1)
 
     def __del__(self):
@@ -324,7 +331,7 @@ class SafetensorsSamples(Samples):
             while pos < b1:
                 start = self.starts[seg]
                 take = min(b1, self.starts[seg + 1]) - pos
-                out[i, pos - b0: pos - b0 + take] = _pread_f32(fd, offsets[seg] + 4 * (pos - start), take)
+                _pread_into(fd, offsets[seg] + 4 * (pos - start), out[i, pos - b0: pos - b0 + take])
                 pos += take
                 seg += 1
         return _check_finite(out, self.paths, b0, b1)
