@@ -92,7 +92,7 @@ def test_whole_dag_runs_as_slurm_jobs_and_matches_a_local_run(slurm_env, ci_dag,
     assert len(ids) == log.count("has been submitted with SLURM jobid")
     assert ids <= squeue_ids(slurm_env)  # and Slurm knows them (MinJobAge keeps finished jobs)
     assert re.search(r"^localrule all:", log, re.M)
-    # the profile's GPU rules asked Slurm for a GPU (the test node's GPUs are a count-only GRES)
+    # the profile's GPU rules asked Slurm for a GPU (the test node's GPUs are file-backed fakes)
     assert "gpu" in scontrol_job(jobs["train_baseline"][0], slurm_env)
     assert "gpu" not in scontrol_job(jobs["sketch"][0], slurm_env)
     # the same numbers as the local run: CPU training is bitwise repeatable
