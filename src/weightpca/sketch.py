@@ -121,13 +121,6 @@ def hadamard_rows(rows: np.ndarray, n: int) -> np.ndarray:
 # memory maps: pages of a mapped file count towards the process's resident
 # set, which would then grow with D even though no array of size D is held.
 
-def _pread_f32(fd: int, offset: int, count: int) -> np.ndarray:
-    buf = os.pread(fd, 4 * count, offset)
-    if len(buf) != 4 * count:
-        raise SketchError(f"short read at byte {offset}: the file is truncated")
-    return np.frombuffer(buf, dtype="<f4")
-
-
 def _pread_into(fd: int, offset: int, dst: np.ndarray) -> None:
     """Fill the contiguous float32 array ``dst`` from the file at ``offset`` (one copy, no temporary)."""
     got = os.preadv(fd, [dst], offset)
@@ -165,7 +158,9 @@ class _RowFile:
     def __getitem__(self, rows: slice) -> np.ndarray:
         b0, b1 = self._range(rows)
         c = self.shape[1]
-        return _pread_f32(self.fd, self.offset + 4 * b0 * c, (b1 - b0) * c).reshape(b1 - b0, c)
+        out = np.empty((b1 - b0, c), dtype="<f4")
+        _pread_into(self.fd, self.offset + 4 * b0 * c, out)
+        return out
 
     def __setitem__(self, rows: slice, value) -> None:
         b0, b1 = self._range(rows)
