@@ -2,14 +2,25 @@
 
 Prints, for every method, the bytes of flattened samples consumed per second
 while fitting, as a ratio to this machine's memory-copy bandwidth measured in
-the same run (numpy copy of a large array), and the peak RSS of the `srht`
-method at two sample lengths D (synthetic samples generated block by block,
-never materialised), whose ratio shows that memory does not grow with D.
+the same run, and the peak RSS of the `srht` method at two sample lengths D
+(synthetic samples generated block by block, never materialised), whose ratio
+shows that memory does not grow with D.
 
-    python benchmarks/sketch_bench.py [--n 32] [--D 4000000] [--k 8] [--rss-D 10000000 100000000]
+On the CPU the samples are .npy files in the page cache, read block by block
+as in the workflow, and the bandwidth is a numpy copy of a large array. With
+``--device cuda`` the samples are one tensor in GPU memory (``TensorSamples``),
+Y and W are kept there (``store="device"``), and the bandwidth is a
+device-to-device copy; the RSS check is CPU-only.
+
+    python benchmarks/sketch_bench.py [--n 32] [--D 4000000] [--k 4] [--device cpu|cuda]
 """
 
 from __future__ import annotations
+
+import os
+
+# as in the workflow's sketch script: idle OpenMP threads sleep instead of spinning (set before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
@@ -20,38 +31,75 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
-def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Bytes per second read by a numpy copy of a large float32 array (best of `repeats`)."""
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second read by a copy of a large float32 array (numpy on CPU, torch on CUDA; best of `repeats`)."""
+    if device == "cpu":
+        src = np.ones(nbytes // 4, dtype=np.float32)
+        dst = np.empty_like(src)
+        copy, sync = (lambda: np.copyto(dst, src)), (lambda: None)
+    else:
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        copy, sync = (lambda: dst.copy_(src)), torch.cuda.synchronize
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first copy warms up
+        sync()
         t0 = time.perf_counter()
-        np.copyto(dst, src)
+        copy()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
 
-def throughput(n: int, D: int, k: int, block: int) -> dict[str, float]:
-    from weightpca.sketch import METHODS, NpySamples, SyntheticSamples, run_method
+def throughput(n: int, D: int, k: int, block: int, device: str) -> dict[str, float]:
+    from weightpca.sketch import METHODS, NpySamples, SyntheticSamples, TensorSamples, run_method
 
     synth = SyntheticSamples(n, D, rank=2 * k, noise=0.05, seed=0)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = []
-        for i in range(n):  # samples on disk (page cache), read through memmaps as in the workflow
-            p = tmp / f"s{i:03d}.npy"
-            np.save(p, synth.block(0, D)[i])
-            paths.append(p)
-        src = NpySamples(paths)
-        src.block(0, D)  # warm the page cache
+        if device == "cpu":
+            paths = []
+            for i in range(n):  # samples on disk (page cache), read block by block as in the workflow
+                p = tmp / f"s{i:03d}.npy"
+                np.save(p, synth.block(0, D)[i])
+                paths.append(p)
+            src, store = NpySamples(paths), "disk"
+        else:
+            src, store = TensorSamples(torch.from_numpy(synth.block(0, D)).to(device)), "device"
+        # a first run warms the page cache, the BLAS threads and (on CUDA) the kernels; then best of 3
+        run_method("srht", src, k, 4 * k, tmp / "warmup", True, block, 0, device=device, store=store)
         for method in METHODS:
-            rep = run_method(method, src, k, 4 * k, tmp / method, True, block, 0)
-            out[method] = rep["throughput_bytes_per_s"]
+            out[method] = max(
+                run_method(method, src, k, 4 * k, tmp / method, True, block, 0, device=device,
+                           store=store)["throughput_bytes_per_s"]
+                for _ in range(3))
     return out
+
+
+def product_rate(n: int, D: int, k: int, block: int, device: str) -> float:
+    """Bytes per second of the range finder's two products alone (Y_b = A_b Ω, T += Y_bᵀ A_b) on
+    blocks already in memory: the compute ceiling of ``srht``/``gaussian``, with no reads or writes."""
+    r = 4 * k
+    x = torch.randn(n, block, device=device)
+    omega, y = torch.randn(n, r, device=device), torch.empty(block, r, device=device)
+    t = torch.zeros(r, n, dtype=torch.float64, device=device)
+    steps = max(1, D // block)
+    best = float("inf")
+    for _ in range(4):  # the first round warms up
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            torch.mm(x.T, omega, out=y)
+            t.add_((x @ y).T.double())
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return steps * x.numel() * 4 / best
 
 
 RSS_CHILD = """
@@ -78,12 +126,18 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=1 << 16)
     ap.add_argument("--rss-D", type=int, nargs=2, default=[10_000_000, 100_000_000])
     ap.add_argument("--rss-n", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:i] for samples held in GPU memory")
     args = ap.parse_args()
 
-    bw = copy_bandwidth()
-    print(f"memory copy bandwidth: {bw / 1e9:.2f} GB/s")
-    for method, rate in throughput(args.n, args.D, args.k, args.block).items():
-        print(f"{method:10s} {rate / 1e9:6.3f} GB/s  ratio to copy {rate / bw:.3f}  (n={args.n}, D={args.D})")
+    bw = copy_bandwidth(args.device)
+    print(f"{args.device} copy bandwidth: {bw / 1e9:.2f} GB/s")
+    for method, rate in throughput(args.n, args.D, args.k, args.block, args.device).items():
+        print(f"{method:10s} {rate / 1e9:7.3f} GB/s  ratio to copy {rate / bw:.3f}  "
+              f"(n={args.n}, D={args.D}, k={args.k}, r={4 * args.k}, block={args.block}, {args.device})")
+    rate = product_rate(args.n, args.D, args.k, args.block, args.device)
+    print(f"products only {rate / 1e9:7.3f} GB/s  ratio to copy {rate / bw:.3f}  (srht's compute ceiling)")
+    if args.device != "cpu":
+        return
     small, large = (peak_rss(args.rss_n, D, 2) for D in args.rss_D)
     print(f"srht peak RSS: D={args.rss_D[0]:.0e}: {small['peak_rss_mb']:.0f} MB ({small['wall_s']:.0f} s), "
           f"D={args.rss_D[1]:.0e}: {large['peak_rss_mb']:.0f} MB ({large['wall_s']:.0f} s), "

@@ -8,11 +8,19 @@ singular subspace, and judge it by ``x_rec = W (Wᵀ x)``, per sample
 
 Memory. D may be 1e8 or more, so nothing of size D lives in RAM: the data are
 read in coordinate blocks ``A[b0:b1, :]`` (all samples' slice of one block,
-n × B floats), every D-sized result (W, the range sketch Y) is a memmap on
-disk, and accumulations are matrix products over a block of all samples.
-Peak RSS depends on n, B, r and k, not on D; disk use is D·(r + k)·4 bytes
-(Y and W, float32). Each method reads the data once to build its estimate
-and once more to evaluate the errors.
+n × B floats), every D-sized result (W, the range sketch Y) is a file on disk
+written and read by row blocks, and accumulations are matrix products over a
+block of all samples. Peak RSS depends on n, B, r and k, not on D; disk use
+is D·(r + k)·4 bytes (Y and W, float32). Each method reads the data once to
+build its estimate (exact PCA twice) and once more to evaluate the errors.
+
+Device. The block products run in torch on ``device`` (CPU or CUDA): blocks
+read from files are moved there, D-sized matrices stay on disk. With
+``store="device"`` Y and W are held in device memory instead (D·(r + k)·4
+bytes there), for samples that already live on the GPU (``TensorSamples``).
+On a CPU with several BLAS threads, set ``OMP_WAIT_POLICY=PASSIVE`` before
+torch is imported: otherwise the idle OpenMP threads spin while the main
+thread reads the next block, which halved the throughput on 2 cores.
 
 Methods (``fit_*``):
 
@@ -25,21 +33,12 @@ Methods (``fit_*``):
   eigenvectors, ``W = Rᵀ U_r`` with orthonormalised columns. ``Rᵀ U_r`` lies
   in the r-dimensional row space of R whatever the data, so this lift cannot
   recover the data's subspace (the reason a correct method exists).
-- ``srht``: the one-pass low-rank sketch of Tropp, Yurtsever, Udell & Cevher
-  (2017, "Practical sketching algorithms for low-rank matrix approximation",
-  SIAM J. Matrix Anal. Appl. 38(4), Alg. 3–4): range sketch ``Y = A Ω``
-  (Ω n × r Gaussian), co-range sketch ``Z = Ψ A`` (Ψ s × D, s = 4r + 1;
-  see ``CO_RANGE_FACTOR``),
-  ``Q = orth(Y)``, ``X = (Ψ Q)⁺ Z`` so that ``A ≈ Q X``, and W = Q U_k from
-  the SVD ``X = U Σ Vᵀ``. Ψ is a block subsampled randomized Hadamard
-  transform: ``Ψ A = sqrt(B/s) Σ_b S H D_b A_b`` with per-block random signs
-  D_b, the orthonormal Hadamard matrix H of the block size and one random
-  choice S of s rows (Balabanov, Beaupère & Grigori 2022, "Block subsampled
-  randomized Hadamard transform for low-rank approximation on distributed
-  architectures"); the s selected Hadamard rows are formed once, so the
-  product is a dense matmul per block.
-- ``gaussian``: the same with a Gaussian Ψ (entries N(0, 1/s)), generated per
-  block from the seed, for comparison.
+- ``srht``: a randomized range finder (Halko, Martinsson & Tropp 2011) whose
+  subspace comes from the data: range sketch ``Y = A Ω`` with an SRHT test
+  matrix Ω (n × r), half of its columns replaced by a pilot's principal
+  directions, and exact Rayleigh–Ritz from ``YᵀA`` accumulated in the same
+  pass (see ``fit_range``).
+- ``gaussian``: the same with a Gaussian test matrix, for comparison.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .io import write_json
 
@@ -65,41 +65,28 @@ class SketchError(ValueError):
 
 # ---------------------------------------------------------------- Hadamard
 
-def fwht(a: np.ndarray) -> np.ndarray:
+def fwht(a):
     """Orthonormal fast Walsh–Hadamard transform along the last axis (length a power of two).
 
     Sylvester ordering, equal to ``a @ scipy.linalg.hadamard(n) / sqrt(n)``;
-    log2(n) vectorised butterfly stages, no loop over elements.
+    log2(n) vectorised butterfly stages, no loop over elements. Takes a numpy
+    array (computed with numpy) or a torch tensor (computed where it lives,
+    e.g. on CUDA); returns a new array of the same kind.
     """
     n = a.shape[-1]
     if n & (n - 1):
         raise ValueError(f"FWHT length {n} is not a power of two")
     lead = a.shape[:-1]
-    out = np.array(a, dtype=np.result_type(a.dtype, np.float32), copy=True)
+    if isinstance(a, np.ndarray):
+        out = np.array(a, dtype=np.result_type(a.dtype, np.float32), copy=True)
+    else:
+        out = a.clone() if a.is_floating_point() else a.float()
     h = 1
     while h < n:
         v = out.reshape(*lead, n // (2 * h), 2, h)
-        x, y = v[..., 0, :].copy(), v[..., 1, :]
+        x, y = v[..., 0, :].copy() if isinstance(v, np.ndarray) else v[..., 0, :].clone(), v[..., 1, :]
         v[..., 0, :] += y
         v[..., 1, :] = x - y
-        h *= 2
-    return out / math.sqrt(n)
-
-
-def fwht_torch(a):
-    """The same transform in torch (for CUDA tensors)."""
-    import torch
-
-    n = a.shape[-1]
-    if n & (n - 1):
-        raise ValueError(f"FWHT length {n} is not a power of two")
-    lead = a.shape[:-1]
-    out = a.clone()
-    h = 1
-    while h < n:
-        v = out.reshape(*lead, n // (2 * h), 2, h)
-        x, y = v[..., 0, :], v[..., 1, :]
-        out = torch.stack((x + y, x - y), dim=-2).reshape(*lead, n)
         h *= 2
     return out / math.sqrt(n)
 
@@ -165,25 +152,37 @@ class _RowFile:
     def __setitem__(self, rows: slice, value) -> None:
         b0, b1 = self._range(rows)
         data = np.ascontiguousarray(np.broadcast_to(value, (b1 - b0, self.shape[1])), dtype="<f4")
-        os.pwrite(self.fd, data.tobytes(), self.offset + 4 * b0 * self.shape[1])
+        os.pwrite(self.fd, data, self.offset + 4 * b0 * self.shape[1])
 
 
 # ---------------------------------------------------------------- samples
 
 class Samples:
-    """n samples of length D read in coordinate blocks: ``block(b0, b1)`` -> [n, b1 - b0] float32."""
+    """n samples of length D read in coordinate blocks: ``block(b0, b1)`` -> [n, b1 - b0] float32.
+
+    File-backed sources fill ``out`` when given one; ``blocks`` reuses one
+    buffer for the whole pass, because a fresh multi-megabyte array per block
+    is fresh pages from the kernel each time (page faults cost more than the
+    read itself).
+    """
 
     n: int
     D: int
     names: list[str]
 
-    def block(self, b0: int, b1: int) -> np.ndarray:
+    def block(self, b0: int, b1: int, out: np.ndarray | None = None):
         raise NotImplementedError
 
-    def blocks(self, block_size: int):
+    def blocks(self, block_size: int, skip=()):
+        """(b0, b1, block) over [0, D); each block is overwritten by the next one."""
+        buf = None
         for b0 in range(0, self.D, block_size):
+            if b0 in skip:
+                continue
             b1 = min(self.D, b0 + block_size)
-            yield b0, b1, self.block(b0, b1)
+            if buf is None or buf.shape[1] != b1 - b0:
+                buf = np.empty((self.n, b1 - b0), dtype=np.float32)
+            yield b0, b1, self.block(b0, b1, out=buf)
 
 
 def _check_finite(block: np.ndarray, paths, b0: int, b1: int) -> np.ndarray:
@@ -222,8 +221,8 @@ class NpySamples(Samples):
         self.n, self.D = len(self.paths), int(shape0[0])
         self.names = [p.stem for p in self.paths]
 
-    def block(self, b0, b1):
-        out = np.empty((self.n, b1 - b0), dtype=np.float32)
+    def block(self, b0, b1, out=None):
+        out = np.empty((self.n, b1 - b0), dtype=np.float32) if out is None else out
         for i, (fd, off) in enumerate(zip(self.fds, self.offsets)):
             _pread_into(fd, off + 4 * b0, out[i])
         return _check_finite(out, self.paths, b0, b1)
@@ -257,7 +256,7 @@ class SyntheticSamples(Samples):
         eps = rng.standard_normal((self.n, g1 - g0), dtype=np.float32) * scale
         return self.coef @ u + self.noise * eps
 
-    def block(self, b0, b1):
+    def block(self, b0, b1, out=None):  # generated, so a new array each time
         parts = []
         for g in range(b0 // self.gen_block, (b1 - 1) // self.gen_block + 1):
             g0 = g * self.gen_block
@@ -318,8 +317,8 @@ class SafetensorsSamples(Samples):
             segments.append((name, 8 + hlen + b0, (b1 - b0) // 4))
         return segments, os.open(path, os.O_RDONLY)
 
-    def block(self, b0, b1):
-        out = np.empty((self.n, b1 - b0), dtype=np.float32)
+    def block(self, b0, b1, out=None):
+        out = np.empty((self.n, b1 - b0), dtype=np.float32) if out is None else out
         first = int(np.searchsorted(self.starts, b0, side="right")) - 1
         for i, (fd, offsets) in enumerate(self.maps):
             pos, seg = b0, first
@@ -330,6 +329,23 @@ class SafetensorsSamples(Samples):
                 pos += take
                 seg += 1
         return _check_finite(out, self.paths, b0, b1)
+
+
+class TensorSamples(Samples):
+    """Samples already in memory as one [n, D] float32 tensor (on a GPU, say); blocks are views."""
+
+    def __init__(self, data: torch.Tensor, names=None):
+        if data.ndim != 2 or data.dtype != torch.float32:
+            raise SketchError(f"samples must be an [n, D] float32 tensor, got {tuple(data.shape)} {data.dtype}")
+        self.data, (self.n, self.D) = data, data.shape
+        self.names = list(names) if names is not None else [f"sample_{i:03d}" for i in range(self.n)]
+
+    def block(self, b0, b1, out=None):  # a view, nothing to fill
+        out = self.data[:, b0:b1]
+        bad = ~torch.isfinite(out.sum(dim=1))
+        if bad.any():
+            raise SketchError(f"{self.names[int(bad.int().argmax())]}: non-finite values in coordinates {b0}..{b1}")
+        return out
 
 
 def flatten_state(tensors: dict) -> np.ndarray:
@@ -346,10 +362,15 @@ def flat_layout(tensors: dict) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- D-sized matrices
+
+def _on(block, device) -> torch.Tensor:
+    """A block (numpy or torch) as a float32 tensor on ``device``; numpy blocks are wrapped without a copy."""
+    return torch.as_tensor(block).to(device, non_blocking=True)
+
 
 class DiskMatrix:
-    """A D × c float32 ``.npy`` file written and read in row blocks (W, Y); ``mm[b0:b1]`` slices it."""
+    """A D × c float32 ``.npy`` file written and read in row blocks (W, Y); RSS does not grow with D."""
 
     def __init__(self, path, D: int, c: int):
         self.path = Path(path)
@@ -358,10 +379,23 @@ class DiskMatrix:
             np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": (D, c)})
             offset = f.tell()
             f.truncate(offset + 4 * D * c)
+        self.shape, self._buf = (D, c), None
         self.fd = os.open(self.path, os.O_RDWR)
         self.mm = _RowFile(offset, (D, c), self.fd)
 
-    def flush(self):
+    def rows(self, b0: int, b1: int) -> torch.Tensor:
+        """Rows b0..b1 in a buffer that the next call overwrites (reused: see ``Samples``)."""
+        b1 = min(b1, self.shape[0])
+        if self._buf is None or self._buf.shape[0] != b1 - b0:
+            self._buf = np.empty((b1 - b0, self.shape[1]), dtype="<f4")
+        _pread_into(self.fd, self.mm.offset + 4 * b0 * self.shape[1], self._buf)
+        return torch.from_numpy(self._buf)
+
+    def write(self, b0: int, value: torch.Tensor) -> None:
+        self.mm[b0:b0 + value.shape[0]] = value.detach().cpu().numpy()
+
+    def finish(self) -> None:
+        """Make the file durable (W is a result)."""
         os.fsync(self.fd)
 
     def close(self):
@@ -373,24 +407,63 @@ class DiskMatrix:
         self.close()
 
 
-def orthonormalise(mat: DiskMatrix, block: int) -> None:
-    """Cholesky-QR of a D × c disk matrix in place: Q = M L⁻ᵀ with MᵀM = L Lᵀ."""
-    D, c = mat.mm.shape
-    gram = np.zeros((c, c))
+class DeviceMatrix:
+    """A D × c float32 matrix held in device memory (``store="device"``): D·c·4 bytes there.
+
+    For data already on a GPU, where a round trip through host files would
+    cost more than the sketch; ``finish`` writes the matrix to its ``.npy`` path.
+    """
+
+    def __init__(self, path, D: int, c: int, device):
+        self.path, self.shape = Path(path), (D, c)
+        self.t = torch.empty((D, c), dtype=torch.float32, device=device)
+
+    def rows(self, b0: int, b1: int) -> torch.Tensor:
+        return self.t[b0:b1]
+
+    def write(self, b0: int, value: torch.Tensor) -> None:
+        self.t[b0:b0 + value.shape[0]] = value
+
+    def finish(self, block: int = 1 << 20) -> None:
+        disk = DiskMatrix(self.path, *self.shape)
+        for b0 in range(0, self.shape[0], block):
+            disk.write(b0, self.t[b0:b0 + block])
+        disk.finish()
+        disk.close()
+
+    def close(self):
+        pass
+
+
+STORES = ("disk", "device")
+
+
+def new_matrix(path, D: int, c: int, device, store: str):
+    if store == "disk":
+        return DiskMatrix(path, D, c)
+    if store == "device":
+        return DeviceMatrix(path, D, c, device)
+    raise SketchError(f"unknown store '{store}'; choose from {', '.join(STORES)}")
+
+
+def orthonormalise(mat, block: int, device) -> None:
+    """Cholesky-QR of a D × c matrix in place: Q = M L⁻ᵀ with MᵀM = L Lᵀ."""
+    D, c = mat.shape
+    gram = torch.zeros((c, c), dtype=torch.float64, device=device)
     for b0 in range(0, D, block):
-        mb = mat.mm[b0:b0 + block].astype(np.float64)
+        mb = _on(mat.rows(b0, b0 + block), device).double()
         gram += mb.T @ mb
-    # a tiny ridge keeps rank-deficient sketches factorable
-    chol = np.linalg.cholesky(gram + 1e-12 * np.trace(gram) * np.eye(c) / c)
-    inv_t = np.linalg.inv(chol).T
+    # a tiny ridge keeps rank-deficient matrices factorable
+    chol = torch.linalg.cholesky(gram + 1e-12 * torch.trace(gram) * torch.eye(c, dtype=gram.dtype, device=device) / c)
+    inv_t = torch.linalg.inv(chol).T
     for b0 in range(0, D, block):
-        mat.mm[b0:b0 + block] = (mat.mm[b0:b0 + block].astype(np.float64) @ inv_t).astype(np.float32)
+        mat.write(b0, (_on(mat.rows(b0, b0 + block), device).double() @ inv_t).float())
 
 
 @dataclass
 class Fit:
     method: str
-    W: DiskMatrix
+    W: DiskMatrix | DeviceMatrix
     seconds: float
     bytes_streamed: int
 
@@ -402,23 +475,42 @@ def centering_matrix(n: int, centered: bool) -> np.ndarray:
     return np.eye(n) - np.full((n, n), 1.0 / n) if centered else np.eye(n)
 
 
-def fit_exact(src: Samples, k: int, out_path, centered: bool, block: int) -> Fit:
+def _f32(a: np.ndarray, device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)
+
+
+def _sync(device) -> None:
+    """Wait for queued device work, so that wall times measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit_exact(src: Samples, k: int, out_path, centered: bool, block: int, device, store) -> Fit:
     t0, nbytes = time.perf_counter(), 0
-    gram = np.zeros((src.n, src.n))
+
+    def shifted(xb):
+        """Centred, the samples minus the first one: P (A − x_1 1ᵀ)ᵀ(A − x_1 1ᵀ) P = P G P exactly, and
+        float32 products of the differences do not lose the small deviations from a large mean model."""
+        xb = _on(xb, device)
+        return xb - xb[:1] if centered else xb
+
+    gram = torch.zeros((src.n, src.n), dtype=torch.float64, device=device)
     for _, _, xb in src.blocks(block):
-        gram += xb @ xb.T  # one BLAS product per block; centring is applied to G afterwards
-        nbytes += xb.nbytes
+        xb = shifted(xb)
+        gram += (xb @ xb.T).double()  # one product per block; centring is applied to G afterwards
+        nbytes += xb.numel() * 4
     p = centering_matrix(src.n, centered)
-    evals, evecs = np.linalg.eigh(p @ gram @ p)
+    evals, evecs = np.linalg.eigh(p @ gram.cpu().numpy() @ p)
     order = np.argsort(evals)[::-1][:k]
     if evals[order[-1]] <= 1e-12 * max(evals.max(), 1e-300):
         raise SketchError(f"the samples span fewer than k={k} dimensions")
-    proj = (p @ evecs[:, order] / np.sqrt(evals[order])).astype(np.float32)  # [n, k]
-    W = DiskMatrix(out_path, src.D, k)
-    for b0, b1, xb in src.blocks(block):
-        W.mm[b0:b1] = xb.T @ proj
-        nbytes += xb.nbytes
-    W.flush()
+    proj = _f32(p @ evecs[:, order] / np.sqrt(evals[order]), device)  # [n, k]
+    W = new_matrix(out_path, src.D, k, device, store)
+    for b0, _, xb in src.blocks(block):
+        xb = shifted(xb)  # (A − x_1 1ᵀ) P = A P
+        W.write(b0, xb.T @ proj)
+        nbytes += xb.numel() * 4
+    _sync(device)
     return Fit("exact", W, time.perf_counter() - t0, nbytes)
 
 
@@ -428,110 +520,157 @@ def _padded_blocks(D: int, block: int) -> tuple[int, int]:
     return bsize, n_blocks
 
 
-def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int) -> Fit:
+def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int,
+                  device, store) -> Fit:
     t0, nbytes = time.perf_counter(), 0
     bsize, n_blocks = _padded_blocks(src.D, block)
     dpad = bsize * n_blocks
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(dpad, size=r, replace=False))
     scale = math.sqrt(dpad / r)
-    rx = np.zeros((src.n, r), dtype=np.float64)
+
+    def signs(bi):
+        return _f32(np.random.default_rng([seed, bi]).choice(np.float32([-1, 1]), size=bsize), device)
+
+    rx = torch.zeros((src.n, r), dtype=torch.float64, device=device)
     for bi in range(n_blocks):
         b0, b1 = bi * bsize, min(src.D, (bi + 1) * bsize)
-        xb = np.zeros((src.n, bsize), dtype=np.float32)
-        xb[:, : b1 - b0] = src.block(b0, b1)
+        sel = np.flatnonzero((idx >= b0) & (idx < b0 + bsize))
         nbytes += src.n * (b1 - b0) * 4
-        signs = np.random.default_rng([seed, bi]).choice(np.float32([-1, 1]), size=bsize)
-        sel = (idx >= b0) & (idx < b0 + bsize)
-        if sel.any():
-            rx[:, sel] += scale * fwht(xb * signs)[:, idx[sel] - b0]
-    rx = centering_matrix(src.n, centered) @ rx  # R is linear: centre the sketches
-    sketch_c = rx.T @ rx
-    evals, evecs = np.linalg.eigh(sketch_c)
-    u_r = evecs[:, np.argsort(evals)[::-1][:k]].astype(np.float32)  # [r, k]
-    W = DiskMatrix(out_path, src.D, k)
+        if not len(sel):  # R x has no coordinate in this block
+            continue
+        xb = torch.zeros((src.n, bsize), dtype=torch.float32, device=device)
+        xb[:, : b1 - b0] = _on(src.block(b0, b1), device)
+        rx[:, sel] += scale * fwht(xb * signs(bi))[:, idx[sel] - b0].double()
+    rx = torch.as_tensor(centering_matrix(src.n, centered), device=device) @ rx  # R is linear: centre the sketches
+    evals, evecs = torch.linalg.eigh(rx.T @ rx)  # C = Σ (R x_i)(R x_i)ᵀ
+    u_r = evecs[:, torch.argsort(evals, descending=True)[:k]].float()  # [r, k]
+    W = new_matrix(out_path, src.D, k, device, store)
     for bi in range(n_blocks):
         b0, b1 = bi * bsize, min(src.D, (bi + 1) * bsize)
-        sel = (idx >= b0) & (idx < b0 + bsize)
-        placed = np.zeros((k, bsize), dtype=np.float32)  # Pᵀ U_r restricted to this block
+        sel = np.flatnonzero((idx >= b0) & (idx < b0 + bsize))
+        placed = torch.zeros((k, bsize), dtype=torch.float32, device=device)  # Pᵀ U_r restricted to this block
         placed[:, idx[sel] - b0] = scale * u_r[sel].T
-        signs = np.random.default_rng([seed, bi]).choice(np.float32([-1, 1]), size=bsize)
-        W.mm[b0:b1] = (fwht(placed) * signs)[:, : b1 - b0].T  # Rᵀ = D_b Hᵀ Pᵀ, H symmetric
-    orthonormalise(W, block)
-    W.flush()
+        W.write(b0, (fwht(placed) * signs(bi))[:, : b1 - b0].T)  # Rᵀ = D_b Hᵀ Pᵀ, H symmetric
+    orthonormalise(W, block, device)
+    _sync(device)
     return Fit("seed_srht", W, time.perf_counter() - t0, nbytes)
 
 
-class _CoRange:
-    """Ψ applied blockwise: block SRHT (``srht``) or Gaussian (``gaussian``), s rows."""
+def range_test_matrix(kind: str, n: int, cols: int, seed: int) -> np.ndarray:
+    """Random test matrix Ω (n × cols) of the range sketch.
 
-    def __init__(self, kind: str, s: int, D: int, block: int, seed: int):
-        self.kind, self.s, self.seed = kind, s, seed
-        self.bsize, _ = _padded_blocks(D, block)
-        if kind == "srht":
-            if s > self.bsize:
-                raise SketchError(f"co-range size s={s} exceeds the Hadamard block {self.bsize}; raise sketch.block")
-            rows = np.sort(np.random.default_rng([seed, 1]).choice(self.bsize, size=s, replace=False))
-            # sqrt(B/s) S H: with H orthonormal, E[ΨᵀΨ] = I
-            self.h_sel = hadamard_rows(rows, self.bsize) * np.float32(math.sqrt(self.bsize / s))
-
-    def apply(self, xb_t: np.ndarray, b0: int) -> np.ndarray:
-        """Ψ_b applied to the rows of ``xb_t`` [c, b1-b0] (samples or basis columns) -> [c, s]."""
-        width = xb_t.shape[1]
-        bi = b0 // self.bsize
-        if self.kind == "srht":
-            signs = np.random.default_rng([self.seed, 2, bi]).choice(np.float32([-1, 1]), size=width)
-            return (xb_t * signs) @ self.h_sel[:, :width].T
-        psi = np.random.default_rng([self.seed, 3, bi]).standard_normal((self.s, width), dtype=np.float32)
-        return xb_t @ psi.T / np.float32(math.sqrt(self.s))
+    ``srht``: Ω = sqrt(N/cols) · D H S, the subsampled randomized Hadamard
+    transform of Halko, Martinsson & Tropp (2011, SIAM Review 53(2), §4.6)
+    with Walsh–Hadamard in place of Fourier: D random signs, H the
+    orthonormal Hadamard matrix of order N (the power of two ≥ max(n, cols)),
+    S a choice of ``cols`` of its columns, first n rows kept.
+    ``gaussian``: i.i.d. N(0, 1) entries.
+    """
+    if kind == "srht":
+        order = 1 << max(0, (max(n, cols) - 1).bit_length())
+        chosen = np.sort(np.random.default_rng([seed, 1]).choice(order, size=cols, replace=False))
+        signs = np.random.default_rng([seed, 2]).choice([-1.0, 1.0], size=n)
+        return signs[:, None] * hadamard_rows(chosen, order).T[:n].astype(np.float64) * math.sqrt(order / cols)
+    if kind == "gaussian":
+        return np.random.default_rng([seed, 0]).standard_normal((n, cols))
+    raise SketchError(f"unknown test matrix '{kind}'")
 
 
-# Co-range size s = CO_RANGE_FACTOR · r + 1. Tropp et al. (2017) need s >= 2r + 1;
-# a larger s solves X = (ΨQ)⁺ Z more accurately at the cost of an s-row product
-# per block. On D's 30 default snapshots (centred, r = 4k) the mean error ratio
-# to exact PCA was 1.062 / 1.058 / 1.010 at k = 2 / 4 / 6 with s = 2r + 1,
-# 1.036 / 1.036 / 1.007 with s = 4r + 1 and 1.039 / 1.025 / 1.006 with
-# s = 8r + 1, against 1.033 / 1.026 / 1.006 for the two-pass optimum within the
-# same range sketch (X = QᵀA exactly): 4r + 1 is the smallest near that floor.
-CO_RANGE_FACTOR = 4
+def pilot_starts(D: int, block: int, count: int, seed: int) -> list[int]:
+    """First coordinates of ``count`` blocks spread evenly over [0, D) (random phase), the pilot."""
+    n_blocks = -(-D // block)
+    count = min(count, n_blocks)
+    phase = np.random.default_rng([seed, 4]).random()
+    return sorted({int((i + phase) * n_blocks / count) * block for i in range(count)})
 
 
-def fit_tropp(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int,
-              kind: str) -> Fit:
-    """One-pass range/co-range sketch (Tropp et al. 2017) with an SRHT or Gaussian co-range map."""
-    t0, nbytes = time.perf_counter(), 0
-    s = CO_RANGE_FACTOR * r + 1
-    co = _CoRange(kind, s, src.D, block, seed)
-    step = co.bsize  # blocks aligned with the Hadamard blocks
-    p = centering_matrix(src.n, centered)
-    omega = np.random.default_rng([seed, 0]).standard_normal((src.n, r))
-    omega_c = (p @ omega).astype(np.float32)  # (A P) Ω = A (P Ω): centring folded into Ω
-    Y = DiskMatrix(Path(out_path).with_suffix(".range.npy"), src.D, r)
-    z = np.zeros((src.n, s))
-    for b0, b1, xb in src.blocks(step):  # the one pass over the data
-        Y.mm[b0:b1] = xb.T @ omega_c
-        z += co.apply(xb, b0)
-        nbytes += xb.nbytes
-    z = p @ z  # Ψ (A P) = (Ψ A) P
-    orthonormalise(Y, step)  # Y -> Q
-    psi_q = np.zeros((r, s))
-    for b0 in range(0, src.D, step):
-        psi_q += co.apply(np.ascontiguousarray(Y.mm[b0:b0 + step].T), b0)
-    # Z = Ψ A ≈ Ψ Q X  ->  X = (Ψ Q)⁺ Z, least squares in the s-dimensional sketch space
-    x_small, *_ = np.linalg.lstsq(psi_q.T, z.T, rcond=None)  # [r, n]
-    u, _, _ = np.linalg.svd(x_small, full_matrices=False)
-    u_k = u[:, :k].astype(np.float32)
-    W = DiskMatrix(out_path, src.D, k)
-    for b0 in range(0, src.D, step):
-        W.mm[b0:b0 + step] = Y.mm[b0:b0 + step] @ u_k
-    W.flush()
-    del Y
-    os.unlink(Path(out_path).with_suffix(".range.npy"))
-    return Fit(kind, W, time.perf_counter() - t0, nbytes)
+def fit_range(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int, kind: str,
+              pilot_blocks: int, device, store) -> Fit:
+    """Pilot-informed randomized range finder with exact Rayleigh–Ritz, in one pass over the data.
+
+    Range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1 and §5.1): with a
+    test matrix Ω (n × r) the range sketch ``Y = A_c Ω`` (D × r) spans
+    approximately A_c's top singular subspace; the best rank-k approximation
+    of A_c inside span(Y) is W = Q U_k with Q = orth(Y) and ``QᵀA_c = U Σ Vᵀ``.
+
+    One pass. The data are read in coordinate blocks holding every sample, so
+    both products are formed block by block as the data go by:
+    ``Y_b = A_b Ω_c`` (written to disk) and ``T = Σ_b Y_bᵀ A_b = YᵀA``
+    (r × n, in RAM). Then ``YᵀY = T Ω_c`` and, with ``YᵀY = V Λ Vᵀ``,
+    ``Q = Y V Λ^{-1/2}``, ``QᵀA_c = Λ^{-1/2} Vᵀ T P``: Rayleigh–Ritz is exact
+    and costs nothing D-sized. W = Y C with C = V Λ^{-1/2} U_k (r × k) is a
+    pass over Y, not over the data. Cost per data element: 4r flops.
+
+    Pilot. A data-oblivious Ω leaves an error above the optimum that only
+    power iterations (more passes) remove; measured on 64 synthetic samples at
+    r = 4k it was 1.09× exact PCA. Instead the first ``pilot_blocks`` blocks
+    read (spread evenly over D) give a Gram estimate ``G_p = Σ A_bᵀ A_b``,
+    and ⌈r/2⌉ columns of Ω are the top eigenvectors of ``P G_p P``, the
+    sample-space directions the data vary along; the other ⌊r/2⌋ stay random
+    (``range_test_matrix``) so that directions the pilot missed are still sampled.
+    The pilot blocks are kept in RAM (pilot_blocks · n · block floats) and
+    then absorbed like any other block, so every coordinate is read once.
+    ``pilot_blocks=0`` is the plain range finder.
+    """
+    t0 = time.perf_counter()
+    n, D = src.n, src.D
+    p = centering_matrix(n, centered)
+    starts = pilot_starts(D, block, pilot_blocks, seed) if pilot_blocks else []
+    pilot = {b0: _on(src.block(b0, min(D, b0 + block)), device) for b0 in starts}
+    r_pilot = (r + 1) // 2 if pilot else 0
+    columns = [range_test_matrix(kind, n, r - r_pilot, seed)] if r > r_pilot else []
+    if pilot:
+        g_p = sum((xb @ xb.T).double() for xb in pilot.values()).cpu().numpy()
+        evals, evecs = np.linalg.eigh(p @ g_p @ p)
+        columns.insert(0, evecs[:, np.argsort(evals)[::-1][:r_pilot]])
+    # (A P) Ω = A (P Ω): centring folded into Ω. Only span(Ω) matters, so it is
+    # replaced by an orthonormal basis of its span: with r >= rank (few samples,
+    # or P removing the mean) dependent columns are dropped rather than stored.
+    u_om, s_om, _ = np.linalg.svd(p @ np.hstack(columns), full_matrices=False)
+    omega_c = u_om[:, s_om > 1e-8 * s_om.max()]
+    r = omega_c.shape[1]
+    omega = _f32(omega_c, device)  # [n, r]
+
+    Y = new_matrix(Path(out_path).with_suffix(".range.npy"), D, r, device, store)
+    t = torch.zeros((r, n), dtype=torch.float64, device=device)
+    try:
+        y_buf = torch.empty((block, r), dtype=torch.float32, device=device)  # reused, see ``Samples``
+
+        def absorb(b0, xb):
+            # Y_b [b, r], row-major as stored (a transposed copy would cost more than the product)
+            y = torch.mm(xb.T, omega, out=y_buf[: xb.shape[1]])
+            t.add_((xb @ y).T.double())  # T += Y_bᵀ A_b
+            Y.write(b0, y)
+
+        for b0 in starts:
+            absorb(b0, pilot.pop(b0))
+        for b0, _, xb in src.blocks(block, skip=starts):  # the one pass over the rest of the data
+            absorb(b0, _on(xb, device))
+
+        t = t.cpu().numpy()
+        yty = t @ omega_c
+        lam, v = np.linalg.eigh((yty + yty.T) / 2)
+        # YᵀY comes from float32 products, good to about 1e-7 of its largest
+        # eigenvalue: directions below 1e-6 are rounding, dropped, not amplified
+        keep = lam > 1e-6 * lam.max()
+        v_scaled = v[:, keep] / np.sqrt(lam[keep])  # Q = Y V Λ^{-1/2}
+        u, _, _ = np.linalg.svd(v_scaled.T @ t @ p, full_matrices=False)  # QᵀA_c = U Σ Vᵀ
+        if u.shape[1] < k:
+            raise SketchError(f"the range sketch spans {u.shape[1]} < k={k} dimensions")
+        c = _f32(v_scaled @ u[:, :k], device)  # W = Y C
+        W = new_matrix(out_path, D, k, device, store)
+        for b0 in range(0, D, block):
+            W.write(b0, _on(Y.rows(b0, b0 + block), device) @ c)
+        _sync(device)
+    finally:
+        Y.close()
+        Path(out_path).with_suffix(".range.npy").unlink(missing_ok=True)
+    return Fit(kind, W, time.perf_counter() - t0, n * D * 4)
 
 
 def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = True,
-        block: int = 1 << 16, seed: int = 0) -> Fit:
+        block: int = 1 << 16, seed: int = 0, pilot_blocks: int = 4, device="cpu", store: str = "disk") -> Fit:
     if method not in METHODS:
         raise SketchError(f"unknown sketch method '{method}'; choose from {', '.join(METHODS)}")
     if r < k:
@@ -539,45 +678,69 @@ def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = Tr
     if k >= src.n:
         raise SketchError(f"k={k} must be smaller than the number of samples ({src.n})")
     if method == "exact":
-        return fit_exact(src, k, out_path, centered, block)
+        return fit_exact(src, k, out_path, centered, block, device, store)
     if method == "seed_srht":
-        return fit_seed_srht(src, k, r, out_path, centered, block, seed)
-    return fit_tropp(src, k, r, out_path, centered, block, seed, method)
+        return fit_seed_srht(src, k, r, out_path, centered, block, seed, device, store)
+    return fit_range(src, k, r, out_path, centered, block, seed, method, pilot_blocks, device, store)
 
 
 # ---------------------------------------------------------------- errors
 
-def reconstruction_errors(src: Samples, W: np.ndarray, centered: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
+def reconstruction_errors(src: Samples, W, centered: bool, block: int, device="cpu") -> tuple[np.ndarray, np.ndarray]:
     """(L2 error, norm) per sample of x_rec = W (Wᵀ x), x centred if asked; W has orthonormal columns.
 
-    One pass accumulates the Gram G = AᵀA and AᵀW; centring enters as P
-    (see ``centering_matrix``): ||x_i||² = (P G P)_ii, Wᵀx_i = (P AᵀW)_i.
+    One pass accumulates the Gram G = AᵀA, AᵀW and WᵀW; centring enters as P
+    (see ``centering_matrix``): with c_i = Wᵀx_i = (P AᵀW)_i,
+    ``err_i² = ||x_i||² − 2 c_iᵀc_i + c_iᵀ (WᵀW) c_i`` and ||x_i||² = (P G P)_ii.
+    WᵀW is kept rather than assumed to be I, and the products are float64:
+    err² is a difference of nearly equal numbers when the error is small, and
+    centring subtracts again when the samples differ little from their mean
+    (early snapshots do), so float32 sums and a float32 W's departure from
+    orthonormality (~1e-6) had reported some errors 30 % low.
     """
-    gram = np.zeros((src.n, src.n))
-    proj = np.zeros((src.n, W.shape[1]))
+    gram = torch.zeros((src.n, src.n), dtype=torch.float64, device=device)
+    proj = torch.zeros((src.n, W.shape[1]), dtype=torch.float64, device=device)
+    wtw = torch.zeros((W.shape[1], W.shape[1]), dtype=torch.float64, device=device)
     for b0, b1, xb in src.blocks(block):
+        xb, wb = _on(xb, device).double(), _on(W.rows(b0, b1), device).double()
         gram += xb @ xb.T
-        proj += xb @ W[b0:b1]
+        proj += xb @ wb
+        wtw += wb.T @ wb
     p = centering_matrix(src.n, centered)
+    gram, proj, wtw = gram.cpu().numpy(), p @ proj.cpu().numpy(), wtw.cpu().numpy()
     norms2 = np.clip(np.diag(p @ gram @ p), 0.0, None)
-    proj = p @ proj
-    err2 = np.clip(norms2 - np.einsum("ij,ij->i", proj, proj), 0.0, None)
-    return np.sqrt(err2), np.sqrt(norms2)
+    err2 = norms2 - 2 * np.einsum("ij,ij->i", proj, proj) + np.einsum("ij,jk,ik->i", proj, wtw, proj)
+    return np.sqrt(np.clip(err2, 0.0, None)), np.sqrt(norms2)
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set in MB.
+
+    Linux's VmHWM belongs to the address space, so it starts afresh at exec;
+    ``ru_maxrss`` is carried over from the forking parent and would report the
+    parent's peak for a small child.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_method(method: str, src: Samples, k: int, r: int, out_dir, centered: bool, block: int,
-               seed: int, optimum: dict | None = None) -> dict:
+               seed: int, optimum: dict | None = None, pilot_blocks: int = 4, device="cpu",
+               store: str = "disk") -> dict:
     """Fit one method, evaluate per-sample errors, write W.npy and errors.json atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_w = out_dir / ".W.partial.npy"
     try:
-        result = fit(method, src, k, r, tmp_w, centered, block, seed)
-        err, norm = reconstruction_errors(src, result.W.mm, centered, block)
+        result = fit(method, src, k, r, tmp_w, centered, block, seed, pilot_blocks, device, store)
+        err, norm = reconstruction_errors(src, result.W, centered, block, device)
+        result.W.finish()
+        result.W.close()
     except BaseException:
         for leftover in (tmp_w, tmp_w.with_suffix(".range.npy")):
             leftover.unlink(missing_ok=True)
@@ -585,6 +748,8 @@ def run_method(method: str, src: Samples, k: int, r: int, out_dir, centered: boo
     rel = err / np.where(norm > 0, norm, 1.0)
     report = {
         "method": method, "k": k, "r": r, "centered": centered, "n_samples": src.n, "D": src.D,
+        "pilot_blocks": pilot_blocks if method in ("srht", "gaussian") else None,
+        "device": str(device), "store": store,
         "samples": src.names, "l2_error": err.tolist(), "relative_error": rel.tolist(),
         "mean_relative_error": float(rel.mean()), "median_relative_error": float(np.median(rel)),
         "mean_l2_error": float(err.mean()), "wall_s": result.seconds,

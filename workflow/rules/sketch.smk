@@ -15,6 +15,7 @@ rule sketch:
         "../../envs/train.yaml"
     params:
         block=SKETCH["block"],
+        pilot_blocks=SKETCH["pilot_blocks"],
         seed=SKETCH["seed"],
     script:
         "../scripts/sketch.py"
