@@ -188,6 +188,8 @@ def test_npy_samples_and_bad_inputs(tmp_path):
     np.testing.assert_array_equal(src.block(10, 20)[3], np.load(paths[3])[10:20])
     with pytest.raises(SketchError, match="r=2 must be at least k=3"):
         run_method("srht", src, 3, 2, tmp_path / "o", True, 128, 0)
+    with pytest.raises(SketchError, match="pilot_blocks=-1 must be 0"):
+        run_method("srht", src, 2, 8, tmp_path / "o", True, 128, 0, pilot_blocks=-1)
     with pytest.raises(SketchError, match="k=6 must be smaller than the number of samples"):
         run_method("exact", src, 6, 24, tmp_path / "o", True, 128, 0)
     assert not (tmp_path / "o" / "errors.json").exists()

@@ -677,6 +677,8 @@ def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = Tr
         raise SketchError(f"sketch size r={r} must be at least k={k}")
     if k >= src.n:
         raise SketchError(f"k={k} must be smaller than the number of samples ({src.n})")
+    if pilot_blocks < 0:
+        raise SketchError(f"pilot_blocks={pilot_blocks} must be 0 (no pilot) or more")
     if method == "exact":
         return fit_exact(src, k, out_path, centered, block, device, store)
     if method == "seed_srht":
