@@ -536,11 +536,9 @@ def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block:
     for bi in range(n_blocks):
         b0, b1 = bi * bsize, min(src.D, (bi + 1) * bsize)
         sel = np.flatnonzero((idx >= b0) & (idx < b0 + bsize))
-        nbytes += src.n * (b1 - b0) * 4
-        if not len(sel):  # R x has no coordinate in this block
-            continue
         xb = torch.zeros((src.n, bsize), dtype=torch.float32, device=device)
         xb[:, : b1 - b0] = _on(src.block(b0, b1), device)
+        nbytes += src.n * (b1 - b0) * 4
         rx[:, sel] += scale * fwht(xb * signs(bi))[:, idx[sel] - b0].double()
     rx = torch.as_tensor(centering_matrix(src.n, centered), device=device) @ rx  # R is linear: centre the sketches
     evals, evecs = torch.linalg.eigh(rx.T @ rx)  # C = Σ (R x_i)(R x_i)ᵀ
