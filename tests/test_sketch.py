@@ -145,6 +145,15 @@ def test_errors_exact_for_samples_close_to_their_mean(tmp_path):
     assert rep["mean_error_ratio_to_optimum"] < 1.01
 
 
+def test_pilot_blocks_spread_over_the_model():
+    from weightpca.sketch import pilot_starts
+
+    starts = pilot_starts(100 * 64, 64, 4, seed=0)
+    assert len(starts) == 4 and all(s % 64 == 0 for s in starts)
+    assert np.all(np.diff(starts) == 25 * 64)  # one block in every quarter, same phase
+    assert pilot_starts(3 * 64 + 5, 64, 10, seed=0) == [0, 64, 128, 192]  # more asked than there are
+
+
 def test_srht_test_matrix_has_orthogonal_columns():
     om = range_test_matrix("srht", 64, 32, 3)  # n a power of two: columns of a scaled Hadamard matrix
     np.testing.assert_allclose(om.T @ om, (64 / 32) * np.eye(32), atol=1e-9)

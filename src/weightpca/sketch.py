@@ -78,13 +78,13 @@ def fwht(a):
         raise ValueError(f"FWHT length {n} is not a power of two")
     lead = a.shape[:-1]
     if isinstance(a, np.ndarray):
-        out = np.array(a, dtype=np.result_type(a.dtype, np.float32), copy=True)
+        out, copy = np.array(a, dtype=np.result_type(a.dtype, np.float32), copy=True), np.copy
     else:
-        out = a.clone() if a.is_floating_point() else a.float()
+        out, copy = (a.clone() if a.is_floating_point() else a.float()), torch.clone
     h = 1
     while h < n:
         v = out.reshape(*lead, n // (2 * h), 2, h)
-        x, y = v[..., 0, :].copy() if isinstance(v, np.ndarray) else v[..., 0, :].clone(), v[..., 1, :]
+        x, y = copy(v[..., 0, :]), v[..., 1, :]
         v[..., 0, :] += y
         v[..., 1, :] = x - y
         h *= 2
