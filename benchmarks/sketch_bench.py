@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 
-# as in the workflow's sketch script: idle OpenMP threads sleep instead of spinning (set before torch loads)
+# idle OpenMP threads sleep instead of spinning while the main thread reads a block (see weightpca.sketch);
+# it must be set before torch loads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
