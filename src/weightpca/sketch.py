@@ -132,29 +132,6 @@ def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
         return f.tell(), shape, dtype
 
 
-class _RowFile:
-    """Row-sliceable view of a D × c float32 .npy file through pread/pwrite."""
-
-    def __init__(self, offset: int, shape: tuple[int, int], fd: int):
-        self.offset, self.shape, self.fd = offset, shape, fd
-
-    def _range(self, rows: slice) -> tuple[int, int]:
-        b0, b1, _ = rows.indices(self.shape[0])
-        return b0, max(b0, b1)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        b0, b1 = self._range(rows)
-        c = self.shape[1]
-        out = np.empty((b1 - b0, c), dtype="<f4")
-        _pread_into(self.fd, self.offset + 4 * b0 * c, out)
-        return out
-
-    def __setitem__(self, rows: slice, value) -> None:
-        b0, b1 = self._range(rows)
-        data = np.ascontiguousarray(np.broadcast_to(value, (b1 - b0, self.shape[1])), dtype="<f4")
-        os.pwrite(self.fd, data, self.offset + 4 * b0 * self.shape[1])
-
-
 # ---------------------------------------------------------------- samples
 
 class Samples:
@@ -379,20 +356,20 @@ class DiskMatrix:
             np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": (D, c)})
             offset = f.tell()
             f.truncate(offset + 4 * D * c)
-        self.shape, self._buf = (D, c), None
+        self.shape, self.offset, self._buf = (D, c), offset, None
         self.fd = os.open(self.path, os.O_RDWR)
-        self.mm = _RowFile(offset, (D, c), self.fd)
 
     def rows(self, b0: int, b1: int) -> torch.Tensor:
         """Rows b0..b1 in a buffer that the next call overwrites (reused: see ``Samples``)."""
         b1 = min(b1, self.shape[0])
         if self._buf is None or self._buf.shape[0] != b1 - b0:
             self._buf = np.empty((b1 - b0, self.shape[1]), dtype="<f4")
-        _pread_into(self.fd, self.mm.offset + 4 * b0 * self.shape[1], self._buf)
+        _pread_into(self.fd, self.offset + 4 * b0 * self.shape[1], self._buf)
         return torch.from_numpy(self._buf)
 
     def write(self, b0: int, value: torch.Tensor) -> None:
-        self.mm[b0:b0 + value.shape[0]] = value.detach().cpu().numpy()
+        data = np.ascontiguousarray(value.detach().cpu().numpy(), dtype="<f4")
+        os.pwrite(self.fd, data, self.offset + 4 * b0 * self.shape[1])
 
     def finish(self) -> None:
         """Make the file durable (W is a result)."""
@@ -687,7 +664,7 @@ def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = Tr
 # ---------------------------------------------------------------- errors
 
 def reconstruction_errors(src: Samples, W, centered: bool, block: int, device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(L2 error, norm) per sample of x_rec = W (Wᵀ x), x centred if asked; W has orthonormal columns.
+    """(L2 error, norm) per sample of x_rec = W (Wᵀ x), x centred if asked.
 
     One pass accumulates the Gram G = AᵀA, AᵀW and WᵀW; centring enters as P
     (see ``centering_matrix``): with c_i = Wᵀx_i = (P AᵀW)_i,
