@@ -72,12 +72,14 @@ def throughput(n: int, D: int, k: int, block: int, device: str) -> dict[str, flo
         else:
             src, store = TensorSamples(torch.from_numpy(synth.block(0, D)).to(device)), "device"
         # a first run warms the page cache, the BLAS threads and (on CUDA) the kernels; then best of 3
-        run_method("srht", src, k, 4 * k, tmp / "warmup", True, block, 0, device=device, store=store)
-        for method in METHODS:
-            out[method] = max(
-                run_method(method, src, k, 4 * k, tmp / method, True, block, 0, device=device,
-                           store=store)["throughput_bytes_per_s"]
-                for _ in range(3))
+        with src:
+            run_method("srht", src, k, 4 * k, tmp / "warmup" / "W.npy", tmp / "warmup" / "errors.json", True, block,
+                       0, device=device, store=store)
+            for method in METHODS:
+                out[method] = max(
+                    run_method(method, src, k, 4 * k, tmp / method / "W.npy", tmp / method / "errors.json", True,
+                               block, 0, device=device, store=store)["throughput_bytes_per_s"]
+                    for _ in range(3))
     return out
 
 
@@ -105,10 +107,12 @@ def product_rate(n: int, D: int, k: int, block: int, device: str) -> float:
 
 RSS_CHILD = """
 import json, sys, tempfile
+from pathlib import Path
 from weightpca.sketch import SyntheticSamples, run_method
 n, D, k = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 with tempfile.TemporaryDirectory() as tmp:
-    rep = run_method("srht", SyntheticSamples(n, D, rank=4, seed=0), k, 4 * k, tmp, True, 1 << 16, 0)
+    rep = run_method("srht", SyntheticSamples(n, D, rank=4, seed=0), k, 4 * k, Path(tmp) / "W.npy",
+                     Path(tmp) / "errors.json", True, 1 << 16, 0)
 print(json.dumps({"peak_rss_mb": rep["peak_rss_mb"], "wall_s": rep["wall_s"]}))
 """
 

@@ -43,6 +43,35 @@ def tiny_run(name="t", seed=0, **train_overrides):
             "train": train, "init": {}, "freeze": {}, "wandb": {"mode": "disabled", "project": "t"}}
 
 
+def train_files(data_dir, out_dir, snapshots: bool = False):
+    """(TokenFiles, TrainOutputs) of a tokenized folder and an output folder, named as the workflow names them."""
+    from weightpca.train import TokenFiles, TrainOutputs
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data = TokenFiles(data_dir / "meta.json", data_dir / "train.bin", data_dir / "val.bin")
+    outputs = TrainOutputs(out_dir / "model.safetensors", out_dir / "config.json", out_dir / "metrics.csv",
+                           out_dir / "summary.json", out_dir / "snapshots" if snapshots else None)
+    return data, outputs
+
+
+def train_to(run, data_dir, out_dir, work_dir, **kwargs):
+    """weightpca.train.train from a tokenized folder into an output folder."""
+    from weightpca.train import train
+
+    return train(run, *train_files(data_dir, out_dir), work_dir, **kwargs)
+
+
+TRAIN_IN_SUBPROCESS = """
+import json, sys
+from pathlib import Path
+from weightpca.train import TokenFiles, TrainOutputs, train
+run, data, out, work = json.loads(sys.argv[1])
+data, out = Path(data), Path(out)
+train(run, TokenFiles(data / "meta.json", data / "train.bin", data / "val.bin"),
+      TrainOutputs(out / "model.safetensors", out / "config.json", out / "metrics.csv", out / "summary.json"), work)
+"""
+
+
 REMOVE = object()  # an override value that deletes the key
 
 

@@ -5,8 +5,11 @@ checks that every package they list is a dependency of the project with the
 same version bound, and that every dependency is in some environment.
 """
 
+import ast
 import re
+import sys
 import tomllib
+from pathlib import Path
 
 import yaml
 
@@ -50,3 +53,87 @@ def test_every_job_rule_names_an_env():
                 assert "conda:" in rule, f"{smk.name}: rule {name} has no conda env"
                 env = re.search(r'conda:\n\s+"../../(envs/[\w.-]+)"', rule).group(1)
                 assert (REPO / env).is_file()
+
+
+# import name -> conda package name, where they differ
+IMPORT_TO_CONDA = {"torch": "pytorch", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(third-party modules, weightpca modules) a Python file imports at module level.
+
+    Imports inside functions are left out on purpose: they are the library's
+    optional features (datasets for a hub corpus, wandb when enabled,
+    transformers for a hub tokenizer), needed only by the jobs that use them.
+    """
+    third, own = set(), set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # from . import x / from .x import y, inside the package
+                base = node.module.split(".")[0] if node.module else None
+                own.update([base] if base else [a.name for a in node.names])
+                continue
+            names = [node.module]
+            if node.module == "weightpca":
+                own.update(a.name for a in node.names)
+                continue
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top == "weightpca":
+                own.add(name.split(".")[1])
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                third.add(top)
+    return third, own
+
+
+def modules_needed(script: Path) -> set[str]:
+    """Third-party modules a job script needs: its own imports and, transitively, the library's it uses."""
+    needed, todo = _imports(script)
+    seen = set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        third, own = _imports(REPO / "src" / "weightpca" / f"{mod}.py")
+        needed |= third
+        todo |= own - seen
+    return needed
+
+
+def rule_envs_and_scripts():
+    """(rule name, env file, script file) of every rule that runs a script."""
+    out = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for rule in re.split(r"\nrule ", smk.read_text())[1:]:
+            script = re.search(r'script:\n\s+"../(scripts/[\w.-]+)"', rule)
+            env = re.search(r'conda:\n\s+"../../(envs/[\w.-]+)"', rule)
+            if script:
+                out.append((rule.split(":")[0], REPO / env.group(1), REPO / "workflow" / script.group(1)))
+    return out
+
+
+def test_every_env_has_what_its_rules_import():
+    rules = rule_envs_and_scripts()
+    assert len(rules) >= 15
+    missing = []
+    for name, env, script in rules:
+        listed = {split_req(d.replace("=", "==", 1) if re.match(r"^[\w.-]+=[^=]", d) else d)[0]
+                  for d in yaml.safe_load(env.read_text())["dependencies"] if isinstance(d, str)}
+        for module in sorted(modules_needed(script)):
+            if IMPORT_TO_CONDA.get(module, module) not in listed:
+                missing.append(f"rule {name}: {script.name} needs {module}, which {env.name} lacks")
+    assert not missing, "\n".join(missing)
+
+
+def test_import_walk_sees_the_library(tmp_path):
+    """The walk above follows the library: a script importing only weightpca.report needs torch (via io)."""
+    script = tmp_path / "s.py"
+    script.write_text("from weightpca.report import build_report\n")
+    needed = modules_needed(script)
+    assert {"matplotlib", "pandas", "numpy"} <= needed
+    assert "torch" in needed

@@ -58,9 +58,10 @@ def test_centered_pca_keeps_mean_row():
 
 
 def _trained_d(tiny_data, tmp_path):
-    from weightpca.train import load_model, train
+    from conftest import train_to
+    from weightpca.evaluate import load_model
 
-    train(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "wd")
+    train_to(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "wd")
     return load_model(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json")
 
 
@@ -103,7 +104,7 @@ def test_pca_init_at_k_below_d_computes_truncated_embedding(tiny_data, tmp_path)
 
 
 def test_freeze_flags_really_freeze(tiny_data, tmp_path):
-    from weightpca.train import train
+    from conftest import train_to
 
     w = np.random.default_rng(0).standard_normal((384, 16)).astype(np.float32)
     tensors, _ = factorize_embedding(w, 4)
@@ -112,7 +113,7 @@ def test_freeze_flags_really_freeze(tiny_data, tmp_path):
     run["model"] = dict(run["model"], n_embd_wte=4)
     run["init"] = {"embedding": str(tmp_path / "e.safetensors")}
     run["freeze"] = {"wte": True, "scale": True}
-    train(run, tiny_data, tmp_path / "out", tmp_path / "work")
+    train_to(run, tiny_data, tmp_path / "out", tmp_path / "work")
     from weightpca.io import load_tensors
 
     out = load_tensors(tmp_path / "out" / "model.safetensors")
@@ -122,7 +123,7 @@ def test_freeze_flags_really_freeze(tiny_data, tmp_path):
     assert not torch.equal(out["transformer.h.0.attn.c_attn.weight"],
                            before["transformer.h.0.attn.c_attn.weight"])
     # the same run without freezing moves the embedding
-    train(dict(run, freeze={}), tiny_data, tmp_path / "out2", tmp_path / "work2")
+    train_to(dict(run, freeze={}), tiny_data, tmp_path / "out2", tmp_path / "work2")
     assert not torch.equal(load_tensors(tmp_path / "out2" / "model.safetensors")["scale_up"],
                            tensors["scale_up"])
 

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import tiny_run, train_to
 from weightpca.io import load_tensors
 from weightpca.lowrank import (
     mean_statistic, nuclear_ratio, rank_sweep, spectral_ratio, target_matrices, truncate,
 )
 from weightpca.model import GPT, GPTConfig
-from weightpca.train import train
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (16, 16), (40, 3)])
@@ -73,10 +72,10 @@ def test_truncate_keeps_the_rank_and_counts_parameters():
 def test_full_rank_sweep_point_is_the_model(tiny_data, tmp_path):
     from weightpca.tokens import eval_windows, open_tokens
     from weightpca.io import read_json
-    from weightpca.train import evaluate, load_model
+    from weightpca.evaluate import evaluate, load_model
     import contextlib
 
-    train(tiny_run(), tiny_data, tmp_path / "m", tmp_path / "w")
+    train_to(tiny_run(), tiny_data, tmp_path / "m", tmp_path / "w")
     model = load_model(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json")
     meta = read_json(tiny_data / "meta.json")
     windows = eval_windows(open_tokens(tiny_data / "val.bin", meta), 16, 1024)
@@ -91,8 +90,8 @@ def test_full_rank_sweep_point_is_the_model(tiny_data, tmp_path):
 
 def test_lambda_zero_is_bitwise_the_unregularised_run(tiny_data, tmp_path):
     reg = {"kind": "ratio", "lambda": 0.0, "targets": ["attn", "mlp"]}
-    plain = train(tiny_run(), tiny_data, tmp_path / "a", tmp_path / "wa")
-    zero = train(tiny_run(lowrank_reg=reg), tiny_data, tmp_path / "b", tmp_path / "wb")
+    plain = train_to(tiny_run(), tiny_data, tmp_path / "a", tmp_path / "wa")
+    zero = train_to(tiny_run(lowrank_reg=reg), tiny_data, tmp_path / "b", tmp_path / "wb")
     a, b = load_tensors(tmp_path / "a" / "model.safetensors"), load_tensors(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert zero["final_val_loss"] == plain["final_val_loss"]
@@ -106,10 +105,66 @@ def test_penalty_concentrates_the_spectrum(tiny_data, tmp_path, kind):
     """Training with λ > 0 ends with a more concentrated spectrum than the control from the same init."""
     reg0 = {"kind": kind, "lambda": 0.0, "targets": ["attn", "mlp"]}
     reg = dict(reg0, **{"lambda": 2.0})
-    control = train(tiny_run(max_steps=24, lowrank_reg=reg0), tiny_data, tmp_path / "c", tmp_path / "wc")
-    penalised = train(tiny_run(max_steps=24, lowrank_reg=reg), tiny_data, tmp_path / "p", tmp_path / "wp")
+    control = train_to(tiny_run(max_steps=24, lowrank_reg=reg0), tiny_data, tmp_path / "c", tmp_path / "wc")
+    penalised = train_to(tiny_run(max_steps=24, lowrank_reg=reg), tiny_data, tmp_path / "p", tmp_path / "wp")
     if kind == "ratio":
         assert penalised["final_lowrank_value"] > 1.2 * control["final_lowrank_value"]
     else:
         assert penalised["final_lowrank_value"] < 0.95 * control["final_lowrank_value"]
     assert np.isfinite(penalised["final_val_loss"])
+
+
+def test_training_gradient_at_positive_lambda_matches_finite_differences():
+    """The gradient optimizer_step applies at λ > 0 (cross-entropy plus penalty, through the λ ≠ 0 path)
+    equals central differences of the full loss; and the penalty's share is not negligible. The penalty is
+    computed in float32 (as in training), hence a step of 1e-3 and tolerances of 1e-3 relative, 2e-5 absolute."""
+    import contextlib
+
+    from weightpca.lowrank import penalty
+    from weightpca.train import TrainSettings, optimizer_step
+
+    m = small_model().double()
+    reg = {"kind": "ratio", "lambda": 3.0, "targets": ["attn", "mlp"]}
+    t = TrainSettings.from_dict(dict(tiny_run()["train"], grad_clip=0.0, lowrank_reg=reg))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(64, (2, 16), generator=g), torch.randint(64, (2, 16), generator=g)
+
+    def cross_entropy(x, y):  # in float64 (the model's own loss casts logits to float32)
+        return None, torch.nn.functional.cross_entropy(m.logits_from_hidden(m.hidden_states(x)).reshape(-1, 64),
+                                                       y.reshape(-1))
+
+    class OneBatch:
+        def next(self):
+            return x, y
+
+    class Capture:  # an optimizer that records the gradients it is asked to apply
+        grads = {}
+
+        def step(self):
+            self.grads.update({n: p.grad.clone() for n, p in m.named_parameters()})
+
+        def zero_grad(self, set_to_none=True):
+            m.zero_grad(set_to_none=set_to_none)
+
+    opt = Capture()
+    optimizer_step(cross_entropy, m, opt, OneBatch(), t, contextlib.nullcontext)
+
+    def full_loss():
+        return (cross_entropy(x, y)[1] + penalty(m, reg)).item()
+
+    params = dict(m.named_parameters())
+    eps = 1e-3
+    for name, idx in [("transformer.h.0.attn.c_attn.weight", (20, 3)), ("transformer.h.1.attn.c_proj.weight", (4, 9)),
+                      ("transformer.h.1.mlp.c_fc.weight", (30, 7))]:
+        p = params[name]
+        with torch.no_grad():
+            p[idx] += eps
+            up = full_loss()
+            p[idx] -= 2 * eps
+            down = full_loss()
+            p[idx] += eps
+        numeric = (up - down) / (2 * eps)
+        assert opt.grads[name][idx].item() == pytest.approx(numeric, rel=1e-3, abs=2e-5), name
+        m.zero_grad()
+        cross_entropy(x, y)[1].backward()
+        assert abs(opt.grads[name][idx].item() - p.grad[idx].item()) > 0.1 * abs(numeric), name

@@ -21,13 +21,28 @@ def dag(ci_dag):
     return results.parent, cfg
 
 
-def test_figures_are_real_images(dag):
+def colored_pixels(path) -> int:
+    """Pixels with clearly unequal RGB channels: plotted data. Text, axes and a blank page are grey."""
+    import numpy as np
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
+
+
+def test_figures_are_real_images(dag, tmp_path):
+    from weightpca.report import _not_run
+
     work, _ = dag
     for name in FIGURES:
-        img = Image.open(work / f"results/report/figures/{name}.png").convert("L")
+        path = work / f"results/report/figures/{name}.png"
+        img = Image.open(path).convert("L")
         assert img.size[0] >= 800 and img.size[1] >= 500, name
         lo, hi = img.getextrema()
         assert hi - lo > 100, f"{name} is blank"
+        assert colored_pixels(path) > 500, f"{name} plots no data"
+    # the check above refuses the placeholder a stage that did not run gets
+    _not_run(tmp_path / "placeholder.png", "attention surgery", "surgery.enabled is false")
+    assert colored_pixels(tmp_path / "placeholder.png") == 0
 
 
 def test_summary_answers_every_question(dag):
@@ -58,10 +73,15 @@ def test_disabled_surgery_is_reported_as_not_run(dag, tmp_path):
 
     work, _ = dag
     r = work / "results"
+    metrics = sorted(r.glob("train/**/metrics.csv"))
     inputs = {"runs": r / "train/summary.csv", "comparisons": r / "train/comparisons.csv",
               "spectrum": r / "pca/spectrum.json", "params": r / "pca/params.csv",
-              "metrics": sorted(r.glob("train/**/metrics.csv")), "benchmarks": []}
-    summary = build_report(inputs, tmp_path, r / "benchmarks")
+              "metrics": metrics, "benchmarks": []}
+    outputs = {name: tmp_path / "figures" / f"{name}.png" for name in FIGURES}
+    outputs.update(summary_csv=tmp_path / "summary.csv", summary_md=tmp_path / "summary.md",
+                   lowrank_csv=tmp_path / "lowrank.csv")
+    names = [str(p.parent.relative_to(r / "train")) for p in metrics]
+    summary = build_report(inputs, outputs, r / "benchmarks", run_names=names)
     line = summary[summary.stage == "surgery"]
     assert list(line.verdict) == ["not run: surgery.enabled is false"]
     assert "Not run: surgery.enabled is false" in (tmp_path / "summary.md").read_text()

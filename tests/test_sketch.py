@@ -1,4 +1,6 @@
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -55,12 +57,16 @@ def synthetic_results(tmp_path_factory):
     Blocks of 1024 coordinates; the range finders' pilot is one block (1/16 of D)."""
     out = tmp_path_factory.mktemp("sketch")
     src = CountingSamples(64, 16384, rank=8, noise=0.05, seed=0)
-    opt = run_method("exact", src, 8, 32, out / "exact", True, 1024, 0)
-    res, reads = {}, {}
+    opt = run_method("exact", src, 8, 32, out / "exact" / "W.npy", out / "exact" / "errors.json", True, 1024, 0)
+    res, reads, elapsed = {}, {}, {}
     for m in ("seed_srht", "srht", "gaussian"):
         src.reads[:] = 0
-        res[m] = run_method(m, src, 8, 32, out / m, True, 1024, 0, optimum=opt, pilot_blocks=1)
+        t0 = time.perf_counter()
+        res[m] = run_method(m, src, 8, 32, out / m / "W.npy", out / m / "errors.json", True, 1024, 0,
+                            optimum=opt, pilot_blocks=1)
+        elapsed[m] = time.perf_counter() - t0
         reads[m] = src.reads.copy()
+    res["elapsed"] = elapsed
     return src, opt, res, out, reads
 
 
@@ -98,8 +104,8 @@ def test_range_finder_without_pilot_is_rayleigh_ritz_in_its_range(tmp_path, kind
     """With pilot_blocks=0 the estimate is the best rank-k approximation inside span(A Ω), computed
     here with a dense QR and SVD; the data-oblivious Ω alone stays well above 1.05x exact PCA."""
     src = SyntheticSamples(64, 16384, rank=8, noise=0.05, seed=0)
-    opt = run_method("exact", src, 8, 32, tmp_path / "exact", True, 1024, 0)
-    rep = run_method(kind, src, 8, 32, tmp_path / kind, True, 1024, 0, optimum=opt, pilot_blocks=0)
+    opt = run_method("exact", src, 8, 32, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", True, 1024, 0)
+    rep = run_method(kind, src, 8, 32, tmp_path / kind / "W.npy", tmp_path / kind / "errors.json", True, 1024, 0, optimum=opt, pilot_blocks=0)
     a = src.block(0, src.D).T.astype(np.float64) @ centering_matrix(src.n, True)
     q, _ = np.linalg.qr(a @ range_test_matrix(kind, src.n, 32, 0))
     u, _, _ = np.linalg.svd(q.T @ a, full_matrices=False)
@@ -115,9 +121,9 @@ def test_range_finder_with_r_above_the_rank_is_exact(tmp_path, kind, centered):
     """6 samples, r = 8: the range sketch holds every direction (after centring, 5), so the estimate is
     exact PCA; surplus test-matrix columns must not inject rounding noise into W."""
     src = SyntheticSamples(6, 5000, rank=3, seed=4)
-    opt = run_method("exact", src, 2, 8, tmp_path / "exact", centered, 1024, 0)
+    opt = run_method("exact", src, 2, 8, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", centered, 1024, 0)
     for pilot in (0, 2):
-        rep = run_method(kind, src, 2, 8, tmp_path / kind, centered, 1024, 0, optimum=opt, pilot_blocks=pilot)
+        rep = run_method(kind, src, 2, 8, tmp_path / kind / "W.npy", tmp_path / kind / "errors.json", centered, 1024, 0, optimum=opt, pilot_blocks=pilot)
         np.testing.assert_allclose(rep["l2_error"], opt["l2_error"], rtol=1e-4)
         W = np.load(tmp_path / kind / "W.npy")
         np.testing.assert_allclose(W.T @ W, np.eye(2), atol=1e-5)
@@ -136,10 +142,10 @@ def test_errors_exact_for_samples_close_to_their_mean(tmp_path):
     ac = src.data.numpy().T.astype(np.float64) @ centering_matrix(n, True)
     u, _, _ = np.linalg.svd(ac, full_matrices=False)
     best = np.linalg.norm(ac - u[:, :2] @ (u[:, :2].T @ ac), axis=0)
-    opt = run_method("exact", src, 2, 8, tmp_path / "exact", True, 4096, 0)
+    opt = run_method("exact", src, 2, 8, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", True, 4096, 0)
     np.testing.assert_allclose(opt["l2_error"], best, rtol=1e-4)
     for m in ("exact", "srht", "gaussian"):
-        rep = opt if m == "exact" else run_method(m, src, 2, 8, tmp_path / m, True, 4096, 0, optimum=opt)
+        rep = opt if m == "exact" else run_method(m, src, 2, 8, tmp_path / m / "W.npy", tmp_path / m / "errors.json", True, 4096, 0, optimum=opt)
         w = np.load(tmp_path / m / "W.npy").astype(np.float64)
         np.testing.assert_allclose(rep["l2_error"], np.linalg.norm(ac - w @ (w.T @ ac), axis=0), rtol=1e-5, err_msg=m)
     assert rep["mean_error_ratio_to_optimum"] < 1.01
@@ -165,24 +171,29 @@ def test_tensor_samples_and_device_store_match_files(tmp_path):
     """Samples given as a tensor with W kept in (device) memory give the same W as files on disk."""
     src = SyntheticSamples(12, 5000, rank=3, seed=2)
     data = torch.from_numpy(src.block(0, src.D))
-    a = run_method("srht", src, 3, 12, tmp_path / "disk", True, 1024, 0, pilot_blocks=1)
-    b = run_method("srht", TensorSamples(data), 3, 12, tmp_path / "mem", True, 1024, 0, pilot_blocks=1,
+    a = run_method("srht", src, 3, 12, tmp_path / "disk" / "W.npy", tmp_path / "disk" / "errors.json", True, 1024, 0, pilot_blocks=1)
+    b = run_method("srht", TensorSamples(data), 3, 12, tmp_path / "mem" / "W.npy", tmp_path / "mem" / "errors.json", True, 1024, 0, pilot_blocks=1,
                    store="device")
     np.testing.assert_allclose(np.load(tmp_path / "mem" / "W.npy"), np.load(tmp_path / "disk" / "W.npy"), atol=1e-5)
     np.testing.assert_allclose(a["l2_error"], b["l2_error"], rtol=1e-5)
     data[4, 77] = float("inf")
     with pytest.raises(SketchError, match="sample_004: non-finite"):
-        run_method("gaussian", TensorSamples(data), 3, 12, tmp_path / "bad", True, 1024, 0)
+        run_method("gaussian", TensorSamples(data), 3, 12, tmp_path / "bad" / "W.npy", tmp_path / "bad" / "errors.json", True, 1024, 0)
     assert not (tmp_path / "bad" / "errors.json").exists()
 
 
 def test_errors_json_contents(synthetic_results):
-    _, _, _, out, _ = synthetic_results
+    _, _, res, out, _ = synthetic_results
     rep = json.loads((out / "srht" / "errors.json").read_text())
     assert len(rep["l2_error"]) == len(rep["relative_error"]) == len(rep["ratio_to_optimum"]) == 64
-    for key in ("mean_relative_error", "median_relative_error", "wall_s", "bytes_streamed", "peak_rss_mb"):
-        assert rep[key] > 0
+    rel = np.asarray(rep["relative_error"])
+    assert rep["mean_relative_error"] == pytest.approx(rel.mean())
+    assert rep["median_relative_error"] == pytest.approx(np.median(rel))
     assert rep["bytes_streamed"] == 64 * 16384 * 4  # one pass over the data to fit
+    # the fit's time is part of the call's, and the throughput is the bytes over that time
+    assert 0 < rep["wall_s"] < res["elapsed"]["srht"]
+    assert rep["throughput_bytes_per_s"] == pytest.approx(rep["bytes_streamed"] / rep["wall_s"])
+    assert rep["r_requested"] == 32 and rep["r"] == 32 and rep["k"] == 8
 
 
 def test_npy_samples_and_bad_inputs(tmp_path):
@@ -192,15 +203,23 @@ def test_npy_samples_and_bad_inputs(tmp_path):
         p = tmp_path / f"s{i}.npy"
         np.save(p, rng.standard_normal(500).astype(np.float32))
         paths.append(p)
-    src = NpySamples(paths)
-    assert (src.n, src.D) == (6, 500)
-    np.testing.assert_array_equal(src.block(10, 20)[3], np.load(paths[3])[10:20])
-    with pytest.raises(SketchError, match="r=2 must be at least k=3"):
-        run_method("srht", src, 3, 2, tmp_path / "o", True, 128, 0)
-    with pytest.raises(SketchError, match="pilot_blocks=-1 must be 0"):
-        run_method("srht", src, 2, 8, tmp_path / "o", True, 128, 0, pilot_blocks=-1)
-    with pytest.raises(SketchError, match="k=6 must be smaller than the number of samples"):
-        run_method("exact", src, 6, 24, tmp_path / "o", True, 128, 0)
+    o = tmp_path / "o"
+    with NpySamples(paths) as src:
+        assert (src.n, src.D) == (6, 500)
+        np.testing.assert_array_equal(src.block(10, 20)[3], np.load(paths[3])[10:20])
+        with pytest.raises(SketchError, match="r=2 must be at least k=3"):
+            run_method("srht", src, 3, 2, o / "W.npy", o / "errors.json", True, 128, 0)
+        with pytest.raises(SketchError, match="pilot_blocks=-1 must be 0"):
+            run_method("srht", src, 2, 8, o / "W.npy", o / "errors.json", True, 128, 0, pilot_blocks=-1)
+        with pytest.raises(SketchError, match="k=6 must be smaller than the number of samples"):
+            run_method("exact", src, 6, 24, o / "W.npy", o / "errors.json", True, 128, 0)
+        rep = run_method("srht", src, 2, 40, o / "W.npy", o / "errors.json", True, 128, 0, pilot_blocks=1)
+        assert rep["r_requested"] == 40 and rep["r"] <= 5  # 6 centred samples span 5 dimensions
+        fds = list(src.fds)
+    for fd in fds:  # closed on leaving the with block
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    (o / "errors.json").unlink()
     assert not (tmp_path / "o" / "errors.json").exists()
     np.save(tmp_path / "short.npy", np.zeros(400, np.float32))
     with pytest.raises(SketchError, match="short.npy: shape"):
@@ -212,7 +231,8 @@ def test_npy_samples_and_bad_inputs(tmp_path):
     bad[321] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(SketchError, match="nan.npy: non-finite"):
-        run_method("exact", NpySamples(paths + [tmp_path / "nan.npy"]), 2, 8, tmp_path / "o2", True, 128, 0)
+        with NpySamples(paths + [tmp_path / "nan.npy"]) as src:
+            run_method("exact", src, 2, 8, tmp_path / "o2" / "W.npy", tmp_path / "o2" / "errors.json", True, 128, 0)
     assert not (tmp_path / "o2" / "errors.json").exists()
     assert not list((tmp_path / "o2").glob("*.npy"))
 
@@ -227,11 +247,12 @@ def test_safetensors_samples_flatten_in_name_order(tmp_path):
                "c": torch.randn(2, 2, 2, generator=g)} for _ in range(3)]
     for i, st in enumerate(states):
         save_file(st, str(tmp_path / f"step_{i:08d}.safetensors"))
-    src = SafetensorsSamples(sorted(tmp_path.glob("*.safetensors")))
-    assert (src.n, src.D) == (3, 25)
-    full = np.stack([flatten_state(st) for st in states])
-    np.testing.assert_array_equal(src.block(0, 25), full)
-    np.testing.assert_array_equal(src.block(3, 11), full[:, 3:11])  # spans a.bias and b.weight
+    with SafetensorsSamples(sorted(tmp_path.glob("*.safetensors"))) as src:
+        assert (src.n, src.D) == (3, 25)
+        full = np.stack([flatten_state(st) for st in states])
+        np.testing.assert_array_equal(src.block(0, 25), full)
+        np.testing.assert_array_equal(src.block(3, 11), full[:, 3:11])  # spans a.bias and b.weight
+    assert src.maps == []
     assert [e["name"] for e in flat_layout(states[0])] == ["a.bias", "b.weight", "c"]
     save_file({"a.bias": torch.randn(5)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SketchError, match="tensors or sizes differ.*other.safetensors|other.safetensors: tensors"):
@@ -258,16 +279,20 @@ def test_methods_on_cuda_match_cpu(tmp_path):
     for i in range(synth.n):
         np.save(tmp_path / f"s{i:02d}.npy", synth.block(0, synth.D)[i])
         paths.append(tmp_path / f"s{i:02d}.npy")
-    files = NpySamples(paths)
     on_gpu = TensorSamples(torch.from_numpy(synth.block(0, synth.D)).cuda())
-    for m in METHODS:
-        cpu = run_method(m, files, 4, 16, tmp_path / "cpu" / m, True, 4096, 0, pilot_blocks=1)
-        gpu = run_method(m, files, 4, 16, tmp_path / "cuda" / m, True, 4096, 0, pilot_blocks=1, device="cuda")
-        mem = run_method(m, on_gpu, 4, 16, tmp_path / "mem" / m, True, 4096, 0, pilot_blocks=1,
-                         device="cuda", store="device")
-        assert gpu["device"] == "cuda"
-        for rep in (gpu, mem):
-            np.testing.assert_allclose(rep["l2_error"], cpu["l2_error"], rtol=1e-3, err_msg=m)
-        w_cpu, w_gpu = np.load(tmp_path / "cpu" / m / "W.npy"), np.load(tmp_path / "mem" / m / "W.npy")
-        # the same subspace: all principal cosines between the two bases are 1
-        np.testing.assert_allclose(np.linalg.svd(w_cpu.T @ w_gpu, compute_uv=False), 1.0, atol=1e-3, err_msg=m)
+
+    def fit(src, where, m, **kw):
+        return run_method(m, src, 4, 16, tmp_path / where / m / "W.npy", tmp_path / where / m / "errors.json", True,
+                          4096, 0, pilot_blocks=1, **kw)
+
+    with NpySamples(paths) as files:
+        for m in METHODS:
+            cpu = fit(files, "cpu", m)
+            gpu = fit(files, "cuda", m, device="cuda")
+            mem = fit(on_gpu, "mem", m, device="cuda", store="device")
+            assert gpu["device"] == "cuda"
+            for rep in (gpu, mem):
+                np.testing.assert_allclose(rep["l2_error"], cpu["l2_error"], rtol=1e-3, err_msg=m)
+            w_cpu, w_gpu = np.load(tmp_path / "cpu" / m / "W.npy"), np.load(tmp_path / "mem" / m / "W.npy")
+            # the same subspace: all principal cosines between the two bases are 1
+            np.testing.assert_allclose(np.linalg.svd(w_cpu.T @ w_gpu, compute_uv=False), 1.0, atol=1e-3, err_msg=m)

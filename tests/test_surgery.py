@@ -32,10 +32,10 @@ def test_matches_sklearn_on_real_weights(tiny_data, tmp_path):
     from sklearn.decomposition import PCA
 
     from conftest import tiny_run
-    from weightpca.train import train
+    from conftest import train_to
     from weightpca.io import load_tensors
 
-    train(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "w")
+    train_to(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "w")
     c_attn = load_tensors(tmp_path / "d" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
     for w in (c_attn[16:32].double().numpy(), c_attn.double().numpy()):
         basis = PCABasis.fit(w)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_run
+from conftest import REPO, TRAIN_IN_SUBPROCESS, tiny_run, train_files, train_to
+from weightpca.evaluate import load_model
 from weightpca.io import WeightFileError, load_tensors, save_tensors
-from weightpca.train import TrainingDiverged, build_model, load_model, lr_at, train
+from weightpca.train import TrainingDiverged, TrainSettings, build_model, lr_at
 
 
 def weights(out):
@@ -26,7 +27,7 @@ def assert_bitwise_equal(a, b):
 
 
 def test_trains_and_writes_artifacts(tiny_data, tmp_path):
-    s = train(tiny_run(max_steps=12), tiny_data, tmp_path / "out", tmp_path / "work")
+    s = train_to(tiny_run(max_steps=12), tiny_data, tmp_path / "out", tmp_path / "work")
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "metrics.csv",
                                                "summary.json"}
@@ -41,25 +42,17 @@ def test_trains_and_writes_artifacts(tiny_data, tmp_path):
 
 
 def test_cpu_run_bitwise_repeatable(tiny_data, tmp_path):
-    train(tiny_run(), tiny_data, tmp_path / "a", tmp_path / "wa")
-    train(tiny_run(), tiny_data, tmp_path / "b", tmp_path / "wb")
+    train_to(tiny_run(), tiny_data, tmp_path / "a", tmp_path / "wa")
+    train_to(tiny_run(), tiny_data, tmp_path / "b", tmp_path / "wb")
     assert_bitwise_equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
-    train(tiny_run(seed=1), tiny_data, tmp_path / "c", tmp_path / "wc")
+    train_to(tiny_run(seed=1), tiny_data, tmp_path / "c", tmp_path / "wc")
     assert not torch.equal(weights(tmp_path / "a")["transformer.wte.weight"],
                            weights(tmp_path / "c")["transformer.wte.weight"])
 
 
-TRAIN_IN_SUBPROCESS = """
-import json, sys
-from weightpca.train import train
-run, data, out, work = json.loads(sys.argv[1])
-train(run, data, out, work)
-"""
-
-
 def test_kill_9_then_resume_is_bitwise_equal(tiny_data, tmp_path):
     run = tiny_run(max_steps=60, checkpoint_every=5, eval_every=20)
-    train(run, tiny_data, tmp_path / "ref", tmp_path / "wref")
+    train_to(run, tiny_data, tmp_path / "ref", tmp_path / "wref")
 
     args = json.dumps([run, str(tiny_data), str(tmp_path / "out"), str(tmp_path / "work")])
     proc = subprocess.Popen([sys.executable, "-c", TRAIN_IN_SUBPROCESS, args])
@@ -85,16 +78,29 @@ def test_kill_9_then_resume_is_bitwise_equal(tiny_data, tmp_path):
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, tmp_path):
-    from weightpca.checkpoint import latest_checkpoint
-    from weightpca.train import config_hash
+    """A checkpoint written under run A resumes A; run B (another lr) in the same work folder starts at 0."""
+    from weightpca.checkpoint import save_checkpoint
+    from weightpca.train import resume, setup
 
-    run = tiny_run(max_steps=8, checkpoint_every=4)
-    assert config_hash(run) != config_hash(tiny_run(max_steps=8, checkpoint_every=4, lr=1e-3))
-    assert latest_checkpoint(tmp_path, config_hash(run)) is None
+    data, _ = train_files(tiny_data, tmp_path / "unused")
+    run_a = tiny_run(max_steps=8, checkpoint_every=4)
+    run_b = tiny_run(max_steps=8, checkpoint_every=4, lr=1e-3)
+    work = tmp_path / "work"
+    a = setup(run_a, data, work)
+    progress = resume(a)
+    assert progress.step == 0
+    progress.step = 4
+    save_checkpoint(a.ckpt_root, a.model, a.opt, a.sampler.generator, progress, a.chash)
+
+    assert resume(setup(run_a, data, work)).step == 4  # the same settings resume
+    b = setup(run_b, data, work)
+    assert b.chash != a.chash
+    assert resume(b).step == 0
+    assert not (work / "ckpt").exists()  # A's stale state is cleared for B
 
 
 def test_wrong_shape_checkpoint_refused_naming_tensor(tiny_data, tmp_path):
-    train(tiny_run(max_steps=4), tiny_data, tmp_path / "out", tmp_path / "work")
+    train_to(tiny_run(max_steps=4), tiny_data, tmp_path / "out", tmp_path / "work")
     w = weights(tmp_path / "out")
     w["transformer.h.1.attn.c_attn.weight"] = torch.zeros(48, 8)
     save_tensors(tmp_path / "out" / "model.safetensors", w)
@@ -103,7 +109,7 @@ def test_wrong_shape_checkpoint_refused_naming_tensor(tiny_data, tmp_path):
 
 
 def test_truncated_weights_refused(tiny_data, tmp_path):
-    train(tiny_run(max_steps=4), tiny_data, tmp_path / "out", tmp_path / "work")
+    train_to(tiny_run(max_steps=4), tiny_data, tmp_path / "out", tmp_path / "work")
     path = tmp_path / "out" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(WeightFileError, match="model.safetensors"):
@@ -121,17 +127,18 @@ def test_divergence_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path, mo
     monkeypatch.setattr(train_module, "lr_at", lambda step, t: 1e-3 if step < 6 else 1e6)
     run = tiny_run(max_steps=40, grad_clip=0.0, eval_every=eval_every, checkpoint_every=checkpoint_every)
     with pytest.raises(TrainingDiverged, match=r"step \d+.*last good checkpoint"):
-        train(run, tiny_data, tmp_path / "out", tmp_path / "work")
+        train_to(run, tiny_data, tmp_path / "out", tmp_path / "work")
     assert not (tmp_path / "out").exists()
     ckpt = latest_checkpoint(tmp_path / "work" / "ckpt", config_hash(run))
     assert ckpt is not None  # the last checkpoint before the loss went non-finite
     model = build_model(run, 384)
-    load_checkpoint(ckpt, model, make_optimizer(model, run["train"], "cpu"), torch.Generator())
+    load_checkpoint(ckpt, model, make_optimizer(model, TrainSettings.from_dict(run["train"]), "cpu"),
+                    torch.Generator())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_init_from_model_and_embedding(tiny_data, tmp_path):
-    train(tiny_run(max_steps=4), tiny_data, tmp_path / "d", tmp_path / "wd")
+    train_to(tiny_run(max_steps=4), tiny_data, tmp_path / "d", tmp_path / "wd")
     run = tiny_run()
     run["init"] = {"model": str(tmp_path / "d" / "model.safetensors")}
     m = build_model(run, 384)
@@ -143,7 +150,7 @@ def test_init_from_model_and_embedding(tiny_data, tmp_path):
 
 
 def test_lr_schedule():
-    t = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    t = TrainSettings.from_dict(dict(tiny_run()["train"], lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110))
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
     assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
 
@@ -166,7 +173,7 @@ def test_nothing_unpickles():
 def test_wandb_offline_run_written(tiny_data, tmp_path):
     run = tiny_run(max_steps=4)
     run["wandb"] = {"mode": "offline", "project": "weightpca-test", "dir": str(tmp_path / "wb")}
-    train(run, tiny_data, tmp_path / "out", tmp_path / "work")
+    train_to(run, tiny_data, tmp_path / "out", tmp_path / "work")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
@@ -176,9 +183,9 @@ def test_ddp_two_processes_match_one_process_at_twice_the_batch(tiny_data, tmp_p
     so the weights match one process at batch 2b (up to the all-reduce's float rounding)."""
     from weightpca.train import train_distributed
 
-    ddp = train_distributed(tiny_run(batch_size=2), tiny_data, tmp_path / "ddp", tmp_path / "wddp", nproc=2,
-                            device="cpu")
-    single = train(tiny_run(batch_size=4), tiny_data, tmp_path / "one", tmp_path / "wone")
+    ddp = train_distributed(tiny_run(batch_size=2), *train_files(tiny_data, tmp_path / "ddp"), tmp_path / "wddp",
+                            nproc=2, device="cpu")
+    single = train_to(tiny_run(batch_size=4), tiny_data, tmp_path / "one", tmp_path / "wone")
     assert ddp["world_size"] == 2 and ddp["tokens_seen"] == single["tokens_seen"]
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     for k in a:
@@ -186,5 +193,5 @@ def test_ddp_two_processes_match_one_process_at_twice_the_batch(tiny_data, tmp_p
     assert ddp["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-4)
     assert not (tmp_path / "wddp").exists() and not list(tmp_path.glob("*.json"))
     # and a different split of the batch is really different training
-    other = train(tiny_run(batch_size=2), tiny_data, tmp_path / "half", tmp_path / "whalf")
+    other = train_to(tiny_run(batch_size=2), tiny_data, tmp_path / "half", tmp_path / "whalf")
     assert other["final_val_loss"] != pytest.approx(single["final_val_loss"], rel=1e-4)

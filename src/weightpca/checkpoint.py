@@ -5,13 +5,16 @@ A checkpoint is a folder ``ckpt/step_{step:08d}/`` holding
 - ``model.safetensors``: the model's state dict;
 - ``state.safetensors``: AdamW moments (``opt.{param_index}.{exp_avg|exp_avg_sq|step}``),
   the global torch RNG, the batch sampler's generator and, on CUDA, the CUDA RNG
-  (as uint8 tensors), with JSON metadata: step, tokens seen, elapsed seconds,
-  best validation loss and the hash of the run configuration.
+  (as uint8 tensors), with JSON metadata: step, elapsed seconds, best
+  validation loss, the training-loss sum since the last evaluation, the
+  checkpoint format and the hash of the run configuration. What follows from
+  the step (tokens seen, steps since the last evaluation) is derived, not stored.
 
 It is written under a temporary name and renamed into place, then the text
 file ``ckpt/LATEST`` is atomically pointed at it, so a crash at any moment
 leaves the previous checkpoint usable. A checkpoint whose config hash differs
-from the current run's (the rule's settings changed) is never resumed.
+from the current run's (the rule's settings changed), or written in another
+``FORMAT``, is never resumed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,13 +31,15 @@ from safetensors import safe_open
 from .io import WeightFileError, check_state_dict, load_tensors, save_tensors, write_text
 
 
+FORMAT = 2  # 1: before tokens and loss_steps were derived from the step
+
+
 @dataclass
 class Progress:
     step: int = 0
-    tokens: int = 0
     elapsed_s: float = 0.0
     best_val_loss: float = float("inf")
-    extra: dict = field(default_factory=dict)
+    loss_sum: float = 0.0  # training loss summed since the last evaluation
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -69,9 +74,8 @@ def save_checkpoint(ckpt_root, model, opt, sampler_gen: torch.Generator, progres
     state["rng.sampler"] = sampler_gen.get_state()
     if torch.cuda.is_available():
         state["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = dict(step=progress.step, tokens=progress.tokens, elapsed_s=progress.elapsed_s,
-                best_val_loss=progress.best_val_loss, extra=progress.extra,
-                config_hash=config_hash)
+    meta = dict(step=progress.step, elapsed_s=progress.elapsed_s, best_val_loss=progress.best_val_loss,
+                loss_sum=progress.loss_sum, format=FORMAT, config_hash=config_hash)
     save_tensors(tmp / "state.safetensors", state, metadata={"progress": json.dumps(meta)})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -83,7 +87,7 @@ def save_checkpoint(ckpt_root, model, opt, sampler_gen: torch.Generator, progres
 
 
 def latest_checkpoint(ckpt_root, config_hash: str) -> Path | None:
-    """The checkpoint LATEST points at, if it belongs to this configuration."""
+    """The checkpoint LATEST points at, if it belongs to this configuration and format."""
     pointer = Path(ckpt_root) / "LATEST"
     if not pointer.is_file():
         return None
@@ -98,7 +102,7 @@ def latest_checkpoint(ckpt_root, config_hash: str) -> Path | None:
         raise WeightFileError(
             f"{state}: unreadable checkpoint state ({e}); delete {Path(ckpt_root).parent} to restart the run"
         ) from e
-    return path if meta["config_hash"] == config_hash else None
+    return path if meta["config_hash"] == config_hash and meta.get("format") == FORMAT else None
 
 
 def load_checkpoint(path, model, opt, sampler_gen: torch.Generator) -> Progress:
@@ -114,5 +118,5 @@ def load_checkpoint(path, model, opt, sampler_gen: torch.Generator) -> Progress:
         torch.cuda.set_rng_state(state["rng.cuda"])
     with safe_open(str(path / "state.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["progress"])
-    return Progress(step=meta["step"], tokens=meta["tokens"], elapsed_s=meta["elapsed_s"],
-                    best_val_loss=meta["best_val_loss"], extra=meta.get("extra", {}))
+    return Progress(step=meta["step"], elapsed_s=meta["elapsed_s"], best_val_loss=meta["best_val_loss"],
+                    loss_sum=meta["loss_sum"])

@@ -23,22 +23,22 @@ def split_qkv(c_attn_weight: torch.Tensor, n_embd: int) -> dict[str, torch.Tenso
     return {"q": q, "k": k, "v": v}
 
 
-def extract_weights(model: GPT, out_dir) -> dict:
-    """Write wte.npy [V, k_or_d], attention.safetensors (layer{i}.{q,k,v}) and manifest.json."""
-    out_dir = Path(out_dir)
+def extract_weights(model: GPT, wte_path, attention_path, manifest_path) -> dict:
+    """Write the token embedding [V, k_or_d] (.npy), the attention matrices (safetensors,
+    ``layer{i}.{q,k,v}``) and a manifest (JSON) naming both files with their shapes."""
     d = model.config.n_embd
     wte = model.transformer.wte.weight.detach().float().cpu()
     tensors = {}
     for i, block in enumerate(model.transformer.h):
         for name, w in split_qkv(block.attn.c_attn.weight.detach().float().cpu(), d).items():
             tensors[f"layer{i}.{name}"] = w
-    save_npy(out_dir / "wte.npy", wte.numpy())
-    save_tensors(out_dir / "attention.safetensors", tensors)
+    save_npy(wte_path, wte.numpy())
+    save_tensors(attention_path, tensors)
     manifest = {
-        "wte.npy": {"shape": list(wte.shape), "dtype": "float32"},
-        "attention.safetensors": {k: list(v.shape) for k, v in tensors.items()},
+        Path(wte_path).name: {"shape": list(wte.shape), "dtype": "float32"},
+        Path(attention_path).name: {k: list(v.shape) for k, v in tensors.items()},
         "convention": "W is [d_out, d_in] (nn.Linear); q = x @ W_q.T",
         "model": model.config.to_dict(),
     }
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(manifest_path, manifest)
     return manifest

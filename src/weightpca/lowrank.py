@@ -29,12 +29,12 @@ instead of m·n.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
 
+from .evaluate import evaluate
 from .model import GPT
 
 KINDS = ("ratio", "nuclear")
@@ -126,13 +126,11 @@ def truncate(model: GPT, targets, fraction: float) -> dict:
 def rank_sweep(model: GPT, windows: np.ndarray, fractions, targets, batch_size: int,
                device: str = "cpu") -> list[dict]:
     """Validation loss and parameters at each fraction of full rank; the model is restored after each."""
-    from .train import evaluate  # the training loop's own evaluation
-
     original = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for fraction in sorted(fractions, reverse=True):
         counts = truncate(model, targets, fraction)
-        loss, _ = evaluate(model, windows, batch_size, device, contextlib.nullcontext)
+        loss, _ = evaluate(model, windows, batch_size, device)
         stat = {kind: float(mean_statistic(model, kind, targets)) for kind in KINDS}
         rows.append({"fraction": fraction, "val_loss": loss, "val_ppl": math.exp(loss), **counts,
                      "spectral_ratio": stat["ratio"], "nuclear_ratio": stat["nuclear"]})

@@ -35,6 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .io import atomic_path, write_text  # noqa: E402
+
 SURGERY_TIE = 0.01  # perplexities within 1 % of the best count as tied
 VARIANT_COLORS = {"A": "tab:blue", "B": "tab:green", "C": "tab:red", "D": "black"}
 DPI = 100
@@ -43,8 +45,14 @@ FIGSIZE = (8, 5)
 
 def _save(fig, path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
+
+
+def _write_csv(table: pd.DataFrame, path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def _not_run(path, title: str, why: str) -> None:
@@ -398,7 +406,7 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path)
     for stage, why in not_run.items():
         table.loc[len(table)] = dict(stage=stage, subject="", question="", numbers="", spread="",
                                      verdict=f"not run: {why}")
-    table.to_csv(csv_path, index=False)
+    _write_csv(table, csv_path)
     md = ["# weightpca summary", "",
           "Every verdict below is computed from the numbers beside it (src/weightpca/report.py).", ""]
     for stage, group in table.groupby("stage", sort=False):
@@ -409,71 +417,72 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path)
         md += ["| subject | question | numbers | verdict |", "|---|---|---|---|"]
         md += [f"| {r.subject} | {r.question} | {r.numbers} | **{r.verdict}** |" for r in group.itertuples()]
         md.append("")
-    Path(md_path).write_text("\n".join(md))
+    write_text(md_path, "\n".join(md))
 
 
-def build_report(inputs: dict, out_dir, bench_root, surgery_notes: dict[str, str] | None = None) -> pd.DataFrame:
-    """Write every figure plus summary.csv/.md into ``out_dir``; returns the summary table.
+FIGURES = ("training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "sketch_error", "lowrank",
+           "wall_times")
+
+
+def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[str, str] | None = None,
+                 run_names: list[str] | None = None) -> pd.DataFrame:
+    """Write every figure plus the summary tables to ``outputs``; returns the summary table.
 
     ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
-    metrics (list of metrics.csv), surgery (list of csv), sketch (list of
-    errors.json), lowrank (list of sweep.csv), benchmarks (list of
-    Snakemake benchmark files under ``bench_root``); absent keys mean the stage
-    was not run.
+    metrics (list of metrics.csv, named by ``run_names`` in the same order),
+    surgery (list of csv), sketch (list of errors.json), lowrank (list of
+    sweep.csv), benchmarks (list of Snakemake benchmark files under
+    ``bench_root``); absent keys mean the stage was not run. ``outputs`` maps
+    each name in ``FIGURES`` to its .png path, and summary_csv, summary_md and
+    lowrank_csv to theirs.
     """
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    fig = out / "figures"
+    fig = {name: outputs[name] for name in FIGURES}
     lines, not_run = [], {}
 
     if inputs.get("runs"):
         runs = pd.read_csv(inputs["runs"])
         ranks = sorted(int(k) for k in runs.k.dropna().unique())
-        metrics = {}
-        for p in inputs.get("metrics", []):
-            rel = Path(p).parent.parts
-            name = "/".join(rel[rel.index("train") + 1:])
-            metrics[name] = pd.read_csv(p)
-        plot_training_curves(metrics, ranks, fig / "training_curves.png")
-        plot_ppl_vs_k(runs, fig / "ppl_vs_k.png")
-        plot_spectrum(json.loads(Path(inputs["spectrum"]).read_text()), fig / "spectrum.png")
-        plot_params(pd.read_csv(inputs["params"]), fig / "params_vs_k.png")
+        metrics = {name: pd.read_csv(p) for name, p in zip(run_names, inputs.get("metrics", []), strict=True)}
+        plot_training_curves(metrics, ranks, fig["training_curves"])
+        plot_ppl_vs_k(runs, fig["ppl_vs_k"])
+        plot_spectrum(json.loads(Path(inputs["spectrum"]).read_text()), fig["spectrum"])
+        plot_params(pd.read_csv(inputs["params"]), fig["params_vs_k"])
         lines += training_verdicts(pd.read_csv(inputs["comparisons"]))
     else:
         not_run["factorisation"] = "no training results"
         for name in ("training_curves", "ppl_vs_k", "spectrum", "params_vs_k"):
-            _not_run(fig / f"{name}.png", name, "no training results")
+            _not_run(fig[name], name, "no training results")
 
     if inputs.get("surgery"):
         surgery = pd.concat([pd.read_csv(p) for p in inputs["surgery"]], ignore_index=True)
-        plot_surgery(surgery, surgery_notes or {}, fig / "surgery.png")
+        plot_surgery(surgery, surgery_notes or {}, fig["surgery"])
         lines += surgery_verdicts(surgery)
     else:
         not_run["surgery"] = "surgery.enabled is false"
-        _not_run(fig / "surgery.png", "attention surgery", "surgery.enabled is false")
+        _not_run(fig["surgery"], "attention surgery", "surgery.enabled is false")
 
     if inputs.get("sketch"):
         table = sketch_table(inputs["sketch"])
-        plot_sketch(table, fig / "sketch_error.png")
+        plot_sketch(table, fig["sketch_error"])
         lines += sketch_verdicts(table)
     else:
         not_run["sketch"] = "sketch.enabled is false"
-        _not_run(fig / "sketch_error.png", "streaming-sketch PCA", not_run["sketch"])
+        _not_run(fig["sketch_error"], "streaming-sketch PCA", not_run["sketch"])
 
     if inputs.get("lowrank"):
         table = lowrank_table(inputs["lowrank"])
-        lowrank_stats(table).to_csv(out / "lowrank.csv", index=False)
-        plot_lowrank(table, fig / "lowrank.png")
+        _write_csv(lowrank_stats(table), outputs["lowrank_csv"])
+        plot_lowrank(table, fig["lowrank"])
         lines += lowrank_verdicts(table)
     else:
         not_run["low-rank regulariser"] = "lowrank.enabled is false"
-        pd.DataFrame().to_csv(out / "lowrank.csv", index=False)
-        _not_run(fig / "lowrank.png", "low-rank regulariser", not_run["low-rank regulariser"])
+        _write_csv(pd.DataFrame(), outputs["lowrank_csv"])
+        _not_run(fig["lowrank"], "low-rank regulariser", not_run["low-rank regulariser"])
 
     bench = read_benchmarks(inputs.get("benchmarks", []), bench_root)
     if bench.empty:
-        _not_run(fig / "wall_times.png", "wall times", "no benchmark files")
+        _not_run(fig["wall_times"], "wall times", "no benchmark files")
     else:
-        plot_wall_times(bench, fig / "wall_times.png")
-    write_summary(lines, not_run, out / "summary.csv", out / "summary.md")
-    return pd.read_csv(out / "summary.csv")
+        plot_wall_times(bench, fig["wall_times"])
+    write_summary(lines, not_run, outputs["summary_csv"], outputs["summary_md"])
+    return pd.read_csv(outputs["summary_csv"])

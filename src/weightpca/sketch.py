@@ -140,12 +140,22 @@ class Samples:
     File-backed sources fill ``out`` when given one; ``blocks`` reuses one
     buffer for the whole pass, because a fresh multi-megabyte array per block
     is fresh pages from the kernel each time (page faults cost more than the
-    read itself).
+    read itself). File-backed sources hold open descriptors: use them as
+    context managers (``with NpySamples(paths) as src: ...``) or ``close()`` them.
     """
 
     n: int
     D: int
     names: list[str]
+
+    def close(self) -> None:
+        """Release open files (nothing to release for in-memory sources)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def block(self, b0: int, b1: int, out: np.ndarray | None = None):
         raise NotImplementedError
@@ -204,9 +214,10 @@ class NpySamples(Samples):
             _pread_into(fd, off + 4 * b0, out[i])
         return _check_finite(out, self.paths, b0, b1)
 
-    def __del__(self):
-        for fd in getattr(self, "fds", []):
+    def close(self) -> None:
+        for fd in self.fds:
             os.close(fd)
+        self.fds = []
 
 
 class SyntheticSamples(Samples):
@@ -307,6 +318,11 @@ class SafetensorsSamples(Samples):
                 seg += 1
         return _check_finite(out, self.paths, b0, b1)
 
+    def close(self) -> None:
+        for fd, _ in self.maps:
+            os.close(fd)
+        self.maps = []
+
 
 class TensorSamples(Samples):
     """Samples already in memory as one [n, D] float32 tensor (on a GPU, say); blocks are views."""
@@ -347,7 +363,10 @@ def _on(block, device) -> torch.Tensor:
 
 
 class DiskMatrix:
-    """A D × c float32 ``.npy`` file written and read in row blocks (W, Y); RSS does not grow with D."""
+    """A D × c float32 ``.npy`` file written and read in row blocks (W, Y); RSS does not grow with D.
+
+    Holds the file open until ``close()``; a context manager closes it on exit.
+    """
 
     def __init__(self, path, D: int, c: int):
         self.path = Path(path)
@@ -380,7 +399,10 @@ class DiskMatrix:
             os.close(self.fd)
             self.fd = None
 
-    def __del__(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.close()
 
 
@@ -402,11 +424,10 @@ class DeviceMatrix:
         self.t[b0:b0 + value.shape[0]] = value
 
     def finish(self, block: int = 1 << 20) -> None:
-        disk = DiskMatrix(self.path, *self.shape)
-        for b0 in range(0, self.shape[0], block):
-            disk.write(b0, self.t[b0:b0 + block])
-        disk.finish()
-        disk.close()
+        with DiskMatrix(self.path, *self.shape) as disk:
+            for b0 in range(0, self.shape[0], block):
+                disk.write(b0, self.t[b0:b0 + block])
+            disk.finish()
 
     def close(self):
         pass
@@ -443,6 +464,7 @@ class Fit:
     W: DiskMatrix | DeviceMatrix
     seconds: float
     bytes_streamed: int
+    r: int | None  # sketch size used: fit_range drops test-matrix columns that add nothing; None for exact
 
 
 # ---------------------------------------------------------------- methods
@@ -488,7 +510,7 @@ def fit_exact(src: Samples, k: int, out_path, centered: bool, block: int, device
         W.write(b0, xb.T @ proj)
         nbytes += xb.numel() * 4
     _sync(device)
-    return Fit("exact", W, time.perf_counter() - t0, nbytes)
+    return Fit("exact", W, time.perf_counter() - t0, nbytes, None)
 
 
 def _padded_blocks(D: int, block: int) -> tuple[int, int]:
@@ -529,7 +551,7 @@ def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block:
         W.write(b0, (fwht(placed) * signs(bi))[:, : b1 - b0].T)  # Rᵀ = D_b Hᵀ Pᵀ, H symmetric
     orthonormalise(W, block, device)
     _sync(device)
-    return Fit("seed_srht", W, time.perf_counter() - t0, nbytes)
+    return Fit("seed_srht", W, time.perf_counter() - t0, nbytes, r)
 
 
 def range_test_matrix(kind: str, n: int, cols: int, seed: int) -> np.ndarray:
@@ -641,7 +663,7 @@ def fit_range(src: Samples, k: int, r: int, out_path, centered: bool, block: int
     finally:
         Y.close()
         Path(out_path).with_suffix(".range.npy").unlink(missing_ok=True)
-    return Fit(kind, W, time.perf_counter() - t0, n * D * 4)
+    return Fit(kind, W, time.perf_counter() - t0, n * D * 4, r)
 
 
 def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = True,
@@ -706,13 +728,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_method(method: str, src: Samples, k: int, r: int, out_dir, centered: bool, block: int,
+def run_method(method: str, src: Samples, k: int, r: int, W_path, errors_path, centered: bool, block: int,
                seed: int, optimum: dict | None = None, pilot_blocks: int = 4, device="cpu",
                store: str = "disk") -> dict:
-    """Fit one method, evaluate per-sample errors, write W.npy and errors.json atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_w = out_dir / ".W.partial.npy"
+    """Fit one method, evaluate per-sample errors, write W (``W_path``, .npy) and ``errors_path`` atomically.
+
+    ``errors.json`` states the sketch size requested (``r_requested``) and the
+    one used (``r``, smaller when the test matrix had dependent columns; null
+    for exact PCA, which sketches nothing).
+    """
+    W_path = Path(W_path)
+    W_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_w = W_path.parent / f".{W_path.stem}.partial.npy"
     try:
         result = fit(method, src, k, r, tmp_w, centered, block, seed, pilot_blocks, device, store)
         err, norm = reconstruction_errors(src, result.W, centered, block, device)
@@ -724,7 +751,8 @@ def run_method(method: str, src: Samples, k: int, r: int, out_dir, centered: boo
         raise
     rel = err / np.where(norm > 0, norm, 1.0)
     report = {
-        "method": method, "k": k, "r": r, "centered": centered, "n_samples": src.n, "D": src.D,
+        "method": method, "k": k, "r": result.r, "r_requested": r, "centered": centered,
+        "n_samples": src.n, "D": src.D,
         "pilot_blocks": pilot_blocks if method in ("srht", "gaussian") else None,
         "device": str(device), "store": store,
         "samples": src.names, "l2_error": err.tolist(), "relative_error": rel.tolist(),
@@ -739,6 +767,6 @@ def run_method(method: str, src: Samples, k: int, r: int, out_dir, centered: boo
         report["ratio_to_optimum"] = (err / np.where(opt > 0, opt, 1.0)).tolist()
         report["mean_error_ratio_to_optimum"] = float(err.mean() / opt.mean())
     del result
-    os.replace(tmp_w, out_dir / "W.npy")
-    write_json(out_dir / "errors.json", report)
+    os.replace(tmp_w, W_path)
+    write_json(errors_path, report)
     return report

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .targets import input_moments, perplexity
+
 MODES = ("separate", "shared_kv", "cross_layer", "activation_aware")
 
 
@@ -251,8 +253,6 @@ def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: in
     threshold; ``timing['sweep_cost_ratio']`` is (evaluations + decompositions
     + reconstructions + calibration) / evaluations alone.
     """
-    from .targets import input_moments, perplexity
-
     original = [target.get_qkv(i) for i in range(target.n_layers)]
     timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, reconstruct_s=0.0, generate_s=0.0)
     prompt_ids = target.encode(prompt) if prompt and gen_tokens else None

@@ -8,12 +8,12 @@ models load with ``trust_remote_code`` off, always.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import evaluate
 from .extract import split_qkv
 from .tokens import eval_windows
 
@@ -130,18 +130,9 @@ def load_hf_model(path_or_id: str, gguf_file: str | None = None):
     return model, tokenizer
 
 
-@torch.no_grad()
 def perplexity(target, tokens: np.ndarray, window: int, batch_size: int = 4) -> float:
     """exp(mean next-token cross-entropy) over non-overlapping windows of ``window + 1`` tokens."""
-    xy = torch.from_numpy(eval_windows(tokens, window, None))
-    total, count = 0.0, 0
-    for i in range(0, len(xy), batch_size):
-        b = xy[i:i + batch_size]
-        logits = target.logits(b[:, :-1]).float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1).to(logits.device), reduction="sum").item()
-        count += b[:, 1:].numel()
-    return math.exp(total / count)
+    return evaluate.perplexity(target.logits, eval_windows(tokens, window, None), batch_size, target.device)
 
 
 @torch.no_grad()
@@ -192,32 +183,33 @@ def text_tokens(target, text_path, n_tokens: int, margin: int = 64) -> np.ndarra
     return ids[: n_tokens + 1]
 
 
-def load_target(kind: str, model_dir, data_dir, eval_tokens: int, calib_tokens: int, window: int,
+def load_target(kind: str, paths: dict, eval_tokens: int, calib_tokens: int, window: int,
                 device: str = "cpu"):
     """(target, eval tokens, calibration tokens, window) for one surgery target.
 
-    ``gpt``: our trained model in ``model_dir`` (model.safetensors, config.json),
-    evaluated on the first tokens of val.bin, calibrated on train.bin, window =
-    its block size. Hugging Face targets: the saved model folder ``model_dir``,
-    evaluated on the same validation *text* through its own tokenizer. The
-    model runs on ``device``; the decompositions stay on the CPU in float64.
+    ``paths`` are the surgery rule's inputs. ``gpt``: our trained model
+    (``model``, ``model_config``) with its ``tokenizer``, evaluated on the
+    first tokens of ``val`` (val.bin, read with ``meta``), calibrated on
+    ``train``; window = its block size. Hugging Face targets: the saved model
+    folder holding ``model_config`` (from_pretrained reads a folder),
+    evaluated on the validation text ``val_text`` through its own tokenizer
+    and calibrated on ``train_text``. The model runs on ``device``; the
+    decompositions stay on the CPU in float64.
     """
     from .io import read_json
     from .tokens import load_tokenizer, open_tokens
-    from .train import load_model
 
-    data_dir, model_dir = Path(data_dir), Path(model_dir)
     if kind == "gpt":
-        model = load_model(model_dir / "model.safetensors", model_dir / "config.json", device)
-        target = GPTTarget(model, load_tokenizer(data_dir / "tokenizer.json"))
-        meta = read_json(data_dir / "meta.json")
-        val = np.asarray(open_tokens(data_dir / "val.bin", meta)[: eval_tokens + 1], dtype=np.int64)
-        calib = np.asarray(open_tokens(data_dir / "train.bin", meta)[: calib_tokens + 1], dtype=np.int64)
+        model = evaluate.load_model(paths["model"], paths["model_config"], device)
+        target = GPTTarget(model, load_tokenizer(paths["tokenizer"]))
+        meta = read_json(paths["meta"])
+        val = np.asarray(open_tokens(paths["val"], meta)[: eval_tokens + 1], dtype=np.int64)
+        calib = np.asarray(open_tokens(paths["train"], meta)[: calib_tokens + 1], dtype=np.int64)
         return target, val, calib, model.config.block_size
-    model, tokenizer = load_hf_model(str(model_dir))
+    model, tokenizer = load_hf_model(str(Path(paths["model_config"]).parent))
     target = HFTarget(model.to(device), tokenizer)
-    val = text_tokens(target, data_dir / "val.txt", eval_tokens)
-    calib = text_tokens(target, data_dir / "train.txt", calib_tokens)
+    val = text_tokens(target, paths["val_text"], eval_tokens)
+    calib = text_tokens(target, paths["train_text"], calib_tokens)
     return target, val, calib, min(window, target.max_len)
 
 

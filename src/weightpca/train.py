@@ -7,19 +7,20 @@ resume from the last checkpoint if one matches this configuration, then
                          clip -> AdamW step -> (log / eval / snapshot / checkpoint)
 
 and finally evaluate on the validation split and write the artifacts
-atomically. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs as
+atomically. :func:`train` is those four parts in order: :func:`setup`,
+:func:`resume`, :func:`run_steps`, :func:`finish`. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs as
 DistributedDataParallel: every rank draws the same global batch offsets and
 trains on its slice, so ``n`` ranks at ``batch_size`` b step like one process
 at ``n·b``; rank 0 alone writes files. A run is a dict of plain values (see
-``config/config.yaml``):
+``config/config.yaml`` and :mod:`weightpca.runs`):
 
-    run = {"name", "seed", "model": {...GPTConfig}, "train": {...}, "init": {...},
-           "freeze": {...}, "wandb": {...}}
+    run = {"name", "seed", "model": {...GPTConfig}, "train": {...TrainSettings},
+           "init": {...}, "freeze": {...}, "wandb": {...}}
 
-Outputs in ``out_dir``: ``model.safetensors``, ``config.json``, ``metrics.csv``,
-``summary.json`` and, with ``train.snapshot_every > 0``, ``snapshots/``.
-In-progress state lives in ``work_dir`` (checkpoints, metrics so far) and is
-removed once the outputs are in place.
+Inputs and outputs are explicit paths (:class:`TokenFiles`,
+:class:`TrainOutputs`), as the workflow's rules declare them. In-progress
+state lives in ``work_dir`` (checkpoints, metrics so far) and is removed once
+the outputs are in place.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ from tqdm import tqdm
 
 from . import lowrank
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import evaluate, resolve_device
 from .io import atomic_path, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTConfig, padded_vocab
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
@@ -55,58 +58,100 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; an explicit CUDA request without one is an error."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{requested}' requested but CUDA is not available; use 'auto' or 'cpu'")
-    return requested
+@dataclass(frozen=True)
+class TrainSettings:
+    """One run's training settings: the config's ``train`` block (every key in config/schema.yaml)."""
+
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    eval_every: int
+    eval_windows: int
+    eval_tokens: int | None
+    checkpoint_every: int
+    snapshot_every: int
+    compile: bool = False
+    compile_mode: str = "default"
+    dtype: str = "auto"
+    lowrank_reg: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSettings":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"train settings: unknown keys {sorted(unknown)}")
+        return cls(**d)
 
 
-def lr_at(step: int, t: dict) -> float:
+@dataclass(frozen=True)
+class TokenFiles:
+    """A tokenized corpus: meta.json, train.bin and val.bin (weightpca.tokens)."""
+
+    meta: Path
+    train: Path
+    val: Path
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where a finished run's artifacts go; ``snapshots`` is a folder, None for runs without snapshots."""
+
+    model: Path
+    config: Path
+    metrics: Path
+    summary: Path
+    snapshots: Path | None = None
+
+
+def lr_at(step: int, t: TrainSettings) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
-    if step < t["warmup_steps"]:
-        return t["lr"] * (step + 1) / t["warmup_steps"]
-    progress = (step - t["warmup_steps"]) / max(1, t["max_steps"] - t["warmup_steps"])
-    return t["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t["lr"] - t["min_lr"])
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, t: dict, device: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, t: TrainSettings, device: str) -> torch.optim.AdamW:
     """AdamW; matrices (dim >= 2) decay, vectors (LayerNorm, biases) do not. Frozen params excluded."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t["weight_decay"]},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                             fused=device.startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.startswith("cuda"))
 
 
-def optimizer_step(forward, model, opt, sampler, t: dict, autocast, no_sync=None) -> torch.Tensor:
-    """One AdamW step over ``t['grad_accum']`` micro-batches; returns the mean loss on the device.
+def optimizer_step(forward, model, opt, sampler, t: TrainSettings, autocast, no_sync=None) -> torch.Tensor:
+    """One AdamW step over ``t.grad_accum`` micro-batches; returns the mean loss on the device.
 
     ``forward(x, y) -> (logits, loss)`` is the (possibly compiled, possibly
     DDP-wrapped) model; ``no_sync`` is DDP's context manager that skips the
     gradient all-reduce on all but the last micro-batch. A low-rank
-    regulariser (``t['lowrank_reg']``, see weightpca.lowrank) depends on the
+    regulariser (``t.lowrank_reg``, see weightpca.lowrank) depends on the
     weights alone, so its gradient is added once per step, before the
     micro-batches (under DDP every rank adds the same, which averaging keeps).
     Nothing here reads a value back to the host, so the GPU never waits for Python.
     """
-    if lowrank.active(t.get("lowrank_reg")):
-        lowrank.penalty(model, t["lowrank_reg"]).backward()
+    if lowrank.active(t.lowrank_reg):
+        lowrank.penalty(model, t.lowrank_reg).backward()
     mean_loss = torch.zeros((), device=next(model.parameters()).device)
-    for micro in range(t["grad_accum"]):
+    for micro in range(t.grad_accum):
         x, y = sampler.next()
-        last_micro = micro == t["grad_accum"] - 1
+        last_micro = micro == t.grad_accum - 1
         with contextlib.nullcontext() if (last_micro or no_sync is None) else no_sync():
             with autocast():
                 _, loss = forward(x, y)
-            (loss / t["grad_accum"]).backward()
-        mean_loss += loss.detach() / t["grad_accum"]
-    if t["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            (loss / t.grad_accum).backward()
+        mean_loss += loss.detach() / t.grad_accum
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return mean_loss
@@ -118,32 +163,32 @@ def distributed_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def setup_precision(device: str, t: dict):
+def setup_precision(device: str, t: TrainSettings):
     """TF32 matmuls on CUDA; returns the autocast context factory (bf16 on CUDA unless dtype float32)."""
     if not device.startswith("cuda"):
         return contextlib.nullcontext
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if t.get("dtype", "auto") == "float32":
+    if t.dtype == "float32":
         return contextlib.nullcontext
     return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-def training_forward(model: GPT, t: dict, device: str, world: int = 1, local_rank: int = 0):
+def training_forward(model: GPT, t: TrainSettings, device: str, world: int = 1, local_rank: int = 0):
     """(forward, no_sync) for :func:`optimizer_step`: the model, DDP-wrapped across ranks and
-    compiled on CUDA when ``t['compile']`` (CPU runs stay eager: compiling costs more than it saves
+    compiled on CUDA when ``t.compile`` (CPU runs stay eager: compiling costs more than it saves
     at laptop scale). ``no_sync`` is None without DDP."""
     forward, no_sync = model, None
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.startswith("cuda") else None)
         forward, no_sync = ddp, ddp.no_sync
-    if t.get("compile") and device.startswith("cuda"):
+    if t.compile and device.startswith("cuda"):
         from torch._inductor import config as inductor_config
 
         # tune the generated kernels' launch parameters at compile time (+1.3 % for GPT-2 small, H100)
         inductor_config.coordinate_descent_tuning = True
-        forward = torch.compile(forward, mode=t.get("compile_mode", "default"))
+        forward = torch.compile(forward, mode=t.compile_mode)
     return forward, no_sync
 
 
@@ -189,37 +234,9 @@ def load_embedding(model: GPT, path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, windows: np.ndarray, batch_size: int, device: str, autocast) -> tuple[float, float]:
-    """(mean next-token cross-entropy, mean cos_target) over fixed [N, T+1] windows.
-
-    cos_target is the seed experiments' ln_f diagnostic: the cosine between
-    the final hidden state mapped into token space (``h @ scale_down`` for a
-    factorised model, ``h`` otherwise) and the target token's embedding row.
-    """
-    was_training = model.training
-    model.eval()
-    total, cos_total, count = 0.0, 0.0, 0
-    wte = model.transformer.wte.weight
-    for i in range(0, len(windows), batch_size):
-        xy = torch.from_numpy(windows[i:i + batch_size]).to(device)
-        x, y = xy[:, :-1], xy[:, 1:]
-        with autocast():
-            z = model.token_space(model.hidden_states(x))
-            logits = torch.nn.functional.linear(z, wte)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                                 y.reshape(-1), reduction="sum")
-        cos = torch.nn.functional.cosine_similarity(z.float(), wte[y].float(), dim=-1).sum()
-        total += loss.item()
-        cos_total += cos.item()
-        count += y.numel()
-    model.train(was_training)
-    return total / count, cos_total / count
-
-
-@torch.no_grad()
-def lowrank_value(model: GPT, t: dict):
+def lowrank_value(model: GPT, t: TrainSettings):
     """The regulariser's statistic (mean over its matrices, before λ) for metrics.csv; '' without one."""
-    reg = t.get("lowrank_reg")
+    reg = t.lowrank_reg
     return float(lowrank.mean_statistic(model, reg["kind"], reg["targets"])) if reg else ""
 
 
@@ -275,9 +292,44 @@ def start_wandb(run: dict, chash: str):
     )
 
 
-def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads: int = 1) -> dict:
-    data_dir, out_dir, work_dir = Path(data_dir), Path(out_dir), Path(work_dir)
-    t = run["train"]
+@dataclass
+class Session:
+    """What :func:`setup` builds for one run; the other parts read it."""
+
+    run: dict
+    t: TrainSettings
+    device: str
+    threads: int
+    rank: int
+    world: int
+    local_rank: int
+    autocast: object
+    meta: dict
+    train_tokens: np.ndarray
+    val_windows: np.ndarray
+    model: GPT
+    opt: torch.optim.AdamW
+    sampler: BatchSampler
+    chash: str
+    work_dir: Path
+
+    @property
+    def is_main(self) -> bool:
+        """The one process that writes files."""
+        return self.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.t.batch_size * self.run["model"]["block_size"] * self.t.grad_accum * self.world
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.work_dir / "ckpt"
+
+
+def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: int = 1) -> Session:
+    """Device, process group, data, seeded model, optimizer and batch sampler of one run."""
+    t = TrainSettings.from_dict(run["train"])
     device = resolve_device(device)
     rank, world, local_rank = distributed_env()
     if world > 1:
@@ -285,131 +337,147 @@ def train(run: dict, data_dir, out_dir, work_dir, device: str = "auto", threads:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    is_main = rank == 0  # the one process that writes files
     torch.set_num_threads(threads)
     autocast = setup_precision(device, t)
 
-    meta = read_json(data_dir / "meta.json")
-    train_tokens = open_tokens(data_dir / "train.bin", meta)
-    val_tokens = open_tokens(data_dir / "val.bin", meta)
+    meta = read_json(data.meta)
+    train_tokens = open_tokens(data.train, meta)
     block = run["model"]["block_size"]
-    val_windows = eval_windows(val_tokens, block, t["eval_tokens"])
-
+    val_windows = eval_windows(open_tokens(data.val, meta), block, t.eval_tokens)
     model = build_model(run, meta["vocab_size"]).to(device)
     opt = make_optimizer(model, t, device)
-    sampler = BatchSampler(train_tokens, t["batch_size"], block, run["seed"], device, rank, world)
-    chash = config_hash(run)
+    sampler = BatchSampler(train_tokens, t.batch_size, block, run["seed"], device, rank, world)
+    return Session(run, t, device, threads, rank, world, local_rank, autocast, meta, train_tokens,
+                   val_windows, model, opt, sampler, config_hash(run), Path(work_dir))
 
-    ckpt_root = work_dir / "ckpt"
+
+def resume(s: Session) -> Progress:
+    """Progress of the last checkpoint written under these settings, or a fresh start in an empty work_dir."""
+    ckpt = latest_checkpoint(s.ckpt_root, s.chash)
     progress = Progress()
-    resume = latest_checkpoint(ckpt_root, chash)
-    if resume is None and is_main:
-        shutil.rmtree(work_dir, ignore_errors=True)  # stale state of other settings
-        work_dir.mkdir(parents=True)
-    if resume is not None:
-        progress = load_checkpoint(resume, model, opt, sampler.generator)
-        print(f"resuming {run['name']} from {resume} (step {progress.step})", flush=True)
-    if world > 1:
+    if ckpt is None and s.is_main:
+        shutil.rmtree(s.work_dir, ignore_errors=True)  # stale state of other settings
+        s.work_dir.mkdir(parents=True)
+    if ckpt is not None:
+        progress = load_checkpoint(ckpt, s.model, s.opt, s.sampler.generator)
+        print(f"resuming {s.run['name']} from {ckpt} (step {progress.step})", flush=True)
+    if s.world > 1:
         torch.distributed.barrier()  # work_dir exists before any rank goes on
-    metrics = MetricsLog(work_dir / "metrics.csv", progress.step) if is_main else None
-    forward, no_sync = training_forward(model, t, device, world, local_rank)
-    wb = start_wandb(run, chash) if is_main else None
+    return progress
 
-    tokens_per_step = t["batch_size"] * block * t["grad_accum"] * world
-    # running train-loss sum since the last eval; part of the checkpoint so a
+
+def run_steps(s: Session, progress: Progress, wb=None) -> None:
+    """Train from ``progress.step`` to ``max_steps``: log and evaluate every ``eval_every`` steps,
+    snapshot every ``snapshot_every``, checkpoint every ``checkpoint_every``."""
+    t, name = s.t, s.run["name"]
+    metrics = MetricsLog(s.work_dir / "metrics.csv", progress.step) if s.is_main else None
+    forward, no_sync = training_forward(s.model, t, s.device, s.world, s.local_rank)
+    # running train-loss sum since the last eval; checkpointed so that a
     # resumed run logs the same averages as an uninterrupted one
-    loss_sum = torch.tensor(progress.extra.get("loss_sum", 0.0), dtype=torch.float64, device=device)
-    loss_steps = progress.extra.get("loss_steps", 0)
+    loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=s.device)
     started = time.perf_counter() - progress.elapsed_s
-    bar = tqdm(total=t["max_steps"], initial=progress.step, desc=run["name"], unit="step",
-               mininterval=5.0, dynamic_ncols=True, disable=not is_main)
-    model.train()
-    while progress.step < t["max_steps"]:
+    bar = tqdm(total=t.max_steps, initial=progress.step, desc=name, unit="step",
+               mininterval=5.0, dynamic_ncols=True, disable=not s.is_main)
+    s.model.train()
+    while progress.step < t.max_steps:
         lr = lr_at(progress.step, t)
-        for group in opt.param_groups:
+        for group in s.opt.param_groups:
             group["lr"] = lr
-        loss_sum += optimizer_step(forward, model, opt, sampler, t, autocast, no_sync)
+        loss_sum += optimizer_step(forward, s.model, s.opt, s.sampler, t, s.autocast, no_sync)
         progress.step += 1
-        progress.tokens += tokens_per_step
-        loss_steps += 1
         bar.update(1)
 
-        last = progress.step == t["max_steps"]
-        if progress.step % t["eval_every"] == 0 or last:
-            if world > 1:
+        last = progress.step == t.max_steps
+        if progress.step % t.eval_every == 0 or last:
+            if s.world > 1:
                 torch.distributed.all_reduce(loss_sum)
-                loss_sum /= world
-            train_loss = loss_sum.item() / loss_steps  # the one host sync per interval
+                loss_sum /= s.world
+            steps_since_eval = progress.step - (progress.step - 1) // t.eval_every * t.eval_every
+            train_loss = loss_sum.item() / steps_since_eval  # the one host sync per interval
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
-                    f"{run['name']}: training loss is {train_loss} at step {progress.step} "
-                    f"(lr {lr:.3g}); the last good checkpoint is kept in {ckpt_root}"
+                    f"{name}: training loss is {train_loss} at step {progress.step} "
+                    f"(lr {lr:.3g}); the last good checkpoint is kept in {s.ckpt_root}"
                 )
             loss_sum.zero_()
-            loss_steps = 0
-            val_loss, cos = evaluate(model, val_windows[: t["eval_windows"]], t["batch_size"], device, autocast)
+            val_loss, cos = evaluate(s.model, s.val_windows[: t.eval_windows], t.batch_size, s.device, s.autocast)
             progress.best_val_loss = min(progress.best_val_loss, val_loss)
             progress.elapsed_s = time.perf_counter() - started
-            row = dict(step=progress.step, tokens=progress.tokens, lr=lr, train_loss=train_loss,
-                       val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
-                       lowrank_value=lowrank_value(model, t), elapsed_s=progress.elapsed_s)
-            if is_main:
+            row = dict(step=progress.step, tokens=progress.step * s.tokens_per_step, lr=lr,
+                       train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
+                       lowrank_value=lowrank_value(s.model, t), elapsed_s=progress.elapsed_s)
+            if s.is_main:
                 metrics.append(row)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if wb is not None:
                 wb.log(row, step=progress.step)
-        if is_main and t["snapshot_every"] and progress.step % t["snapshot_every"] == 0:
-            save_tensors(work_dir / "snapshots" / f"step_{progress.step:08d}.safetensors",
-                         model.state_dict())
-        if t["checkpoint_every"] and progress.step % t["checkpoint_every"] == 0 and not last:
+        if s.is_main and t.snapshot_every and progress.step % t.snapshot_every == 0:
+            save_tensors(s.work_dir / "snapshots" / f"step_{progress.step:08d}.safetensors",
+                         s.model.state_dict())
+        if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and not last:
             progress.elapsed_s = time.perf_counter() - started
-            progress.extra = {"loss_sum": loss_sum.item(), "loss_steps": loss_steps}
-            weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
-            if not (weights_finite and math.isfinite(progress.extra["loss_sum"])):
+            progress.loss_sum = loss_sum.item()
+            weights_finite = torch.stack([p.isfinite().all() for p in s.model.parameters()]).all().item()
+            if not (weights_finite and math.isfinite(progress.loss_sum)):
                 # never checkpoint diverged weights: the previous checkpoint stays the latest
                 raise TrainingDiverged(
-                    f"{run['name']}: weights or training loss not finite at step {progress.step} "
-                    f"(lr {lr:.3g}); the last good checkpoint is kept in {ckpt_root}"
+                    f"{name}: weights or training loss not finite at step {progress.step} "
+                    f"(lr {lr:.3g}); the last good checkpoint is kept in {s.ckpt_root}"
                 )
-            if is_main:
-                save_checkpoint(ckpt_root, model, opt, sampler.generator, progress, chash)
+            if s.is_main:
+                save_checkpoint(s.ckpt_root, s.model, s.opt, s.sampler.generator, progress, s.chash)
     bar.close()
+    progress.elapsed_s = time.perf_counter() - started
 
-    # final evaluation on the whole (or eval_tokens-capped) validation split
-    final_val, final_cos = evaluate(model, val_windows, t["batch_size"], device, autocast)
+
+def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> dict:
+    """Final evaluation on the (eval_tokens-capped) validation split; rank 0 writes ``outputs`` atomically."""
+    t, started = s.t, time.perf_counter() - progress.elapsed_s
+    final_val, final_cos = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
     if not math.isfinite(final_val):
-        raise TrainingDiverged(f"{run['name']}: final validation loss is {final_val}; no outputs written")
-    targets = val_windows[:, 1:]
+        raise TrainingDiverged(f"{s.run['name']}: final validation loss is {final_val}; no outputs written")
+    targets = s.val_windows[:, 1:]
     summary = dict(
-        name=run["name"], seed=run["seed"], steps=progress.step, tokens_seen=progress.tokens,
+        name=s.run["name"], seed=s.run["seed"], steps=progress.step,
+        tokens_seen=progress.step * s.tokens_per_step,
         final_val_loss=final_val, final_val_ppl=math.exp(final_val),
         best_val_ppl=math.exp(min(progress.best_val_loss, final_val)), final_cos_target=final_cos,
-        final_lowrank_value=lowrank_value(model, t),
-        unigram_val_ppl=unigram_perplexity(train_tokens, targets, meta["vocab_size"]),
+        final_lowrank_value=lowrank_value(s.model, t),
+        unigram_val_ppl=unigram_perplexity(s.train_tokens, targets, s.meta["vocab_size"]),
         val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
-        params=model.num_params(), embedding_params=model.embedding_params(),
-        device=device, threads=threads, world_size=world, config_hash=chash,
+        params=s.model.num_params(), embedding_params=s.model.embedding_params(),
+        device=s.device, threads=s.threads, world_size=s.world, config_hash=s.chash,
     )
     if wb is not None:
         wb.summary.update(summary)
         wb.finish()
-    if world > 1:
+    if s.world > 1:
         torch.distributed.barrier()  # every rank is done with work_dir before rank 0 removes it
         torch.distributed.destroy_process_group()
-    if not is_main:
+    if not s.is_main:
         return summary
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (work_dir / "snapshots").is_dir():
-        shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
-        shutil.copytree(work_dir / "snapshots", out_dir / "snapshots")
-    with atomic_path(out_dir / "metrics.csv") as tmp:
-        shutil.copyfile(work_dir / "metrics.csv", tmp)
-    write_json(out_dir / "config.json", dict(run, model=model.config.to_dict()))
-    write_json(out_dir / "summary.json", summary)
-    save_tensors(out_dir / "model.safetensors", model.state_dict())
-    shutil.rmtree(work_dir, ignore_errors=True)
+    snapshots = s.work_dir / "snapshots"
+    if outputs.snapshots is not None and snapshots.is_dir():
+        shutil.rmtree(outputs.snapshots, ignore_errors=True)
+        shutil.copytree(snapshots, outputs.snapshots)
+    with atomic_path(outputs.metrics) as tmp:
+        shutil.copyfile(s.work_dir / "metrics.csv", tmp)
+    write_json(outputs.config, dict(s.run, model=s.model.config.to_dict()))
+    write_json(outputs.summary, summary)
+    save_tensors(outputs.model, s.model.state_dict())
+    shutil.rmtree(s.work_dir, ignore_errors=True)
     return summary
+
+
+def train(run: dict, data: TokenFiles, outputs: TrainOutputs, work_dir, device: str = "auto",
+          threads: int = 1) -> dict:
+    """Train one run from its last checkpoint (or from scratch) to ``outputs``; returns its summary."""
+    s = setup(run, data, work_dir, device, threads)
+    progress = resume(s)
+    wb = start_wandb(run, s.chash) if s.is_main else None
+    run_steps(s, progress, wb)
+    return finish(s, progress, outputs, wb)
 
 
 def _file_or_none(stream):
@@ -421,53 +489,47 @@ def _file_or_none(stream):
         return None
 
 
-def train_distributed(run: dict, data_dir, out_dir, work_dir, nproc: int, device: str = "auto",
-                      threads: int = 1) -> dict:
+def _paths(obj) -> dict:
+    return {k: None if v is None else str(v) for k, v in asdict(obj).items()}
+
+
+def train_distributed(run: dict, data: TokenFiles, outputs: TrainOutputs, work_dir, nproc: int,
+                      device: str = "auto", threads: int = 1) -> dict:
     """:func:`train` as ``nproc`` DDP processes under torchrun (one per GPU; gloo on CPU).
 
-    The run dict travels as a JSON file next to ``out_dir``; torchrun's
-    ``--standalone`` picks a free rendezvous port, so several such jobs can
-    share a node. Returns rank 0's summary.
+    The job (run dict and paths) travels as a JSON file next to the work
+    folder; torchrun's ``--standalone`` picks a free rendezvous port, so
+    several such jobs can share a node. Returns rank 0's summary.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir.parent, delete=False) as f:
-        json.dump(run, f)
+    parent = Path(work_dir).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    job = {"run": run, "data": _paths(data), "outputs": _paths(outputs), "work_dir": str(work_dir)}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=parent, delete=False) as f:
+        json.dump(job, f)
     try:
         subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-             "-m", "weightpca.train", f.name, str(data_dir), str(out_dir), str(work_dir),
-             f"--device={device}", f"--threads={threads}"],
+             "-m", "weightpca.train", f.name, f"--device={device}", f"--threads={threads}"],
             check=True, stdout=_file_or_none(sys.stdout), stderr=_file_or_none(sys.stderr),
         )
     finally:
         os.unlink(f.name)
-    return read_json(out_dir / "summary.json")
+    return read_json(outputs.summary)
 
 
 def main(argv=None) -> None:
-    """``python -m weightpca.train RUN_JSON DATA_DIR OUT_DIR WORK_DIR``: the entry point torchrun launches."""
+    """``python -m weightpca.train JOB_JSON``: the entry point torchrun launches."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("run_json", help="the run dict (as the workflow's train rule builds it) as JSON")
-    parser.add_argument("data_dir")
-    parser.add_argument("out_dir")
-    parser.add_argument("work_dir")
+    parser.add_argument("job_json", help="{run, data, outputs, work_dir} as train_distributed writes it")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    train(read_json(args.run_json), args.data_dir, args.out_dir, args.work_dir, args.device, args.threads)
-
-
-def load_model(model_path, config_path, device: str = "cpu") -> GPT:
-    """A trained model from its safetensors weights and config.json; refuses mismatched tensors."""
-    cfg = read_json(config_path)
-    model = GPT(GPTConfig.from_dict(cfg["model"]))
-    weights = load_tensors(model_path)
-    check_state_dict(weights, model.state_dict(), model_path)
-    model.load_state_dict(weights)
-    return model.to(device)
+    job = read_json(args.job_json)
+    outputs = {k: None if v is None else Path(v) for k, v in job["outputs"].items()}
+    train(job["run"], TokenFiles(**{k: Path(v) for k, v in job["data"].items()}), TrainOutputs(**outputs),
+          job["work_dir"], args.device, args.threads)
 
 
 if __name__ == "__main__":

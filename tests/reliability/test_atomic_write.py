@@ -31,3 +31,21 @@ def test_killed_writer_never_tears_the_file(tmp_path):
         assert data["i"] >= 1 and len(data["payload"]) == 2_000_000
     leftovers = [p for p in tmp_path.iterdir() if p.name != "artifact.json"]
     assert all(p.name.startswith(".artifact.json.") for p in leftovers)  # only temporary names
+
+
+def test_atomic_write_leaves_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp creates 0600 files; results must be readable by collaborators (umask respected)."""
+    import os
+    import stat
+
+    from weightpca.io import write_json
+
+    for mask in (0o022, 0o077, 0o002):
+        old = os.umask(mask)
+        try:
+            plain, atomic = tmp_path / f"plain{mask:o}", tmp_path / f"atomic{mask:o}.json"
+            plain.write_text("x")
+            write_json(atomic, {"a": 1})
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask

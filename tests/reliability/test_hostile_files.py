@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import tiny_run, train_to
+from weightpca.evaluate import load_model
 from weightpca.io import WeightFileError, load_npy, load_tensors, save_tensors
-from weightpca.train import load_model, train
 
 
 class CreatesMarker:
@@ -24,7 +24,7 @@ class CreatesMarker:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("trained")
-    train(tiny_run(max_steps=4), tiny_data, out / "d", out / "w")
+    train_to(tiny_run(max_steps=4), tiny_data, out / "d", out / "w")
     return out / "d"
 
 

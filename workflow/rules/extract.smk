@@ -3,14 +3,16 @@
 
 rule extract_baseline:
     input:
-        model=f"{RESULTS}/train/D/seed{baseline_seed()}/model.safetensors",
-        config=f"{RESULTS}/train/D/seed{baseline_seed()}/config.json",
+        model=baseline_output("model"),
+        config=baseline_output("config"),
     output:
         wte=f"{RESULTS}/extract/D/wte.npy",
         attention=f"{RESULTS}/extract/D/attention.safetensors",
         manifest=f"{RESULTS}/extract/D/manifest.json",
     log:
         f"{LOGS}/extract/D.log",
+    benchmark:
+        f"{BENCH}/extract/D.tsv"
     conda:
         "../../envs/train.yaml"
     script:

@@ -8,6 +8,8 @@ rule spectrum:
         f"{RESULTS}/pca/spectrum.json",
     log:
         f"{LOGS}/spectrum.log",
+    benchmark:
+        f"{BENCH}/spectrum.tsv"
     conda:
         "../../envs/train.yaml"
     params:
@@ -25,6 +27,8 @@ rule factorize:
         info=f"{RESULTS}/pca/k{{k}}/factorization.json",
     log:
         f"{LOGS}/factorize/k{{k}}.log",
+    benchmark:
+        f"{BENCH}/factorize/k{{k}}.tsv"
     conda:
         "../../envs/train.yaml"
     params:
@@ -40,6 +44,8 @@ rule param_table:
         f"{RESULTS}/pca/params.csv",
     log:
         f"{LOGS}/param_table.log",
+    benchmark:
+        f"{BENCH}/param_table.tsv"
     conda:
         "../../envs/train.yaml"
     params:
@@ -48,3 +54,12 @@ rule param_table:
         centered=config["factorize"]["centered"],
     script:
         "../scripts/param_table.py"
+
+
+def factorize_benchmarks():
+    return [
+        rules.extract_baseline.benchmark,
+        rules.spectrum.benchmark,
+        *expand(rules.factorize.benchmark, k=config["factorize"]["ranks"]),
+        rules.param_table.benchmark,
+    ]

@@ -1,5 +1,16 @@
 """The low-rank regulariser's λ sweep: D-shaped models per λ and seed, then a rank-truncation sweep each."""
 
+# λ as its label in paths (weightpca.runs.lambda_label) -> λ as configured;
+# jobs look their λ up here rather than parsing it back from the path
+LAMBDAS = {runs.lambda_label(lam): lam for lam in LOWRANK["lambdas"]}
+
+
+def lowrank_files(pattern):
+    """``pattern`` (an output or benchmark of the λ sweep's rules) for every λ and seed."""
+    if not LOWRANK["enabled"]:
+        return []
+    return expand(pattern, lam=list(LAMBDAS), seed=LOWRANK["seeds"])
+
 
 rule train_lowrank:
     input:
@@ -19,7 +30,7 @@ rule train_lowrank:
         "../../envs/train.yaml"
     threads: config["threads"]["train"]
     params:
-        run=lowrank_run,
+        run=lambda w: runs.lowrank_run(config, LAMBDAS[w.lam], int(w.seed)),
         work_dir=lambda w: f"{RESULTS}/lowrank/lambda{w.lam}/seed{w.seed}/_work",
         wandb_dir=f"{RESULTS}/wandb",
     script:
@@ -36,13 +47,17 @@ rule lowrank_sweep:
         sweep=f"{RESULTS}/lowrank/lambda{{lam}}/seed{{seed}}/sweep.csv",
     log:
         f"{LOGS}/lowrank/lambda{{lam}}/seed{{seed}}_sweep.log",
+    benchmark:
+        f"{BENCH}/lowrank_sweep/lambda{{lam}}/seed{{seed}}.tsv"
     conda:
         "../../envs/train.yaml"
     threads: config["threads"]["train"]
     params:
+        lam=lambda w: LAMBDAS[w.lam],
+        seed=lambda w: int(w.seed),
         targets=LOWRANK["targets"],
         fractions=LOWRANK["fractions"],
-        eval_tokens=lowrank_train()["eval_tokens"],
-        batch_size=lowrank_train()["batch_size"],
+        eval_tokens=runs.lowrank_train(config)["eval_tokens"],
+        batch_size=runs.lowrank_train(config)["batch_size"],
     script:
         "../scripts/lowrank_sweep.py"

@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
+from weightpca.evaluate import load_model
 from weightpca.extract import extract_weights
 from weightpca.logs import job_log
-from weightpca.train import load_model
 
 with job_log(snakemake.log[0]):
     model = load_model(snakemake.input.model, snakemake.input.config)
-    manifest = extract_weights(model, Path(snakemake.output.manifest).parent)
-    print(manifest["attention.safetensors"])
+    out = snakemake.output
+    manifest = extract_weights(model, out.wte, out.attention, out.manifest)
+    print(manifest[Path(out.attention).name])

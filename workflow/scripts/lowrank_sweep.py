@@ -3,11 +3,11 @@
 import pandas as pd
 import torch
 
+from weightpca.evaluate import load_model, resolve_device
 from weightpca.io import atomic_path, read_json
 from weightpca.logs import job_log
 from weightpca.lowrank import rank_sweep
 from weightpca.tokens import eval_windows, open_tokens
-from weightpca.train import load_model, resolve_device
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
@@ -19,9 +19,8 @@ with job_log(snakemake.log[0]):
     p = snakemake.params
     rows = rank_sweep(model, windows, p.fractions, p.targets, p.batch_size, device)
     table = pd.DataFrame(rows)
-    lam, seed = float(snakemake.wildcards.lam), int(snakemake.wildcards.seed)
-    table.insert(0, "seed", seed)
-    table.insert(0, "lambda", lam)
+    table.insert(0, "seed", p.seed)
+    table.insert(0, "lambda", float(p.lam))
     with atomic_path(snakemake.output.sweep) as tmp:
         table.to_csv(tmp, index=False)
     print(table.to_string(index=False))

@@ -5,17 +5,16 @@ from pathlib import Path
 
 import torch
 
+from weightpca.evaluate import resolve_device
 from weightpca.logs import job_log
 from weightpca.sketch import SafetensorsSamples, run_method
-from weightpca.train import resolve_device
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    w = snakemake.wildcards
-    src = SafetensorsSamples(sorted(Path(snakemake.input.snapshots).glob("*.safetensors")))
+    p = snakemake.params
     optimum = json.loads(Path(snakemake.input.optimum).read_text()) if "optimum" in snakemake.input.keys() else None
-    report = run_method(w.method, src, int(w.k), int(w.r), Path(snakemake.output.errors).parent,
-                        w.centering == "centered", snakemake.params.block, snakemake.params.seed, optimum,
-                        pilot_blocks=snakemake.params.pilot_blocks,
-                        device=resolve_device(snakemake.config["device"]))
+    with SafetensorsSamples(sorted(Path(snakemake.input.snapshots).glob("*.safetensors"))) as src:
+        report = run_method(snakemake.wildcards.method, src, p.k, p.r, snakemake.output.W, snakemake.output.errors,
+                            p.centered, p.block, p.seed, optimum, pilot_blocks=p.pilot_blocks,
+                            device=resolve_device(snakemake.config["device"]))
     print({k: v for k, v in report.items() if not isinstance(v, list)})

@@ -1,23 +1,21 @@
 """One surgery sweep: perplexity, ranks and parameters at every threshold of one mode."""
 
-from pathlib import Path
-
 import pandas as pd
 import torch
 
+from weightpca.evaluate import resolve_device
 from weightpca.io import atomic_path, write_json
 from weightpca.logs import job_log
 from weightpca.surgery import run_sweep
 from weightpca.targets import load_target
-from weightpca.train import resolve_device
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     s = snakemake.params.settings
     device = resolve_device(snakemake.config["device"])
     target, val, calib, window = load_target(
-        snakemake.params.kind, Path(snakemake.input.model).parent, Path(snakemake.input.meta).parent,
-        s["eval_tokens"], s["calib_tokens"], s["window"], device,
+        snakemake.params.kind, dict(snakemake.input.items()), s["eval_tokens"], s["calib_tokens"], s["window"],
+        device,
     )
     rows, timing = run_sweep(target, snakemake.wildcards.mode, s["thresholds"], val, window,
                              calib_tokens=calib, prompt=s["prompt"], gen_tokens=s["gen_tokens"])

@@ -13,10 +13,7 @@ with job_log(snakemake.log[0]):
     if snakemake.params.kind == "gpt":
         raise ValueError("surgery.export: save_pretrained export is for Hugging Face targets only")
     s, mode = snakemake.params.settings, snakemake.wildcards.mode
-    target, _, calib, window = load_target(
-        "hf", Path(snakemake.input.model).parent, Path(snakemake.input.meta).parent,
-        1, s["calib_tokens"], s["window"],
-    )
+    target, _, calib, window = load_target("hf", dict(snakemake.input.items()), 1, s["calib_tokens"], s["window"])
     moments = input_moments(target, calib, window) if mode == "activation_aware" else None
     plan = SweepPlan(mode, [target.get_qkv(i) for i in range(target.n_layers)], moments)
     weights, info = plan.weights_at(float(snakemake.wildcards.threshold))
