@@ -29,20 +29,22 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from weightpca.evaluate import resolve_device  # noqa: E402
 from weightpca.tokens import BatchSampler  # noqa: E402
 from weightpca.train import (  # noqa: E402
-    build_model, make_optimizer, optimizer_step, resolve_device, setup_precision, training_forward,
+    TrainSettings, build_model, make_optimizer, optimizer_step, setup_precision, training_forward,
 )
 
 
 def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, steps: int, warmup: int) -> dict:
     run = {"name": "bench", "seed": 0, "model": model_cfg, "train": train_cfg}
+    train_cfg = TrainSettings.from_dict(train_cfg)
     autocast = setup_precision(device, train_cfg)
     model = build_model(run, vocab_size).to(device)
     opt = make_optimizer(model, train_cfg, device)
     forward, no_sync = training_forward(model, train_cfg, device)
     tokens = np.random.default_rng(0).integers(0, vocab_size, size=20_000_000, dtype=np.uint16)
-    sampler = BatchSampler(tokens, train_cfg["batch_size"], model_cfg["block_size"], 0, device)
+    sampler = BatchSampler(tokens, train_cfg.batch_size, model_cfg["block_size"], 0, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     t0 = time.perf_counter()
@@ -55,7 +57,7 @@ def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, step
         loss = optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync)
     sync()
     wall = time.perf_counter() - t0
-    n_tokens = train_cfg["batch_size"] * model_cfg["block_size"] * train_cfg["grad_accum"] * steps
+    n_tokens = train_cfg.batch_size * model_cfg["block_size"] * train_cfg.grad_accum * steps
     return {"tokens_per_s": n_tokens / wall, "step_ms": 1e3 * wall / steps, "warmup_s": warmup_s,
             "final_loss": float(loss), "params": model.num_params(),
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}

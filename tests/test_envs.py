@@ -137,3 +137,37 @@ def test_import_walk_sees_the_library(tmp_path):
     needed = modules_needed(script)
     assert {"matplotlib", "pandas", "numpy"} <= needed
     assert "torch" in needed
+
+
+def library_import_graph() -> dict[str, set[str]]:
+    """weightpca module -> the weightpca modules it imports anywhere in its text (function-level included)."""
+    graph = {}
+    for path in (REPO / "src" / "weightpca").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("weightpca"):
+                deps.update([node.module.split(".")[1]] if "." in node.module else [a.name for a in node.names])
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_library_has_no_import_cycle():
+    graph = library_import_graph()
+    assert {"train", "evaluate", "lowrank", "targets"} <= set(graph)
+    state = {}
+
+    def visit(mod, stack):
+        state[mod] = "open"
+        for dep in graph.get(mod, ()):
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(stack + [mod, dep])}"
+            if dep not in state:
+                visit(dep, stack + [mod])
+        state[mod] = "done"
+
+    for mod in graph:
+        if mod not in state:
+            visit(mod, [])
+    # scoring lives in evaluate: no library module needs the training loop
+    assert [m for m, deps in graph.items() if "train" in deps] == []

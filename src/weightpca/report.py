@@ -250,7 +250,9 @@ def sketch_table(paths) -> pd.DataFrame:
     for p in paths:
         e = json.loads(Path(p).read_text())
         ratios = np.asarray(e.get("ratio_to_optimum", [1.0] * len(e["l2_error"])))
-        rows.append(dict(method=e["method"], k=e["k"], r=e["r"], centered=e["centered"],
+        # r: the sketch size used (fit_range may drop dependent test columns); exact PCA has none
+        r = "none" if e["r"] is None else f"{e['r']} of {e['r_requested']}" if e["r"] != e["r_requested"] else e["r"]
+        rows.append(dict(method=e["method"], k=e["k"], r=r, centered=e["centered"],
                          mean_relative_error=e["mean_relative_error"],
                          median_relative_error=e["median_relative_error"],
                          mean_error_ratio=e.get("mean_error_ratio_to_optimum", 1.0),

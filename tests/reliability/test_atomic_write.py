@@ -38,14 +38,21 @@ def test_atomic_write_leaves_the_mode_a_plain_write_would(tmp_path):
     import os
     import stat
 
-    from weightpca.io import write_json
+    import torch
+
+    from weightpca.io import save_npy, save_tensors, write_json
 
     for mask in (0o022, 0o077, 0o002):
         old = os.umask(mask)
         try:
-            plain, atomic = tmp_path / f"plain{mask:o}", tmp_path / f"atomic{mask:o}.json"
+            plain = tmp_path / f"plain{mask:o}"
             plain.write_text("x")
-            write_json(atomic, {"a": 1})
+            written = [tmp_path / f"a{mask:o}.json", tmp_path / f"a{mask:o}.safetensors", tmp_path / f"a{mask:o}.npy"]
+            write_json(written[0], {"a": 1})
+            save_tensors(written[1], {"w": torch.zeros(2)})
+            save_npy(written[2], torch.zeros(2).numpy())
         finally:
             os.umask(old)
-        assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
+        assert stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
+        for path in written:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name

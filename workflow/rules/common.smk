@@ -52,7 +52,6 @@ wildcard_constraints:
     lam=r"[0-9][0-9.e+-]*",
 
 
-
 def baseline_seed():
     """The seed whose D feeds the downstream stages (the first listed)."""
     return config["baseline"]["seeds"][0]

