@@ -150,12 +150,18 @@ def test_compare_variants_verdicts(tmp_path):
         return p
 
     paths = [summary("D/seed1", 1, 100.0)]
-    for seed, (a, b, c) in {1: (110, 101, 150), 2: (112, 99, 160)}.items():
+    for seed, (a, b, c) in {1: (110, 101, 150), 2: (112, 99, 160), 3: (111, 100, 155)}.items():
         paths += [summary(f"k8/A/seed{seed}", seed, a), summary(f"k8/B/seed{seed}", seed, b),
                   summary(f"k8/C/seed{seed}", seed, c)]
     cmp = compare_variants(run_table(paths)).set_index("comparison")
+    # A − C = −40, −48, −44: mean −44, s = 4, t(0.975, 2) = 4.3027 -> ±9.94
     assert cmp.loc["A vs C", "diff_mean"] == pytest.approx(-44.0)
-    assert cmp.loc["A vs C", "diff_spread"] == pytest.approx(np.std([-40, -48], ddof=1))
+    assert cmp.loc["A vs C", "ci95_low"] == pytest.approx(-44.0 - 4.302652729749464 * 4 / np.sqrt(3))
+    assert cmp.loc["A vs C", "ci95_high"] == pytest.approx(-44.0 + 4.302652729749464 * 4 / np.sqrt(3))
     assert cmp.loc["A vs C", "verdict"] == "A better than C"
-    assert cmp.loc["A vs D", "verdict"] == "A worse than D"
-    assert cmp.loc["B vs D", "verdict"] == "not distinguishable"  # +1, -1
+    assert cmp.loc["A vs D", "verdict"] == "A worse than D" and cmp.loc["A vs D", "d_seeds"] == 1
+    assert cmp.loc["B vs D", "verdict"] == "not distinguishable"  # +1, −1, 0
+    # two seeds of A − C (−40, −48): t(0.975, 1) = 12.71 makes the interval contain 0
+    two = compare_variants(run_table([p for p in paths if "seed3" not in p.name])).set_index("comparison")
+    assert two.loc["A vs C", "verdict"] == "not distinguishable"
+    assert two.loc["A vs C", "ci95_high"] > 0 > two.loc["A vs C", "ci95_low"]

@@ -110,3 +110,25 @@ def test_freeze_flags():
     with pytest.raises(ValueError, match="factorised"):
         GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)).set_frozen(
             freeze_scale=True)
+
+
+def test_uniform_attention_is_softmax_of_zero_scores():
+    """The ablation equals attention whose scores are all zero (uniform over the causal prefix)."""
+    from weightpca.evaluate import uniform_attention
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=16)).double()
+    with torch.no_grad():  # sharp attention patterns, unlike a fresh init's nearly uniform ones
+        for block in m.transformer.h:
+            block.attn.c_attn.weight[:32] *= 30
+    idx = torch.randint(100, (2, 8))
+    normal = m(idx)[0]
+    with uniform_attention(m):
+        ablated = m(idx)[0]
+    torch.testing.assert_close(m(idx)[0], normal)  # restored on exit
+    assert (ablated - normal).abs().max() > 1e-3
+    # reference: zero the query weights, so every score q·k is 0 and the softmax is uniform
+    with torch.no_grad():
+        for block in m.transformer.h:
+            block.attn.c_attn.weight[:16] = 0
+    torch.testing.assert_close(ablated, m(idx)[0])

@@ -39,7 +39,7 @@ def test_figures_are_real_images(dag, tmp_path):
         assert img.size[0] >= 800 and img.size[1] >= 500, name
         lo, hi = img.getextrema()
         assert hi - lo > 100, f"{name} is blank"
-        assert colored_pixels(path) > 500, f"{name} plots no data"
+        assert colored_pixels(path) > 200, f"{name} plots no data"
     # the check above refuses the placeholder a stage that did not run gets
     _not_run(tmp_path / "placeholder.png", "attention surgery", "surgery.enabled is false")
     assert colored_pixels(tmp_path / "placeholder.png") == 0

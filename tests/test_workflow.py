@@ -60,7 +60,7 @@ def test_factorisation_branch_artifacts(ci_results):
     assert b.steps == 10 and b.embedding_params == 512 * 4 + 2 * 4 * 32
     cmp = pd.read_csv(results / "train/comparisons.csv")
     assert set(cmp.comparison) == {"A vs C", "A vs D", "B vs A", "B vs D"}
-    assert (cmp.verdict == "one seed: spread unknown").all()
+    assert (cmp.verdict == "one seed: no interval").all()
 
 
 def scheduled_jobs(stdout: str) -> list[tuple[str, str]]:

@@ -87,6 +87,24 @@ def evaluate(model: GPT, windows: np.ndarray, batch_size: int, device,
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def uniform_attention(model: GPT):
+    """Every head of ``model`` attends uniformly to its causal prefix inside the block; weights unchanged.
+
+    The attention ablation of the baseline check: if perplexity barely moves,
+    the model does not use its attention, and compressing W_q/W_k (which only
+    shape the attention pattern) cannot show an effect.
+    """
+    blocks = [b.attn for b in model.transformer.h]
+    for attn in blocks:
+        attn.uniform = True
+    try:
+        yield model
+    finally:
+        for attn in blocks:
+            attn.uniform = False
+
+
 def perplexity(logits, windows: np.ndarray, batch_size: int, device) -> float:
     """exp(mean next-token cross-entropy) of ``logits(x) -> [B, T, V]`` over windows [N, T+1]."""
     loss, _ = mean_loss(lambda x, y: (logits(x), None), windows, batch_size, device)

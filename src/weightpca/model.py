@@ -83,6 +83,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        # an ablation, never trained with: every head attends uniformly to its
+        # causal prefix (scores set to zero before the softmax), see
+        # weightpca.evaluate.uniform_attention
+        self.uniform = False
 
     def forward(self, x):
         B, T, C = x.size()
@@ -91,9 +95,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        if self.uniform:
+            # softmax of all-zero scores over positions <= t: the mean of v over the prefix
+            counts = torch.arange(1, T + 1, device=v.device, dtype=v.dtype).view(1, 1, T, 1)
+            y = v.cumsum(dim=2) / counts
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -4,10 +4,13 @@ Each research question becomes one line of ``summary.csv`` / ``summary.md``
 with the compared numbers, their spread and a verdict derived from them by
 the rules below, never typed by hand:
 
-- training variants (A/B/C/D per k): mean ± sample standard deviation of the
+- training variants (A/B/C/D per k): mean and 95 % t-interval of the
   per-seed perplexity differences (``weightpca.tables.compare_variants``);
-  "X better/worse than Y" when |mean| exceeds the spread, "not
-  distinguishable" otherwise, "spread unknown" with one seed;
+  "X better/worse than Y" when the interval excludes 0, "not
+  distinguishable" when it contains 0, "no interval" with one seed;
+- baselines: perplexity with every head attending uniformly over perplexity
+  as trained; below ``ATTENTION_USE`` the model barely uses its attention and
+  surgery results on it are flagged as uninformative;
 - sketch methods: ratio of mean reconstruction error to exact PCA's at the
   same k; "near optimal" within ``SKETCH_TOLERANCE``;
 - low-rank regulariser: per λ > 0 and fraction of rank kept, the per-seed
@@ -36,8 +39,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .io import atomic_path, write_text  # noqa: E402
+from .tables import difference_verdict  # noqa: E402
 
 SURGERY_TIE = 0.01  # perplexities within 1 % of the best count as tied
+# a baseline "uses its attention" when uniform attention raises its perplexity
+# by at least this factor; below, surgery of its q/k/v has little to remove
+ATTENTION_USE = 1.25
 VARIANT_COLORS = {"A": "tab:blue", "B": "tab:green", "C": "tab:red", "D": "black"}
 DPI = 100
 FIGSIZE = (8, 5)
@@ -338,8 +345,6 @@ def plot_lowrank(table: pd.DataFrame, path) -> None:
 
 def lowrank_verdicts(table: pd.DataFrame) -> list[dict]:
     """Each λ > 0 against the λ = 0 control at full rank, 50 % and 25 % rank, paired by seed."""
-    from .tables import difference_verdict
-
     lines = []
     control = table[table["lambda"] == 0].set_index(["fraction", "seed"]).val_ppl
     if control.empty:
@@ -352,13 +357,13 @@ def lowrank_verdicts(table: pd.DataFrame) -> list[dict]:
                 continue
             a, b = runs.loc[f], control.loc[f]
             seeds = a.index.intersection(b.index)
-            mean, spread, verdict = difference_verdict((a.loc[seeds] - b.loc[seeds]).to_numpy(),
-                                                       f"λ={lam:g}", "λ=0")
-            shown = "n/a (one seed)" if not math.isfinite(spread) else f"{spread:.2f}"
+            mean, low, high, verdict = difference_verdict((a.loc[seeds] - b.loc[seeds]).to_numpy(),
+                                                          f"λ={lam:g}", "λ=0")
+            shown = interval_text(low, high)
             lines.append(dict(
                 stage="low-rank regulariser", subject=f"{f:.0%} of rank",
                 question=f"λ={lam:g} vs λ=0 (same init per seed): perplexity after truncation",
-                numbers=f"{a.mean():.2f} vs {b.mean():.2f} ppl; difference {mean:+.2f} ± {shown} "
+                numbers=f"{a.mean():.2f} vs {b.mean():.2f} ppl; difference {mean:+.2f}, {shown}, "
                         f"over {len(seeds)} seed(s)",
                 spread=shown, verdict=verdict))
     return lines
@@ -390,15 +395,41 @@ def read_benchmarks(paths, root) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- summary
 
+def baseline_verdicts(runs: pd.DataFrame) -> list[dict]:
+    """Per baseline D: does it use its attention (the ablation ratio) and how far below unigram is it?"""
+    lines = []
+    for r in runs[runs.variant == "D"].itertuples():
+        if not (isinstance(r.attention_ablated_val_ppl, float) and math.isfinite(r.attention_ablated_val_ppl)):
+            continue
+        ratio = r.attention_ablated_val_ppl / r.final_val_ppl
+        uses = ratio >= ATTENTION_USE
+        verdict = (f"uses its attention (≥ {ATTENTION_USE}x): surgery results on this model are informative"
+                   if uses else f"barely uses its attention (< {ATTENTION_USE}x): surgery results on this "
+                                f"model say little about attention")
+        lines.append(dict(
+            stage="baseline", subject=f"D seed {r.seed}", question="does D use its attention?",
+            numbers=f"ppl {r.final_val_ppl:.2f}; every head uniform over its prefix {r.attention_ablated_val_ppl:.2f} "
+                    f"(ratio {ratio:.2f}); unigram {r.unigram_val_ppl:.1f} "
+                    f"(D at {r.final_val_ppl / r.unigram_val_ppl:.2f}x unigram)",
+            spread="", verdict=verdict))
+    return lines
+
+
+def interval_text(low: float, high: float) -> str:
+    """The 95 % interval as the summary states it; 'n/a (one seed)' where none exists."""
+    return "95% CI n/a (one seed)" if not math.isfinite(low) else f"95% CI [{low:+.2f}, {high:+.2f}]"
+
+
 def training_verdicts(comparisons: pd.DataFrame) -> list[dict]:
     lines = []
     for r in comparisons.itertuples():
-        spread = "n/a (one seed)" if not math.isfinite(r.diff_spread) else f"{r.diff_spread:.2f}"
+        shown = interval_text(r.ci95_low, r.ci95_high)
+        d_note = " (D on one seed: its seed variation is not in the interval)" if r.d_seeds == 1 else ""
         lines.append(dict(
             stage="factorisation", subject=f"k={r.k}", question=f"{r.comparison}: {r.question}",
             numbers=f"{r.comparison.split()[0]} {r.ppl_first:.2f} vs {r.comparison.split()[-1]} {r.ppl_second:.2f} ppl; "
-                    f"difference {r.diff_mean:+.2f} ± {spread} over {r.n_seeds} seed(s)",
-            spread=spread, verdict=r.verdict,
+                    f"difference {r.diff_mean:+.2f}, {shown}, over {r.n_seeds} seed(s){d_note}",
+            spread=shown, verdict=r.verdict,
         ))
     return lines
 
@@ -449,6 +480,7 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
         plot_ppl_vs_k(runs, fig["ppl_vs_k"])
         plot_spectrum(json.loads(Path(inputs["spectrum"]).read_text()), fig["spectrum"])
         plot_params(pd.read_csv(inputs["params"]), fig["params_vs_k"])
+        lines += baseline_verdicts(runs)
         lines += training_verdicts(pd.read_csv(inputs["comparisons"]))
     else:
         not_run["factorisation"] = "no training results"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from .model import GPT, GPTConfig, padded_vocab
 
@@ -58,6 +59,8 @@ def run_table(summary_paths) -> pd.DataFrame:
         variant, k = ("D", None) if parts[0] == "D" else (parts[1], int(parts[0][1:]))
         rows.append(dict(variant=variant, k=k, seed=s["seed"], final_val_loss=s["final_val_loss"],
                          final_val_ppl=s["final_val_ppl"], best_val_ppl=s["best_val_ppl"],
+                         attention_ablated_val_ppl=s.get("attention_ablated_val_ppl"),
+                         unigram_val_ppl=s.get("unigram_val_ppl"),
                          final_cos_target=s.get("final_cos_target"), tokens_seen=s["tokens_seen"],
                          steps=s["steps"], params=s["params"], embedding_params=s["embedding_params"],
                          wall_s=s["wall_s"]))
@@ -72,32 +75,46 @@ COMPARISONS = [("A", "C", "PCA init vs random low-rank init"),
                ("B", "D", "does compression plus fine-tuning recover the baseline")]
 
 
-def _diff_stats(diffs: np.ndarray) -> tuple[float, float]:
+CONFIDENCE = 0.95
+
+
+def mean_interval(diffs: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): the t-interval of the mean of n paired differences,
+
+        mean ± t_{(1 + confidence)/2, n−1} · s / √n,    s the sample standard deviation,
+
+    (Student 1908); NaN bounds with one difference, where no interval exists.
+    """
+    diffs = np.asarray(diffs, dtype=float)
     mean = float(np.mean(diffs))
-    spread = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
-    return mean, spread
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf((1 + confidence) / 2, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+    return mean, mean - half, mean + half
 
 
-def difference_verdict(diffs: np.ndarray, first: str, second: str) -> tuple[float, float, str]:
-    """(mean, spread, verdict) of perplexity differences first − second over seeds (lower is better)."""
-    mean, spread = _diff_stats(diffs)
-    if math.isnan(spread):
-        verdict = "one seed: spread unknown"
-    elif abs(mean) <= spread:
+def difference_verdict(diffs: np.ndarray, first: str, second: str) -> tuple[float, float, float, str]:
+    """(mean, low, high, verdict) of perplexity differences first − second over seeds (lower is better).
+
+    "not distinguishable" when the 95 % interval contains 0.
+    """
+    mean, low, high = mean_interval(diffs)
+    if math.isnan(low):
+        verdict = "one seed: no interval"
+    elif low <= 0 <= high:
         verdict = "not distinguishable"
     else:
         verdict = f"{first} {'better' if mean < 0 else 'worse'} than {second}"
-    return mean, spread, verdict
+    return mean, low, high, verdict
 
 
 def compare_variants(runs: pd.DataFrame) -> pd.DataFrame:
-    """Final val perplexity differences (first − second) per k, mean ± spread over seeds.
+    """Final val perplexity differences (first − second) per k: mean and 95 % t-interval over seeds.
 
     Variants with the same seed share data order and (A/C) non-embedding
     init, so A−C and B−A are paired by seed; comparisons with D subtract D's
-    mean over its seeds. ``spread`` is the sample standard deviation of the
-    per-seed differences (NaN with one seed). A difference "exceeds the
-    spread" when |mean| > spread; with one seed nothing can be said.
+    mean over its seeds (``d_seeds`` says how many: with one, D's own seed
+    variation is not in the interval). With one seed no interval exists.
     """
     rows = []
     d_ppl = runs.loc[runs.variant == "D", "final_val_ppl"]
@@ -117,9 +134,10 @@ def compare_variants(runs: pd.DataFrame) -> pd.DataFrame:
                 b = at_k.loc[second]
                 seeds = a.index.intersection(b.index)
                 diffs = (a.loc[seeds] - b.loc[seeds]).to_numpy()
-            mean, spread, verdict = difference_verdict(diffs, first, second)
+            mean, low, high, verdict = difference_verdict(diffs, first, second)
             rows.append(dict(k=int(k), comparison=f"{first} vs {second}", question=question,
                              ppl_first=float(a.mean()),
                              ppl_second=float(d_ppl.mean() if second == "D" else at_k.loc[second].mean()),
-                             diff_mean=mean, diff_spread=spread, n_seeds=len(diffs), verdict=verdict))
+                             diff_mean=mean, ci95_low=low, ci95_high=high, n_seeds=len(diffs),
+                             d_seeds=len(d_ppl) if second == "D" else None, verdict=verdict))
     return pd.DataFrame(rows)

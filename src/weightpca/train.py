@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import lowrank
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from .evaluate import evaluate, resolve_device
+from .evaluate import evaluate, resolve_device, uniform_attention
 from .io import atomic_path, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTConfig, padded_vocab
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
@@ -436,12 +436,15 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
     final_val, final_cos = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
     if not math.isfinite(final_val):
         raise TrainingDiverged(f"{s.run['name']}: final validation loss is {final_val}; no outputs written")
+    with uniform_attention(s.model):  # the same evaluation with attention ablated: does the model use it?
+        ablated_val, _ = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
     targets = s.val_windows[:, 1:]
     summary = dict(
         name=s.run["name"], seed=s.run["seed"], steps=progress.step,
         tokens_seen=progress.step * s.tokens_per_step,
         final_val_loss=final_val, final_val_ppl=math.exp(final_val),
         best_val_ppl=math.exp(min(progress.best_val_loss, final_val)), final_cos_target=final_cos,
+        attention_ablated_val_ppl=math.exp(ablated_val),
         final_lowrank_value=lowrank_value(s.model, t),
         unigram_val_ppl=unigram_perplexity(s.train_tokens, targets, s.meta["vocab_size"]),
         val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
