@@ -53,6 +53,16 @@ def test_summary_answers_every_question(dag):
     fact = summary[summary.stage == "factorisation"]
     assert len(fact) == 2 * 4  # A vs C, A vs D, B vs A, B vs D at k = 4 and 16
     assert fact.verdict.str.contains("one seed").all()  # ci.yaml has one seed: no spread claimed
+    # the baseline line states the attention-ablation ratio of D's summary and judges it against 1.25
+    import json
+
+    from weightpca.report import ATTENTION_USE
+
+    d = json.loads((work / "results/train/D/seed7/summary.json").read_text())
+    ratio = d["attention_ablated_val_ppl"] / d["final_val_ppl"]
+    (base,) = summary[summary.stage == "baseline"].itertuples()
+    assert f"(ratio {ratio:.2f})" in base.numbers
+    assert base.verdict.startswith("uses its attention" if ratio >= ATTENTION_USE else "barely uses")
     surgery = summary[summary.stage == "surgery"]
     assert set(surgery.subject) == {"gpt", "smollm2"}
     assert surgery.question.str.contains("equal threshold").sum() == 2
@@ -122,3 +132,21 @@ def test_html_report_renders_in_chromium(dag, tmp_path):
     assert img.size == (1280, 900)
     lo, hi = img.getextrema()
     assert hi - lo > 100, "screenshot of the report is blank"
+
+
+def test_baseline_verdict_follows_the_ablation_ratio():
+    import pandas as pd
+
+    from weightpca.report import baseline_verdicts
+
+    runs = pd.DataFrame([dict(variant="D", seed=1, final_val_ppl=100.0, attention_ablated_val_ppl=130.0,
+                              unigram_val_ppl=400.0),
+                         dict(variant="D", seed=2, final_val_ppl=100.0, attention_ablated_val_ppl=110.0,
+                              unigram_val_ppl=400.0),
+                         dict(variant="A", seed=1, final_val_ppl=90.0, attention_ablated_val_ppl=200.0,
+                              unigram_val_ppl=400.0)])
+    lines = baseline_verdicts(runs)
+    assert [line["subject"] for line in lines] == ["D seed 1", "D seed 2"]
+    assert lines[0]["verdict"].startswith("uses its attention") and "(ratio 1.30)" in lines[0]["numbers"]
+    assert lines[1]["verdict"].startswith("barely uses its attention")
+    assert "0.25x unigram" in lines[0]["numbers"]

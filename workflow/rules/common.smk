@@ -17,6 +17,8 @@ os.environ.update(
     PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
 )
 
+from snakemake.exceptions import WorkflowError
+
 from weightpca import runs
 from weightpca.config import check_config
 
@@ -55,3 +57,27 @@ wildcard_constraints:
 def baseline_seed():
     """The seed whose D feeds the downstream stages (the first listed)."""
     return config["baseline"]["seeds"][0]
+
+
+def cpu_slots(kind):
+    """Snakemake cores a job of ``kind`` (a key of config.threads) reserves.
+
+    The job computes with config.threads[kind] threads. Run locally with
+    --cores above this machine's CPU count (the README's --cores 8 on a
+    2-core laptop), it reserves that many cores per thread, so that no more
+    threads run than there are CPUs: oversubscribed, every job slows down and
+    baseline D, which a dozen later runs wait for, finishes last. On a cluster
+    (non-local execution) a job's cores are its own.
+    """
+    threads = config["threads"][kind]
+
+    def slots(wildcards):
+        try:
+            cores = workflow.cores
+        except WorkflowError:  # no --cores given (e.g. a dry run)
+            return threads
+        if workflow.non_local_exec:
+            return threads
+        return threads * max(1, cores // len(os.sched_getaffinity(0)))
+
+    return slots

@@ -54,7 +54,7 @@ rule tokenize:
         f"{BENCH}/tokenize.tsv"
     conda:
         "../../envs/data.yaml"
-    threads: config["threads"]["tokenize"]
+    threads: cpu_slots("tokenize")
     params:
         tokenizer=config["tokenizer"],
     script:

@@ -20,7 +20,7 @@ rule train_lowrank:
         f"{BENCH}/lowrank/lambda{{lam}}/seed{{seed}}.tsv"
     conda:
         "../../envs/train.yaml"
-    threads: config["threads"]["train"]
+    threads: cpu_slots("train")
     params:
         run=lambda w: runs.lowrank_run(config, LAMBDAS[w.lam], int(w.seed)),
         work_dir=lambda w: f"{RESULTS}/lowrank/lambda{w.lam}/seed{w.seed}/_work",
@@ -43,7 +43,7 @@ rule lowrank_sweep:
         f"{BENCH}/lowrank_sweep/lambda{{lam}}/seed{{seed}}.tsv"
     conda:
         "../../envs/train.yaml"
-    threads: config["threads"]["train"]
+    threads: cpu_slots("train")
     params:
         lam=lambda w: LAMBDAS[w.lam],
         seed=lambda w: int(w.seed),

@@ -16,7 +16,7 @@ rule sketch:
         f"{BENCH}/sketch/{{method}}/k{{k}}_r{{r}}_{{centering}}.tsv"
     conda:
         "../../envs/train.yaml"
-    threads: config["threads"]["sketch"]
+    threads: cpu_slots("sketch")
     params:
         k=lambda w: int(w.k),
         r=lambda w: sketch_size(w.k),

@@ -30,9 +30,11 @@ rule prepare_hf_target:
         f"{LOGS}/prepare_hf_target/{{target}}.log",
     benchmark:
         f"{BENCH}/prepare_hf_target/{{target}}.tsv"
+    # the pretrained model's four sweeps wait for it; start it beside D
+    priority: 5
     conda:
         "../../envs/surgery.yaml"
-    threads: config["threads"]["surgery"]
+    threads: cpu_slots("surgery")
     params:
         target=lambda w: surgery_target(w.target),
     script:
@@ -51,15 +53,11 @@ rule surgery:
         f"{BENCH}/surgery/{{target}}/{{mode}}.tsv"
     conda:
         "../../envs/surgery.yaml"
-    threads: config["threads"]["surgery"]
+    threads: cpu_slots("surgery")
     params:
         kind=lambda w: surgery_target(w.target)["kind"],
         note=lambda w: surgery_target(w.target).get("note", ""),
-        settings={
-            k: v
-            for k, v in config["surgery"].items()
-            if k not in ("targets", "export")
-        },
+        settings=lambda w: surgery_settings(w.target),
     script:
         "../scripts/surgery.py"
 
@@ -75,13 +73,9 @@ rule surgery_export:
         f"{BENCH}/surgery_export/{{target}}/{{mode}}_t{{threshold}}.tsv"
     conda:
         "../../envs/surgery.yaml"
-    threads: config["threads"]["surgery"]
+    threads: cpu_slots("surgery")
     params:
         kind=lambda w: surgery_target(w.target)["kind"],
-        settings={
-            k: v
-            for k, v in config["surgery"].items()
-            if k not in ("targets", "export")
-        },
+        settings=lambda w: surgery_settings(w.target),
     script:
         "../scripts/surgery_export.py"

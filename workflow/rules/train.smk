@@ -19,9 +19,11 @@ rule train_baseline:
         f"{LOGS}/train/D/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/train/D/seed{{seed}}.tsv"
+    # a dozen A/B runs, the surgery of our model and the sketch wait for D
+    priority: 10
     conda:
         "../../envs/train.yaml"
-    threads: config["threads"]["train"]
+    threads: cpu_slots("train")
     params:
         run=lambda w: runs.baseline_run(config, int(w.seed)),
         work_dir=lambda w: f"{RESULTS}/train/D/seed{w.seed}/_work",
@@ -44,7 +46,7 @@ rule train_variant:
         f"{BENCH}/train/k{{k}}/{{variant}}/seed{{seed}}.tsv"
     conda:
         "../../envs/train.yaml"
-    threads: config["threads"]["train"]
+    threads: cpu_slots("train")
     params:
         run=variant_spec,
         work_dir=lambda w: f"{RESULTS}/train/k{w.k}/{w.variant}/seed{w.seed}/_work",

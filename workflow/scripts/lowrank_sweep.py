@@ -10,7 +10,7 @@ from weightpca.lowrank import rank_sweep
 from weightpca.tokens import eval_windows, open_tokens
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.threads)
+    torch.set_num_threads(snakemake.config["threads"]["train"])  # snakemake.threads: cores reserved (cpu_slots)
     device = resolve_device(snakemake.config["device"])
     model = load_model(snakemake.input.model, snakemake.input.config, device)
     meta = read_json(snakemake.input.meta)

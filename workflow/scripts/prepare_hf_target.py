@@ -8,7 +8,7 @@ from weightpca.logs import job_log
 from weightpca.targets import prepare_hf_model
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.threads)
+    torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     t = snakemake.params.target
     source = snakemake.input.get("gguf") or snakemake.input.get("folder") or t["model_id"]
     info = prepare_hf_model(source, Path(snakemake.output.config).parent)

@@ -10,7 +10,7 @@ from weightpca.logs import job_log
 from weightpca.sketch import SafetensorsSamples, run_method
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.threads)
+    torch.set_num_threads(snakemake.config["threads"]["sketch"])  # snakemake.threads: cores reserved (cpu_slots)
     p = snakemake.params
     optimum = json.loads(Path(snakemake.input.optimum).read_text()) if "optimum" in snakemake.input.keys() else None
     with SafetensorsSamples(sorted(Path(snakemake.input.snapshots).glob("*.safetensors"))) as src:

@@ -10,7 +10,7 @@ from weightpca.surgery import run_sweep
 from weightpca.targets import load_target
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.threads)
+    torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     s = snakemake.params.settings
     device = resolve_device(snakemake.config["device"])
     target, val, calib, window = load_target(
@@ -27,6 +27,6 @@ with job_log(snakemake.log[0]):
     write_json(snakemake.output.timing, dict(timing, target=snakemake.wildcards.target,
                                              mode=snakemake.wildcards.mode, note=snakemake.params.note,
                                              eval_tokens=int(len(val) - 1), window=window,
-                                             threads=snakemake.threads, device=device))
+                                             threads=snakemake.config["threads"]["surgery"], device=device))
     print(table.drop(columns=["ranks", "continuation"]).to_string(index=False))
     print(timing)

@@ -9,7 +9,7 @@ from weightpca.surgery import SweepPlan
 from weightpca.targets import input_moments, load_target
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.threads)
+    torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     if snakemake.params.kind == "gpt":
         raise ValueError("surgery.export: save_pretrained export is for Hugging Face targets only")
     s, mode = snakemake.params.settings, snakemake.wildcards.mode

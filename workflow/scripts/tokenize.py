@@ -5,7 +5,7 @@ from pathlib import Path
 
 from weightpca.logs import job_log
 
-os.environ["RAYON_NUM_THREADS"] = str(snakemake.threads)  # tokenizers' thread pool
+os.environ["RAYON_NUM_THREADS"] = str(snakemake.config["threads"]["tokenize"])  # tokenizers' thread pool
 from weightpca.tokens import build_tokenized_corpus  # noqa: E402
 
 with job_log(snakemake.log[0]):

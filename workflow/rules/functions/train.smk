@@ -29,32 +29,32 @@ def variant_inputs(wildcards):
     }
 
 
-def run_summaries():
-    """summary.json of D (every seed) and of every variant, rank and seed."""
+def training_files(baseline_pattern, variant_pattern):
+    """A pattern of D's (every baseline seed), then of every variant, rank and seed, in that order."""
     e = config["experiment"]
     return [
-        *expand(rules.train_baseline.output.summary, seed=config["baseline"]["seeds"]),
+        *expand(baseline_pattern, seed=config["baseline"]["seeds"]),
         *expand(
-            rules.train_variant.output.summary,
+            variant_pattern,
             k=config["factorize"]["ranks"],
             variant=list(e["variants"]),
             seed=e["seeds"],
         ),
     ]
+
+
+def run_summaries():
+    """summary.json of D (every seed) and of every variant, rank and seed."""
+    return training_files(
+        rules.train_baseline.output.summary, rules.train_variant.output.summary
+    )
 
 
 def run_metrics():
     """metrics.csv of every run in run_summaries(), in the same order."""
-    e = config["experiment"]
-    return [
-        *expand(rules.train_baseline.output.metrics, seed=config["baseline"]["seeds"]),
-        *expand(
-            rules.train_variant.output.metrics,
-            k=config["factorize"]["ranks"],
-            variant=list(e["variants"]),
-            seed=e["seeds"],
-        ),
-    ]
+    return training_files(
+        rules.train_baseline.output.metrics, rules.train_variant.output.metrics
+    )
 
 
 def run_names():
@@ -72,14 +72,7 @@ def run_names():
 
 
 def training_benchmarks():
-    e = config["experiment"]
     return [
-        *expand(rules.train_baseline.benchmark, seed=config["baseline"]["seeds"]),
-        *expand(
-            rules.train_variant.benchmark,
-            k=config["factorize"]["ranks"],
-            variant=list(e["variants"]),
-            seed=e["seeds"],
-        ),
+        *training_files(rules.train_baseline.benchmark, rules.train_variant.benchmark),
         rules.train_summary.benchmark,
     ]
