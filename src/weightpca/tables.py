@@ -70,7 +70,7 @@ def run_table(summary_paths) -> pd.DataFrame:
 
 
 COMPARISONS = [("A", "C", "PCA init vs random low-rank init"),
-               ("A", "D", "cost of rank k (PCA init, same budget)"),
+               ("A", "D", "cost of rank k (A starts from D's PCA'd embedding, same budget)"),
                ("B", "A", "fine-tuning from D vs training from scratch"),
                ("B", "D", "does compression plus fine-tuning recover the baseline")]
 
