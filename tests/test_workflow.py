@@ -143,3 +143,21 @@ def test_lowrank_branch(ci_results):
         # the untruncated point is the trained model's own validation loss
         assert sweep.val_loss.iloc[0] == pytest.approx(
             json.loads((results / f"lowrank/lambda{lam}/seed7/summary.json").read_text())["final_val_loss"], rel=1e-5)
+
+
+def test_jobs_reserve_cores_per_real_cpu(tmp_path):
+    """--cores above the CPU count (the README's --cores 8 on a laptop) must not oversubscribe the CPU:
+    a one-thread job reserves cores/CPUs of Snakemake's cores, so at most one such job runs per CPU."""
+    import os
+    import re
+
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "ci.yaml")
+    cpus = len(os.sched_getaffinity(0))
+    out = snakemake(tmp_path, "-n", "--cores", str(4 * cpus), "all", configfile=cfg).stdout
+    block = re.search(r"rule train_baseline:(.*?)\n\n", out, re.S).group(1)
+    assert re.search(r"threads: (\d+)", block).group(1) == str(4)  # 1 thread x (4·cpus // cpus)
+    out = snakemake(tmp_path, "-n", "--cores", "1", "all", configfile=cfg).stdout
+    block = re.search(r"rule train_baseline:(.*?)\n\n", out, re.S).group(1)
+    assert "threads: 1" in block or "threads:" not in block

@@ -8,10 +8,11 @@ resume from the last checkpoint if one matches this configuration, then
 
 and finally evaluate on the validation split and write the artifacts
 atomically. :func:`train` is those four parts in order: :func:`setup`,
-:func:`resume`, :func:`run_steps`, :func:`finish`. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs as
-DistributedDataParallel: every rank draws the same global batch offsets and
-trains on its slice, so ``n`` ranks at ``batch_size`` b step like one process
-at ``n·b``; rank 0 alone writes files. A run is a dict of plain values (see
+:func:`resume`, :func:`run_steps`, :func:`finish`. Under ``torchrun``
+(``WORLD_SIZE`` > 1) the same loop runs as DistributedDataParallel: every
+rank draws the same global batch offsets and trains on its slice, so ``n``
+ranks at ``batch_size`` b step like one process at ``n·b``; rank 0 alone
+writes files. A run is a dict of plain values (see
 ``config/config.yaml`` and :mod:`weightpca.runs`):
 
     run = {"name", "seed", "model": {...GPTConfig}, "train": {...TrainSettings},
