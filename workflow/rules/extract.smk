@@ -13,6 +13,8 @@ rule extract_baseline:
         f"{LOGS}/extract/D.log",
     benchmark:
         f"{BENCH}/extract/D.tsv"
+    # short, and A/B wait for it: first in line for a free core, as D is
+    priority: 10
     conda:
         "../../envs/train.yaml"
     script:

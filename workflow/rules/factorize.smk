@@ -32,6 +32,8 @@ rule factorize:
         f"{LOGS}/factorize/k{{k}}.log",
     benchmark:
         f"{BENCH}/factorize/k{{k}}.tsv"
+    # short, and A/B at this rank wait for it
+    priority: 10
     conda:
         "../../envs/train.yaml"
     params:
