@@ -52,6 +52,8 @@ rule tokenize:
         f"{LOGS}/tokenize.log",
     benchmark:
         f"{BENCH}/tokenize.tsv"
+    # D waits for it: first in line for a free core
+    priority: 10
     conda:
         "../../envs/data.yaml"
     threads: cpu_slots("tokenize")
