@@ -74,6 +74,10 @@ def test_summary_answers_every_question(dag):
     stats = pd.read_csv(work / "results/report/lowrank.csv")
     assert set(stats["lambda"]) == {0.0, 1.0} and set(stats.fraction) == {1.0, 0.5, 0.25}
     md = (work / "results/report/summary.md").read_text()
+    # every surgery target is named with the perplexity its ratios divide by, and its note
+    base = pd.read_csv(work / "results/surgery/smollm2/separate.csv").base_ppl.iloc[0]
+    assert f"- **smollm2**: unmodified perplexity {base:.2f}" in md and "dequantised 4-bit" in md
+    assert "- **gpt**: unmodified perplexity" in md
     assert "## low-rank regulariser" in md
     assert "## factorisation" in md and "## surgery" in md and "| k=4 |" in md
 

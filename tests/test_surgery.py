@@ -211,3 +211,30 @@ def test_cholesky_of_rank_deficient_moment():
     c = (x.T @ x / 10).astype(np.float64)
     chol = input_cholesky(c)
     np.testing.assert_allclose(chol @ chol.T, c, atol=1e-3 * np.abs(c).max())
+
+
+def test_full_rank_check_evaluates_the_reconstruction(monkeypatch):
+    """Threshold 1.0 evaluates the full-rank reconstruction, not the original weights: a decomposition
+    that does not reproduce the weights fails the sweep; a sound one matches to 1e-4 and stores dense."""
+    from weightpca import surgery
+
+    from weightpca.targets import HFTarget
+
+    target = HFTarget(*tiny_llama(None))
+    tokens = np.random.default_rng(0).integers(0, 27, 300)
+    rows, _ = run_sweep(target, "separate", [1.0, 0.5], tokens, 32, progress=lambda *_: None)
+    assert rows[0]["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert rows[0]["params_factored"] > rows[0]["params_dense"] == rows[0]["params_kept"]
+    assert rows[0]["params_fraction"] == 1.0 and rows[1]["params_fraction"] < 1.0
+
+    real = surgery.SweepPlan.weights_at
+
+    def sign_flipped(self, t):
+        weights, info = real(self, t)
+        for w in weights:
+            w["v"] = -w["v"]  # a decomposition that got the signs wrong
+        return weights, info
+
+    monkeypatch.setattr(surgery.SweepPlan, "weights_at", sign_flipped)
+    with pytest.raises(AssertionError, match="full-rank reconstruction"):
+        run_sweep(target, "separate", [1.0], tokens, 32, progress=lambda *_: None)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .hf_folder import HFFolderError, check_hf_folder
+
 
 class ConfigError(ValueError):
     pass
@@ -60,13 +62,10 @@ def check_config(config: dict) -> None:
     if surgery:
         for name, t in surgery["targets"].items():
             if t["kind"] == "hf" and t.get("path"):
-                folder = Path(t["path"])
-                if not folder.is_dir():
-                    raise ConfigError(f"surgery.targets.{name}.path: folder '{folder}' does not exist")
-                if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-                    raise ConfigError(
-                        f"surgery.targets.{name}.path: '{folder}' holds no model weights (*.safetensors or *.bin)"
-                    )
+                try:  # headers and config.json only: a job would fail on these much later
+                    check_hf_folder(t["path"])
+                except HFFolderError as e:
+                    raise ConfigError(f"surgery.targets.{name}.path: {e}") from None
         for i, e in enumerate(surgery.get("export", [])):
             if e["target"] not in surgery["targets"]:
                 raise ConfigError(f"surgery.export[{i}].target '{e['target']}' is not in surgery.targets")

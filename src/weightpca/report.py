@@ -434,7 +434,19 @@ def training_verdicts(comparisons: pd.DataFrame) -> list[dict]:
     return lines
 
 
-def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path) -> None:
+def surgery_targets_measured(surgery: pd.DataFrame, notes: dict[str, str]) -> list[str]:
+    """One markdown line per surgery target: the unmodified perplexity every ratio divides by, and its note."""
+    out = []
+    for target, t in surgery.groupby("target", sort=False):
+        note = notes.get(target, "")
+        out.append(f"- **{target}**: unmodified perplexity {t.base_ppl.iloc[0]:.2f} on its validation tokens"
+                   + (f"; {note}" if note else ""))
+    return out
+
+
+def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path,
+                  preambles: dict[str, list[str]] | None = None) -> None:
+    """summary.csv and summary.md; ``preambles`` are markdown lines printed under a stage's heading."""
     table = pd.DataFrame(lines, columns=["stage", "subject", "question", "numbers", "spread", "verdict"])
     for stage, why in not_run.items():
         table.loc[len(table)] = dict(stage=stage, subject="", question="", numbers="", spread="",
@@ -444,6 +456,8 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path)
           "Every verdict below is computed from the numbers beside it (src/weightpca/report.py).", ""]
     for stage, group in table.groupby("stage", sort=False):
         md += [f"## {stage}", ""]
+        if (preambles or {}).get(stage):
+            md += [*preambles[stage], ""]
         if group.verdict.str.startswith("not run").all():
             md += [f"Not run: {not_run[stage]}.", ""]
             continue
@@ -470,7 +484,7 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
     lowrank_csv to theirs.
     """
     fig = {name: outputs[name] for name in FIGURES}
-    lines, not_run = [], {}
+    lines, not_run, preambles = [], {}, {}
 
     if inputs.get("runs"):
         runs = pd.read_csv(inputs["runs"])
@@ -491,6 +505,7 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
         surgery = pd.concat([pd.read_csv(p) for p in inputs["surgery"]], ignore_index=True)
         plot_surgery(surgery, surgery_notes or {}, fig["surgery"])
         lines += surgery_verdicts(surgery)
+        preambles["surgery"] = surgery_targets_measured(surgery, surgery_notes or {})
     else:
         not_run["surgery"] = "surgery.enabled is false"
         _not_run(fig["surgery"], "attention surgery", "surgery.enabled is false")
@@ -518,5 +533,5 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
         _not_run(fig["wall_times"], "wall times", "no benchmark files")
     else:
         plot_wall_times(bench, fig["wall_times"])
-    write_summary(lines, not_run, outputs["summary_csv"], outputs["summary_md"])
+    write_summary(lines, not_run, outputs["summary_csv"], outputs["summary_md"], preambles)
     return pd.read_csv(outputs["summary_csv"])

@@ -249,6 +249,13 @@ def prepare_hf_model(source: str, out_dir) -> dict:
     else:
         model, tokenizer = load_hf_model(source)
     HFTarget(model, tokenizer)  # refuse models without Llama-style q/k/v projections now
+    dropped = getattr(model.config, "auto_map", None)
+    if dropped:
+        # loaded with the native class (remote code is never trusted); the saved
+        # copy must not point a later reader at custom code either
+        delattr(model.config, "auto_map")
+        print(f"{source}: dropped auto_map {sorted(dropped)} from the saved config.json "
+              f"(weightpca runs no custom model code)", flush=True)
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF loads dequantised to float32 but stays flagged as quantised,
         # which save_pretrained refuses: rebuild a plain model from its config

@@ -29,7 +29,7 @@ BAD = [
      r"'not a model id' does not match"),
     ("hf target without id or path", {"surgery.targets.tiny": {"kind": "hf"}}, r"\['surgery'\]\['targets'\]\['tiny'\]"),
     ("target path missing", {"surgery.targets.tiny": {"kind": "hf", "path": "/nonexistent/model"}},
-     r"surgery\.targets\.tiny\.path: folder '/nonexistent/model' does not exist"),
+     r"surgery\.targets\.tiny\.path: /nonexistent/model: folder does not exist"),
     ("export of gpt target", {"surgery.export": [{"target": "gpt", "mode": "separate", "threshold": 0.9}]},
      r"surgery\.export\[0\]: export is for Hugging Face targets, not 'gpt'"),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),

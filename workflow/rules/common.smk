@@ -21,6 +21,7 @@ from snakemake.exceptions import WorkflowError
 
 from weightpca import runs
 from weightpca.config import check_config
+from weightpca.hf_folder import check_hf_folder, fingerprint as hf_fingerprint
 
 # refuse a bad config before any job is scheduled
 validate(config, "../../config/schema.yaml")

@@ -37,6 +37,7 @@ rule prepare_hf_target:
     threads: cpu_slots("surgery")
     params:
         target=lambda w: surgery_target(w.target),
+        fingerprint=hf_target_fingerprint,
     script:
         "../scripts/prepare_hf_target.py"
 

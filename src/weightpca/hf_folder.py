@@ -1,0 +1,146 @@
+"""A local Hugging Face model folder, checked before any job runs: headers and config.json only.
+
+``check_hf_folder`` reads ``config.json``, the safetensors headers (8-byte
+length + JSON) and the names of the tokenizer files, never the weights, and
+refuses what a surgery job would otherwise fail on hours later:
+
+- an architecture whose attention is not Llama-style ``self_attn.{q,k,v}_proj``;
+- ``auto_map`` (custom model code: weightpca never passes ``trust_remote_code``);
+- a safetensors file that is truncated, unreadable, or lacks q/k/v tensors of
+  the shapes the config implies (``[heads · head_dim, hidden]`` for q,
+  ``[kv_heads · head_dim, hidden]`` for k and v, every layer);
+- no tokenizer files.
+
+It returns the files that define the model, so the workflow can track them
+by content (a changed file reruns that target's branch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+# model_type values whose transformers class has model.layers[i].self_attn.{q,k,v}_proj
+# (checked against transformers' own classes in tests/test_hf_folder.py)
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+class HFFolderError(ValueError):
+    """A local model folder that the surgery stage cannot use; the message says what to do."""
+
+
+def _fail(folder: Path, file: str, what: str, fix: str):
+    raise HFFolderError(f"{folder / file}: {what}. {fix}")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, with the file checked to hold every tensor's bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"header length {n} runs past the end of the file ({size} bytes): truncated")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"unreadable header ({e})") from e
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"tensors need {8 + n + end} bytes but the file has {size}: truncated")
+    return header
+
+
+def expected_qkv_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """Tensor name -> shape of every layer's q/k/v projection, from config.json."""
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    shapes = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for name, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
+            shapes[f"model.layers.{i}.self_attn.{name}_proj.weight"] = (rows, hidden)
+    return shapes
+
+
+def check_hf_folder(folder) -> list[Path]:
+    """Refuse a folder a surgery job could not use (see the module docstring); return its model files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HFFolderError(f"{folder}: folder does not exist. Set surgery.targets.<name>.path to a "
+                            f"folder written by save_pretrained")
+    if not (folder / "config.json").is_file():
+        _fail(folder, "config.json", "missing", "Save the model with save_pretrained, which writes it")
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        _fail(folder, "config.json", f"not valid JSON ({e})", "Restore the file written by save_pretrained")
+    if cfg.get("auto_map"):
+        _fail(folder, "config.json", f"has auto_map {sorted(cfg['auto_map'])}: the model needs custom code, "
+              "which weightpca never runs (trust_remote_code stays off)",
+              f"Use a model whose model_type transformers implements itself ({', '.join(LLAMA_STYLE)})")
+    if cfg.get("model_type") not in LLAMA_STYLE:
+        _fail(folder, "config.json", f"model_type '{cfg.get('model_type')}' "
+              f"({', '.join(cfg.get('architectures') or ['no architectures'])}) has no Llama-style "
+              "self_attn.{q,k,v}_proj", f"Surgery supports model_type {', '.join(LLAMA_STYLE)}")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        what = "only PyTorch .bin weights, which weightpca does not unpickle" if list(folder.glob("*.bin")) \
+            else "no model weights"
+        _fail(folder, "*.safetensors", what, "Save the model with save_pretrained(safe_serialization=True)")
+    found = {}
+    for path in weights:
+        try:
+            header = safetensors_header(path)
+        except (ValueError, KeyError, OSError) as e:
+            _fail(folder, path.name, f"not a readable safetensors file ({e})",
+                  "Copy the file again or re-save the model")
+        found.update({k: (tuple(v["shape"]), path.name) for k, v in header.items() if k != "__metadata__"})
+    for name, shape in expected_qkv_shapes(cfg).items():
+        if name not in found:
+            _fail(folder, weights[0].name if len(weights) == 1 else "*.safetensors",
+                  f"no tensor '{name}', which config.json's {cfg['num_hidden_layers']} layers imply",
+                  "Use the weights saved together with this config.json")
+        if found[name][0] != shape:
+            _fail(folder, found[name][1], f"tensor '{name}' has shape {list(found[name][0])}, config.json "
+                  f"implies {list(shape)}", "Use the weights saved together with this config.json")
+    if (folder / "tokenizer.json").is_file():
+        pass
+    elif (folder / "tokenizer.model").is_file():
+        if importlib.util.find_spec("sentencepiece") is None:
+            _fail(folder, "tokenizer.model", "a sentencepiece tokenizer without tokenizer.json, and the "
+                  "sentencepiece package is not installed", "pip install sentencepiece, or save the "
+                  "tokenizer with a fast tokenizer (tokenizer.json)")
+    else:
+        _fail(folder, "tokenizer.json", "missing (no tokenizer.json or tokenizer.model)",
+              "Save the tokenizer into the folder too: tokenizer.save_pretrained(folder)")
+    files = [folder / n for n in CONFIG_FILES + TOKENIZER_FILES if (folder / n).is_file()]
+    return sorted(files + weights)
+
+
+@lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(files) -> str:
+    """sha256 over the files' names and contents (each hashed once per size and mtime)."""
+    h = hashlib.sha256()
+    for p in sorted(map(Path, files)):
+        st = p.stat()
+        h.update(p.name.encode())
+        h.update(_file_digest(str(p), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
