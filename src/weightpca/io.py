@@ -61,6 +61,17 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def apply_umask(folder) -> None:
+    """Give every file in ``folder`` the mode a plain write would (0666 less the umask).
+
+    For files other libraries write (save_pretrained's safetensors come out 0600).
+    """
+    mode = 0o666 & ~_umask()
+    for p in Path(folder).iterdir():
+        if p.is_file():
+            os.chmod(p, mode)
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)

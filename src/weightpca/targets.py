@@ -15,6 +15,7 @@ import torch
 
 from . import evaluate
 from .extract import split_qkv
+from .io import apply_umask
 from .tokens import eval_windows
 
 
@@ -277,5 +278,6 @@ def prepare_hf_model(source: str, out_dir) -> dict:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    apply_umask(out_dir)
     n = sum(p.numel() for p in model.parameters())
     return {"architecture": type(model).__name__, "params": n, "layers": model.config.num_hidden_layers}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from weightpca.io import apply_umask
 from weightpca.logs import job_log
 from weightpca.surgery import SweepPlan
 from weightpca.targets import input_moments, load_target
@@ -22,4 +23,5 @@ with job_log(snakemake.log[0]):
     out = Path(snakemake.output.config).parent
     target.model.save_pretrained(out)
     target.tokenizer.save_pretrained(out)
+    apply_umask(out)
     print(info)
