@@ -1,7 +1,7 @@
 """Shared by every stage: config validation, result paths and wildcard constraints.
 
-Each stage's input functions live in its own .smk file; run settings come
-from weightpca.runs."""
+Each stage's input functions live in workflow/rules/functions/<stage>.smk,
+included by that stage's rule file; run settings come from weightpca.runs."""
 
 import os
 import sys
