@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import struct
 from functools import lru_cache
 from pathlib import Path
+
+from .io import safetensors_header
 
 # model_type values whose transformers class has model.layers[i].self_attn.{q,k,v}_proj
 # (checked against transformers' own classes in tests/test_hf_folder.py)
@@ -38,26 +39,6 @@ class HFFolderError(ValueError):
 
 def _fail(folder: Path, file: str, what: str, fix: str):
     raise HFFolderError(f"{folder / file}: {what}. {fix}")
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, with the file checked to hold every tensor's bytes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"header length {n} runs past the end of the file ({size} bytes): truncated")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ValueError(f"unreadable header ({e})") from e
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"tensors need {8 + n + end} bytes but the file has {size}: truncated")
-    return header
 
 
 def expected_qkv_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -100,11 +81,11 @@ def check_hf_folder(folder) -> list[Path]:
     found = {}
     for path in weights:
         try:
-            header = safetensors_header(path)
+            header, _, _ = safetensors_header(path)
         except (ValueError, KeyError, OSError) as e:
             _fail(folder, path.name, f"not a readable safetensors file ({e})",
                   "Copy the file again or re-save the model")
-        found.update({k: (tuple(v["shape"]), path.name) for k, v in header.items() if k != "__metadata__"})
+        found.update({k: (tuple(v["shape"]), path.name) for k, v in header.items()})
     for name, shape in expected_qkv_shapes(cfg).items():
         if name not in found:
             _fail(folder, weights[0].name if len(weights) == 1 else "*.safetensors",

@@ -104,6 +104,33 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def safetensors_header(path) -> tuple[dict, int, int]:
+    """(tensor entries, offset of the data, file size) of a safetensors file, reading its header alone.
+
+    The header is an 8-byte little-endian length and that much JSON; refused
+    (ValueError) when short, unreadable, or when a tensor's bytes run past the
+    end of the file (truncated). ``__metadata__`` is left out of the entries.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"truncated safetensors header (length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"unreadable safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if 8 + n + info["data_offsets"][1] > size:
+            raise ValueError(f"truncated (tensor '{name}' runs past the end of the file, {size} bytes)")
+    return header, 8 + n, size
+
+
 def check_state_dict(
     loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source
 ) -> None:

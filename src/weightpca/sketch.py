@@ -43,7 +43,6 @@ Methods (``fit_*``):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -54,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import write_json
+from .io import safetensors_header, write_json
 
 METHODS = ("exact", "seed_srht", "srht", "gaussian")
 
@@ -280,29 +279,17 @@ class SafetensorsSamples(Samples):
 
     @staticmethod
     def _open(path):
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SketchError(f"{path}: not a safetensors file (too short)")
-            hlen = int(np.frombuffer(head, dtype="<u8")[0])
-            raw = f.read(hlen)
-            size = os.fstat(f.fileno()).st_size
-        if len(raw) < hlen:
-            raise SketchError(f"{path}: truncated safetensors header")
         try:
-            header = json.loads(raw)
-        except ValueError as e:
-            raise SketchError(f"{path}: unreadable safetensors header ({e})") from e
-        header.pop("__metadata__", None)
+            header, data_start, _ = safetensors_header(path)
+        except (ValueError, KeyError) as e:
+            raise SketchError(f"{path}: {e}") from e
         segments = []
         for name in sorted(header):
             info = header[name]
             if info["dtype"] != "F32":
                 raise SketchError(f"{path}: tensor '{name}' is {info['dtype']}, expected F32")
             b0, b1 = info["data_offsets"]
-            if 8 + hlen + b1 > size:
-                raise SketchError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
-            segments.append((name, 8 + hlen + b0, (b1 - b0) // 4))
+            segments.append((name, data_start + b0, (b1 - b0) // 4))
         return segments, os.open(path, os.O_RDONLY)
 
     def block(self, b0, b1, out=None):
