@@ -11,8 +11,8 @@ from conftest import snakemake
 
 pytestmark = pytest.mark.workflow
 
-FIGURES = ["training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "sketch_error",
-           "lowrank", "wall_times"]
+FIGURES = ["training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "surgery_sensitivity",
+           "sketch_error", "lowrank", "wall_times"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,21 @@ def test_summary_answers_every_question(dag):
     assert base.verdict.startswith("uses its attention" if ratio >= ATTENTION_USE else "barely uses")
     surgery = summary[summary.stage == "surgery"]
     assert set(surgery.subject) == {"gpt", "smollm2"}
-    assert surgery.question.str.contains("equal threshold").sum() == 2
+    # per target: the frontier at each tolerance, then equal parameters among working points
+    frontier = surgery[surgery.question.str.startswith("q/k/v parameters kept within")]
+    assert sorted(frontier.question.str.extract(r"within (\d+)%")[0].astype(int)) == [1, 1, 5, 5, 10, 10]
+    assert surgery.question.str.contains("equal q/k/v parameters, working points only").sum() == 2
+    for target in ("gpt", "smollm2"):
+        table = pd.read_csv(work / f"results/surgery/{target}/frontier.csv")
+        assert len(table) == 4 * 3  # every mode x tolerance
+        claimed = table[table.within]
+        assert (claimed.ppl_ratio <= 1 + claimed.tolerance).all() and (claimed.params_fraction < 1).all()
+        for r in table.itertuples():  # the verdict line quotes each mode's frontier point
+            line = frontier[(frontier.subject == target)
+                            & frontier.question.str.contains(f"within {r.tolerance:.0%}")].numbers.iloc[0]
+            assert (f"{r.mode} {r.params_fraction:.1%}" if r.within else f"{r.mode} none") in line
+        sens = pd.read_csv(work / f"results/surgery/{target}/sensitivity.csv")
+        assert set(sens.scope) == {"type", "layer"} and set(sens[sens.scope == "type"].matrices) == set("qkv")
     sketch = summary[summary.stage == "sketch"]
     assert set(sketch.question) == {"seed_srht vs exact PCA", "srht vs exact PCA", "gaussian vs exact PCA"}
     lowrank = summary[summary.stage == "low-rank regulariser"]
@@ -80,6 +94,35 @@ def test_summary_answers_every_question(dag):
     assert "- **gpt**: unmodified perplexity" in md
     assert "## low-rank regulariser" in md
     assert "## factorisation" in md and "## surgery" in md and "| k=4 |" in md
+
+
+def surgery_points(mode, points, base=10.0):
+    import pandas as pd
+
+    return pd.DataFrame([dict(target="m", mode=mode, threshold=t, ppl=base * ratio, ppl_ratio=ratio,
+                              base_ppl=base, params_fraction=min(f, 1.0), params_factored=f, params_dense=1)
+                         for t, f, ratio in points])
+
+
+def test_no_verdict_uses_a_broken_point():
+    """Points above 2x base enter no verdict: a mode broken everywhere is named as broken, not ranked."""
+    import pandas as pd
+
+    from weightpca.report import BROKEN, surgery_verdicts
+
+    working = surgery_points("a", [(1.0, 1.2, 1.0), (0.9, 0.8, 1.05), (0.5, 0.4, 1.5)])
+    other = surgery_points("b", [(1.0, 1.2, 1.0), (0.9, 0.7, 1.3), (0.5, 0.3, 1.9)])
+    broken = surgery_points("c", [(1.0, 1.2, 1.0), (0.9, 0.6, 2.5), (0.5, 0.2, 40.0)])
+    (line,) = surgery_verdicts(pd.concat([working, other, broken]))
+    assert "broken (> 2x) at every compressed point: c" in line["numbers"]
+    ranked = line["numbers"].split(";")[0]
+    assert not ranked.startswith("c ") and ", c " not in ranked and not line["verdict"].startswith("c ")
+    # a mode whose working range ends before the budget is not extrapolated into its broken points
+    half = surgery_points("b", [(1.0, 1.2, 1.0), (0.9, 0.7, 1.3), (0.5, 0.3, BROKEN + 0.1)])
+    (line,) = surgery_verdicts(pd.concat([working, half]))
+    assert "0.70 of dense" in line["question"] and "b 13.00" in line["numbers"]
+    (line,) = surgery_verdicts(pd.concat([working, broken]))
+    assert line["verdict"].startswith("fewer than two modes work")
 
 
 def test_disabled_surgery_is_reported_as_not_run(dag, tmp_path):

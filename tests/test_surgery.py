@@ -238,3 +238,120 @@ def test_full_rank_check_evaluates_the_reconstruction(monkeypatch):
     monkeypatch.setattr(surgery.SweepPlan, "weights_at", sign_flipped)
     with pytest.raises(AssertionError, match="full-rank reconstruction"):
         run_sweep(target, "separate", [1.0], tokens, 32, progress=lambda *_: None)
+
+
+class RankTarget:
+    """A synthetic target whose perplexity is a known function of its weights' ranks.
+
+    perplexity = 10 · exp(Σ α[layer, type] · missing rank), where the missing
+    rank of a matrix is its full (centred) rank minus the rank of its current
+    centred weights; by default every component of q, k, v costs ``alpha``.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, d=32, alpha=0.001, n_layers=1, costs=None):
+        self.n_layers = n_layers
+        self.weights = [{n: decaying(d, d, seed=3 * i + j) for j, n in enumerate("qkv")} for i in range(n_layers)]
+        self.full = [{n: self.rank(w) for n, w in lw.items()} for lw in self.weights]
+        self.costs = costs or {(i, n): alpha for i in range(n_layers) for n in "qkv"}
+
+    @staticmethod
+    def rank(w):
+        return np.linalg.matrix_rank(w - w.mean(0), tol=1e-3)
+
+    def get_qkv(self, i):
+        return {n: w.copy() for n, w in self.weights[i].items()}
+
+    def set_qkv(self, i, qkv):
+        self.weights[i] = {n: np.asarray(w, dtype=np.float64) for n, w in qkv.items()}
+
+    def ppl(self):
+        return 10.0 * np.exp(sum(a * (self.full[i][n] - self.rank(self.weights[i][n]))
+                                 for (i, n), a in self.costs.items()))
+
+
+def test_bisection_finds_a_planted_frontier(monkeypatch):
+    from weightpca import surgery
+
+    target = RankTarget()
+    monkeypatch.setattr(surgery, "perplexity", lambda tgt, *_: tgt.ppl())
+    plan = SweepPlan("separate", [target.get_qkv(0)], dtype=np.float32)
+    # every model the threshold can reach: one per distinct step of the parameter count
+    grid = np.concatenate([np.linspace(0.01, 0.999, 4000), [1.0]])
+    reachable = {}
+    for t in grid:
+        info = plan.info_at(float(t))
+        missing = sum(target.full[0][n] - info["ranks"][n][0] for n in "qkv")
+        reachable[info["params_kept"]] = dict(ratio=float(np.exp(0.001 * missing)),
+                                              fraction=min(info["params_kept"] / info["params_dense"], 1.0))
+    # compressed (r ≤ 15 of 32 per matrix) costs 1.05-1.10x: tolerances inside that range
+    for tolerance in (0.06, 0.075, 0.09):
+        # the planted answer: fewest parameters within tolerance, and the next reachable model below it
+        ok = [v for v in reachable.values() if v["ratio"] <= 1 + tolerance and v["fraction"] < 1]
+        best = min(ok, key=lambda v: v["fraction"])
+        below = max((v for v in reachable.values() if v["fraction"] < best["fraction"]), key=lambda v: v["fraction"])
+        rows, timing = run_sweep(target, "separate", [1.0, 0.3], np.zeros(2), 1, tolerances=[tolerance],
+                                 refine=12, progress=lambda *_: None)
+        row = surgery.frontier_row(rows, tolerance)
+        assert row["within"] and row["ppl_ratio"] <= 1 + tolerance
+        assert row["params_fraction"] == pytest.approx(best["fraction"])
+        assert row["bracket_params_fraction"] == pytest.approx(below["fraction"])
+        assert row["bracket_ppl_ratio"] > 1 + tolerance
+        # bisection: about log2(models in the bracket) evaluations, not one per reachable model
+        assert timing["evaluations"] <= 2 + 1 + np.ceil(np.log2(len(reachable))) + 1
+        assert {r["source"] for r in rows} == {"grid", "refine"}
+
+
+def test_frontier_row_without_a_compressed_point_within_tolerance():
+    from weightpca.surgery import frontier_row
+
+    def point(t, fraction, ratio):
+        return dict(threshold=t, params_fraction=fraction, ppl=10 * ratio, ppl_ratio=ratio)
+
+    points = [point(1.0, 1.0, 1.0), point(0.99, 1.0, 1.004), point(0.9, 0.8, 1.3), point(0.5, 0.4, 9.0)]
+    row = frontier_row(points, 0.01)
+    assert not row["within"]  # 0.99 is within 1 % but not compressed
+    assert (row["params_fraction"], row["ppl_ratio"]) == (0.8, 1.3)  # its best compressed point
+    row = frontier_row(points, 0.5)
+    assert row["within"] and row["params_fraction"] == 0.8
+    assert (row["bracket_params_fraction"], row["bracket_ppl_ratio"]) == (0.4, 9.0)
+    row = frontier_row(points, 10.0)
+    assert row["params_fraction"] == 0.4 and np.isnan(row["bracket_params_fraction"])
+
+
+def test_sensitivity_reproduces_the_separate_sweep():
+    from weightpca.surgery import run_sensitivity
+    from weightpca.targets import HFTarget, perplexity
+
+    target = HFTarget(*tiny_llama(None))
+    tokens = np.random.default_rng(0).integers(0, 27, 300)
+    before = perplexity(target, tokens, 32)
+    thresholds = [1.0, 0.9, 0.5]
+    sweep, _ = run_sweep(target, "separate", thresholds, tokens, 32, progress=lambda *_: None)
+    rows = run_sensitivity(target, thresholds, tokens, 32, tolerance=0.01, combined=True, progress=lambda *_: None)
+    assert perplexity(target, tokens, 32) == pytest.approx(before, rel=1e-6)  # restored
+    combined = {r["threshold"]: r["ppl"] for r in rows if r["scope"] == "all"}
+    assert sorted(combined) == [0.5, 0.9]
+    for r in sweep[1:]:
+        assert combined[r["threshold"]] == pytest.approx(r["ppl"], rel=1e-6)
+        assert r["ppl"] != pytest.approx(before, rel=1e-4)  # the sweep did change the model
+    types = [r for r in rows if r["scope"] == "type"]
+    assert {(r["matrices"], r["threshold"]) for r in types} == {(n, t) for n in "qkv" for t in (0.9, 0.5)}
+
+
+def test_sensitivity_localises_the_damaging_matrix_and_layer(monkeypatch):
+    from weightpca import surgery
+
+    # only layer 2's v costs anything, and it costs 1 % per component dropped
+    target = RankTarget(n_layers=3, costs={(2, "v"): 0.01, (0, "q"): 0.0001})
+    monkeypatch.setattr(surgery, "perplexity", lambda tgt, *_: tgt.ppl())
+    rows = surgery.run_sensitivity(target, [1.0, 0.99, 0.9, 0.5], np.zeros(2), 1, tolerance=0.1,
+                                   progress=lambda *_: None)
+    types = {(r["matrices"], r["threshold"]): r["ppl_ratio"] for r in rows if r["scope"] == "type"}
+    assert all(types["k", t] == 1.0 for t in (0.99, 0.9, 0.5)) and types["v", 0.5] > types["q", 0.5] > 1.0
+    layer_rows = [r for r in rows if r["scope"] == "layer"]
+    assert [r["matrices"] for r in layer_rows] == ["v"] * 3 and [r["layer"] for r in layer_rows] == [0, 1, 2]
+    # at the highest threshold where v alone leaves the tolerance
+    assert layer_rows[0]["threshold"] == max(t for (n, t), x in types.items() if n == "v" and x > 1.1)
+    assert [r["ppl_ratio"] > 1.0 for r in layer_rows] == [False, False, True]

@@ -16,8 +16,10 @@ the rules below, never typed by hand:
 - low-rank regulariser: per λ > 0 and fraction of rank kept, the per-seed
   perplexity differences to the λ = 0 control (same init and batches), judged
   by the training rule above;
-- surgery modes per target: perplexity of every mode at equal threshold and,
-  interpolated on log(perplexity), at equal fraction of parameters kept;
+- surgery modes per target: the frontier (fewest q/k/v parameters within each
+  tolerance of the base perplexity, ``frontier.csv``), then perplexity at
+  equal fraction of parameters kept, interpolated on log(perplexity) over
+  working points only (a point above ``BROKEN`` x base enters no verdict);
   modes within ``SURGERY_TIE`` (relative) of the best are tied. The sweeps are
   deterministic (no seeds), so their spread is reported as 0.
 
@@ -42,6 +44,7 @@ from .io import atomic_path, write_text  # noqa: E402
 from .tables import difference_verdict  # noqa: E402
 
 SURGERY_TIE = 0.01  # perplexities within 1 % of the best count as tied
+BROKEN = 2.0  # a surgery point above this many times the base perplexity is broken: it enters no verdict
 # a baseline "uses its attention" when uniform attention raises its perplexity
 # by at least this factor; below, surgery of its q/k/v has little to remove
 ATTENTION_USE = 1.25
@@ -157,28 +160,90 @@ def plot_params(params: pd.DataFrame, path) -> None:
 
 # ---------------------------------------------------------------- surgery
 
-def plot_surgery(surgery: pd.DataFrame, notes: dict[str, str], path) -> None:
-    """Per target: perplexity vs threshold and vs fraction of q/k/v parameters kept, one line per mode."""
+def plot_surgery(surgery: pd.DataFrame, frontier: pd.DataFrame, notes: dict[str, str], path) -> None:
+    """Per target: perplexity ratio against q/k/v parameters (tolerance lines, frontier marked) and threshold."""
     targets = list(dict.fromkeys(surgery.target))
     fig, axes = plt.subplots(len(targets), 2, figsize=(12, 4.5 * len(targets)), squeeze=False)
     for row, target in zip(axes, targets):
         t = surgery[surgery.target == target]
+        colors = {}
         for mode, m in t.groupby("mode", sort=False):
+            by_params = m.assign(x=m.params_factored / m.params_dense).sort_values("x")
+            (line,) = row[0].plot(by_params.x, by_params.ppl_ratio, "o-", ms=4, label=mode)
+            colors[mode] = line.get_color()
             m = m.sort_values("threshold")
-            row[0].plot(m.threshold, m.ppl, "o-", label=mode)
-            row[1].plot(m.params_fraction, m.ppl, "o-", label=mode)
-        base = t.base_ppl.iloc[0]
-        title = target + ("\n" + textwrap.fill(notes[target], 70) if notes.get(target) else "")
-        for ax, xlabel in zip(row, ("fraction of variance kept (threshold)",
-                                    "q/k/v parameters of the factored form / dense")):
-            ax.axhline(base, color="black", ls="--", label=f"unmodified, {base:.2f}")
+            row[1].plot(1 - m.threshold.clip(upper=1 - 1e-6), m.ppl_ratio, "o-", ms=4, label=mode)
+        f = frontier[(frontier.target == target) & frontier.within]
+        for r in f.itertuples():
+            row[0].plot(r.params_fraction, r.ppl_ratio, "*", ms=14, color=colors.get(r.mode, "black"),
+                        markeredgecolor="black", zorder=5)
+        title = (f"{target}: unmodified perplexity {t.base_ppl.iloc[0]:.2f}"
+                 + ("\n" + textwrap.fill(notes[target], 70) if notes.get(target) else ""))
+        for ax in row:
+            for tol in sorted(set(frontier.tolerance)):
+                ax.axhline(1 + tol, color="grey", ls=":", lw=1)
+            ax.axhline(BROKEN, color="red", ls="--", lw=1, label=f"broken (> {BROKEN:g}x)")
             ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("validation perplexity")
+            ax.set_ylabel("perplexity / unmodified")
             ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
+        row[0].axvline(1.0, color="black", lw=1)
+        row[0].set_xlabel("q/k/v parameters of the factored form / dense (> 1: no saving);\n"
+                          "stars: frontier per tolerance (dotted lines)")
+        row[1].set_xscale("log")
+        row[1].set_xlabel("1 - threshold (fraction of variance dropped; 1.0 shown at 1e-6)")
+        row[0].legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
+    """Per target: perplexity ratio with one matrix type compressed (left), then one layer of the worst (right)."""
+    targets = list(dict.fromkeys(sensitivity.target))
+    fig, axes = plt.subplots(len(targets), 2, figsize=(12, 4 * len(targets)), squeeze=False)
+    for row, target in zip(axes, targets):
+        t = sensitivity[sensitivity.target == target]
+        types = t[t.scope == "type"]
+        for name, m in types.groupby("matrices", sort=False):
+            m = m.sort_values("threshold")
+            row[0].plot(1 - m.threshold, m.ppl_ratio, "o-", label=f"{name} only, every layer")
+        row[0].set_xscale("log")
+        row[0].set_xlabel("1 - threshold (fraction of variance dropped)")
+        layers = t[t.scope == "layer"]
+        row[1].bar(layers.layer.astype(int), layers.ppl_ratio - 1, bottom=1, color="tab:red")
+        if len(layers):
+            row[1].set_title(f"{target}: {layers.matrices.iloc[0]} of one layer at threshold "
+                             f"{layers.threshold.iloc[0]:g}", fontsize=9)
+        row[1].set_xlabel("layer")
+        row[0].set_title(f"{target}: separate PCA of one matrix type at a time", fontsize=9)
+        for ax in row:
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity / unmodified")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def frontier_verdicts(frontier: pd.DataFrame) -> list[dict]:
+    """Per target and tolerance: which mode keeps the fewest q/k/v parameters within tolerance."""
+    lines = []
+    for (target, tol), f in frontier.groupby(["target", "tolerance"], sort=False):
+        within = f[f.within].sort_values("params_fraction")
+        outside = f[~f.within]
+        numbers = [f"{r.mode} {r.params_fraction:.1%} ({r.ppl_ratio:.3f}x)" for r in within.itertuples()]
+        numbers += [f"{r.mode} none" + (f" (best compressed point {r.ppl_ratio:.3g}x at {r.params_fraction:.1%})"
+                                        if math.isfinite(r.params_fraction) else "")
+                    for r in outside.itertuples()]
+        question = f"q/k/v parameters kept within {tol:.0%} of base perplexity"
+        if within.empty:
+            verdict = f"no mode compresses q/k/v within {tol:.0%}"
+        else:
+            best = within.iloc[0]
+            verdict = f"{best['mode']} keeps the fewest: {best.params_fraction:.1%} of q/k/v parameters"
+            if len(within) > 1:
+                verdict += f" (next: {within.iloc[1]['mode']} {within.iloc[1].params_fraction:.1%})"
+        lines.append(dict(stage="surgery", subject=target, question=question, numbers="; ".join(numbers),
+                          spread="0 (deterministic, same tokens)", verdict=verdict))
+    return lines
 
 
 def _interp_log_ppl(m: pd.DataFrame, fraction: float) -> float:
@@ -200,34 +265,37 @@ def _common_budget(compressed: dict[str, pd.DataFrame]) -> tuple[float, list[str
 
 
 def surgery_verdicts(surgery: pd.DataFrame) -> list[dict]:
-    """Per target: which mode keeps perplexity lowest, at equal threshold and at equal parameters kept."""
+    """Per target: which mode keeps perplexity lowest at equal q/k/v parameters, among working models.
+
+    Only compressed points (factored form smaller than dense) within
+    ``BROKEN`` x the base perplexity enter: a broken model's perplexity says
+    nothing about a mode a user would deploy. Each mode's working points are
+    interpolated (log perplexity) at the parameter fraction that the most
+    modes' working ranges cover.
+    """
     lines = []
     for target, t in surgery.groupby("target", sort=False):
         modes = list(dict.fromkeys(t["mode"]))
-        # equal threshold: the lowest threshold every mode ran
-        thr = min(t.threshold)
-        at = t[t.threshold == thr].set_index("mode")
-        line = _rank_line("surgery", target, f"modes at equal threshold {thr:g}", at.ppl.to_dict(), "ppl")
-        line["numbers"] += "; q/k/v parameters kept: " + ", ".join(
-            f"{m} {at.params_fraction[m]:.2f}" for m in at.index)
-        lines.append(line)
-        # equal parameters: interpolate the compressed points (factored form
-        # smaller than dense) at the budget that most modes' sweeps cover
-        compressed = {m: t[(t["mode"] == m) & (t.params_fraction < 1.0)] for m in modes}
-        compressed = {m: c for m, c in compressed.items() if len(c)}
-        fraction, inside = _common_budget(compressed)
+        working = {m: t[(t["mode"] == m) & (t.params_fraction < 1.0) & (t.ppl_ratio <= BROKEN)] for m in modes}
+        working = {m: w for m, w in working.items() if len(w)}
+        broken = [m for m in modes if m not in working]
+        question = "modes at equal q/k/v parameters, working points only"
+        note = f"; broken (> {BROKEN:g}x) at every compressed point: {', '.join(broken)}" if broken else ""
+        fraction, inside = _common_budget(working)
         if len(inside) >= 2:
-            values = {m: _interp_log_ppl(compressed[m], fraction) for m in inside}
-            line = _rank_line("surgery", target, f"modes at equal q/k/v parameters ({fraction:.2f} of dense)",
-                              values, "ppl (interpolated)")
-            outside = [m for m in modes if m not in inside]
+            values = {m: _interp_log_ppl(working[m], fraction) for m in inside}
+            line = _rank_line("surgery", target, f"{question} ({fraction:.2f} of dense)", values,
+                              "ppl (interpolated)")
+            outside = [m for m in working if m not in inside]
             if outside:
                 line["numbers"] += f"; outside this budget: {', '.join(outside)}"
+            line["numbers"] += note
             lines.append(line)
         else:
-            lines.append(dict(stage="surgery", subject=target, question="modes at equal q/k/v parameters",
-                              numbers="", spread="", verdict="no parameter budget is inside two modes' "
-                              "sweeps; add thresholds to compare at equal parameters"))
+            lines.append(dict(stage="surgery", subject=target, question=question,
+                              numbers=(f"working: {', '.join(working) or 'none'}" + note).lstrip("; "),
+                              spread="", verdict="fewer than two modes work at a common parameter budget: "
+                              "no comparison"))
     return lines
 
 
@@ -467,8 +535,8 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path,
     write_text(md_path, "\n".join(md))
 
 
-FIGURES = ("training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "sketch_error", "lowrank",
-           "wall_times")
+FIGURES = ("training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "surgery_sensitivity",
+           "sketch_error", "lowrank", "wall_times")
 
 
 def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[str, str] | None = None,
@@ -477,7 +545,8 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
 
     ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
     metrics (list of metrics.csv, named by ``run_names`` in the same order),
-    surgery (list of csv), sketch (list of errors.json), lowrank (list of
+    surgery (list of csv), frontier (list of frontier.csv), sensitivity (list
+    of sensitivity.csv), sketch (list of errors.json), lowrank (list of
     sweep.csv), benchmarks (list of Snakemake benchmark files under
     ``bench_root``); absent keys mean the stage was not run. ``outputs`` maps
     each name in ``FIGURES`` to its .png path, and summary_csv, summary_md and
@@ -503,12 +572,19 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
 
     if inputs.get("surgery"):
         surgery = pd.concat([pd.read_csv(p) for p in inputs["surgery"]], ignore_index=True)
-        plot_surgery(surgery, surgery_notes or {}, fig["surgery"])
+        frontier = pd.concat([pd.read_csv(p) for p in inputs["frontier"]], ignore_index=True)
+        plot_surgery(surgery, frontier, surgery_notes or {}, fig["surgery"])
+        lines += frontier_verdicts(frontier)
         lines += surgery_verdicts(surgery)
         preambles["surgery"] = surgery_targets_measured(surgery, surgery_notes or {})
     else:
         not_run["surgery"] = "surgery.enabled is false"
         _not_run(fig["surgery"], "attention surgery", "surgery.enabled is false")
+    if inputs.get("sensitivity"):
+        plot_sensitivity(pd.concat([pd.read_csv(p) for p in inputs["sensitivity"]], ignore_index=True),
+                         fig["surgery_sensitivity"])
+    else:
+        _not_run(fig["surgery_sensitivity"], "surgery sensitivity", "surgery.sensitivity is false")
 
     if inputs.get("sketch"):
         table = sketch_table(inputs["sketch"])

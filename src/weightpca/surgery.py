@@ -198,9 +198,46 @@ class SweepPlan:
 
     def weights_at(self, threshold: float) -> tuple[list[dict[str, np.ndarray]], dict]:
         """Reconstructed q/k/v per layer at one threshold, and its ranks and parameter counts."""
+        return self._at(threshold, reconstruct=True)
+
+    def info_at(self, threshold: float) -> dict:
+        """Ranks and parameter counts at one threshold, without reconstructing (cheap)."""
+        return self._at(threshold, reconstruct=False)[1]
+
+    def threshold_for_params(self, params: float, low: float, high: float) -> float | None:
+        """A threshold in (low, high) whose factored parameter count is nearest ``params`` from above.
+
+        The count is a non-decreasing step function of the threshold, so
+        bisection on the threshold finds the step; the answer must have ranks
+        (hence a count) strictly between those at ``low`` and ``high``, else
+        there is nothing left to measure between them and None is returned.
+        """
+        count = lambda t: self.info_at(t)["params_kept"]  # noqa: E731
+        at_low, at_high = count(low), count(high)
+        lo, hi = low, high
+        for _ in range(60):  # 2⁻⁶⁰ of the interval: below any step of a float threshold
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            if count(mid) < params:
+                lo = mid
+            else:
+                hi = mid
+        for t in (hi, lo):
+            if at_low < count(t) < at_high:
+                return t
+        return None
+
+    def _at(self, threshold: float, reconstruct: bool) -> tuple[list[dict[str, np.ndarray]], dict]:
         out, ranks = [], {"q": [], "k": [], "v": [], "kv": []}
         params = {"q": 0, "kv": 0}
         dense = {"q": 0, "kv": 0}
+
+        def rebuild(basis, r, rows=slice(None)):
+            if not reconstruct:
+                return None
+            return basis.reconstruct(r) if rows == slice(None) else basis.reconstruct(r, rows)
+
         shared_rank = None
         if self.mode == "cross_layer":
             shared_rank = rank_for_threshold(self.shared.s, threshold)
@@ -213,19 +250,19 @@ class SweepPlan:
             if self.mode == "activation_aware":
                 for name in ("q", "k", "v"):
                     r = rank_for_threshold(b[name].s, threshold)
-                    new[name] = b[name].reconstruct(r)
+                    new[name] = rebuild(b[name], r)
                     ranks[name].append(r)
                     n, m = lw[name].shape
                     params["q" if name == "q" else "kv"] += n * r + r * m
             else:
                 r = rank_for_threshold(b["q"].s, threshold)
-                new["q"] = b["q"].reconstruct(r)
+                new["q"] = rebuild(b["q"], r)
                 ranks["q"].append(r)
                 params["q"] += pca_params(*lw["q"].shape, r)
                 if self.mode == "separate":
                     for name in ("k", "v"):
                         r = rank_for_threshold(b[name].s, threshold)
-                        new[name] = b[name].reconstruct(r)
+                        new[name] = rebuild(b[name], r)
                         ranks[name].append(r)
                         params["kv"] += pca_params(*lw[name].shape, r)
                 else:
@@ -234,8 +271,8 @@ class SweepPlan:
                         basis, start, r = b["kv"], 0, rank_for_threshold(b["kv"].s, threshold)
                     else:  # cross_layer: this layer's rows of the all-layer sample matrix
                         basis, start, r = self.shared, b["row"], shared_rank
-                    new["k"] = basis.reconstruct(r, slice(start, start + n_k))
-                    new["v"] = basis.reconstruct(r, slice(start + n_k, start + n_k + n_v))
+                    new["k"] = rebuild(basis, r, slice(start, start + n_k))
+                    new["v"] = rebuild(basis, r, slice(start + n_k, start + n_k + n_v))
                     ranks["kv"].append(r)
                     m = lw["k"].shape[1]
                     params["kv"] += (n_k + n_v) * r + (0 if shared_rank is not None else r * m + m)
@@ -250,14 +287,68 @@ class SweepPlan:
         return out, info
 
 
+def frontier_bracket(points: list[dict], tolerance: float) -> tuple[dict | None, dict | None]:
+    """(inside, below): the lowest-threshold point within ``1 + tolerance`` of the base perplexity, and the
+    nearest evaluated point below its threshold (outside the tolerance, since ``inside`` is the lowest).
+
+    The frontier lies between them; ``below`` is None when every lower threshold is within tolerance.
+    """
+    inside = [p for p in points if p["ppl_ratio"] <= 1 + tolerance]
+    if not inside:
+        return None, None
+    high = min(inside, key=lambda p: p["threshold"])
+    lower = [p for p in points if p["threshold"] < high["threshold"]]
+    return high, (max(lower, key=lambda p: p["threshold"]) if lower else None)
+
+
+def frontier_row(points: list[dict], tolerance: float) -> dict:
+    """The fewest q/k/v parameters of one mode within ``(1 + tolerance) ×`` the base perplexity.
+
+    Only compressed points count (factored form smaller than dense,
+    ``params_fraction < 1``). ``within`` says whether one is inside the
+    tolerance: then the row is that point, and its bracket the nearest
+    measured point with fewer parameters outside the tolerance (NaN when
+    there is none). Otherwise the row is the compressed point with the lowest
+    perplexity and its bracket the least compressed point.
+    """
+    nan = float("nan")
+    compressed = [p for p in points if p["params_fraction"] < 1.0]
+    within = [p for p in compressed if p["ppl_ratio"] <= 1 + tolerance]
+    if within:
+        best = min(within, key=lambda p: (p["params_fraction"], p["ppl_ratio"]))
+        outside = [p for p in points if p["params_fraction"] < best["params_fraction"]
+                   and p["ppl_ratio"] > 1 + tolerance]
+        bracket = max(outside, key=lambda p: p["params_fraction"]) if outside else None
+    else:
+        best = min(compressed, key=lambda p: p["ppl_ratio"]) if compressed else None
+        bracket = max(compressed, key=lambda p: p["params_fraction"]) if compressed else None
+    pick = lambda p, key: p[key] if p is not None else nan  # noqa: E731
+    return dict(tolerance=tolerance, within=bool(within), threshold=pick(best, "threshold"),
+                params_fraction=pick(best, "params_fraction"), ppl=pick(best, "ppl"),
+                ppl_ratio=pick(best, "ppl_ratio"), bracket_threshold=pick(bracket, "threshold"),
+                bracket_params_fraction=pick(bracket, "params_fraction"),
+                bracket_ppl_ratio=pick(bracket, "ppl_ratio"), points=len(points))
+
+
 def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: int,
               calib_tokens: np.ndarray | None = None, prompt: str | None = None,
-              gen_tokens: int = 0, progress=print, dtype=np.float32) -> tuple[list[dict], dict]:
-    """Perplexity (and a greedy continuation) at every threshold of one mode; the model is restored after.
+              gen_tokens: int = 0, tolerances=(), refine: int = 0, progress=print,
+              dtype=np.float32) -> tuple[list[dict], dict]:
+    """Perplexity at every threshold of one mode, then refined toward each tolerance's frontier.
 
-    Returns (rows, timing). One decomposition per matrix/group serves every
-    threshold; ``timing['sweep_cost_ratio']`` is (evaluations + decompositions
-    + reconstructions + calibration) / evaluations alone.
+    Returns (rows, timing); the model is restored after. One decomposition
+    per matrix/group serves every threshold. Grid points (``source`` "grid")
+    get a greedy continuation of ``prompt``. Then, per tolerance, up to
+    ``refine`` more points (``source`` "refine") bisect between the
+    lowest-threshold point within tolerance and the point below it
+    (``frontier_bracket``), each at the threshold whose factored parameter
+    count is midway between theirs (``SweepPlan.threshold_for_params``), so
+    the frontier is located to about 2^-refine of that bracket's parameters.
+    A bracket whose lower point is not compressed (factored form at least
+    dense) holds no compressed point and is not refined. Thresholds whose
+    ranks equal an evaluated point's reuse its perplexity.
+    ``timing['sweep_cost_ratio']`` is (evaluations + decompositions +
+    reconstructions + calibration) / evaluations alone.
     """
     original = [target.get_qkv(i) for i in range(target.n_layers)]
     timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, reconstruct_s=0.0, generate_s=0.0)
@@ -276,41 +367,66 @@ def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: in
             raise ValueError("activation_aware needs calibration tokens (surgery.calib_tokens)")
         moments = timed("calib_s", input_moments, target, calib_tokens, window)
     plan = timed("decompose_s", SweepPlan, mode, original, moments, dtype)
-    rows = []
+    rows: list[dict] = []
+    by_ranks: dict[str, dict] = {}
+    timing["evaluations"] = 1
+
+    def measure(t: float, source: str) -> dict:
+        info = plan.info_at(t)
+        ranks = ";".join(f"{k}:{','.join(map(str, v))}" for k, v in info["ranks"].items())
+        if ranks in by_ranks and t < 1.0:  # same model as a point already evaluated
+            row = dict(by_ranks[ranks], threshold=t, source=source)
+            rows.append(row)
+            return row
+
+        def apply():
+            weights, _ = plan.weights_at(t)
+            for i, w in enumerate(weights):  # at 1.0 too: the check below tests the decomposition
+                target.set_qkv(i, w)
+        timed("reconstruct_s", apply)
+        ppl = timed("eval_s", perplexity, target, eval_tokens, window)
+        timing["evaluations"] += 1
+        text = ""
+        if prompt_ids is not None and source == "grid":
+            text = target.decode(timed("generate_s", target.greedy, prompt_ids, gen_tokens))
+        # what a compressed model would store: the factored form where it is
+        # smaller than the dense matrices (near full rank it is not)
+        kept = min(info["params_kept"], info["params_dense"])
+        ranks_of = info["ranks"]
+        row = dict(
+            threshold=t, source=source, ppl=ppl, ppl_ratio=ppl / base_ppl, base_ppl=base_ppl,
+            params_kept=kept, params_factored=info["params_kept"], params_dense=info["params_dense"],
+            params_fraction=kept / info["params_dense"],
+            params_q=info["params_q"], params_kv=info["params_kv"],
+            dense_q=info["dense_q"], dense_kv=info["dense_kv"],
+            mean_rank_q=float(np.mean(ranks_of["q"])),
+            mean_rank_kv=float(np.mean(ranks_of["kv"] if "kv" in ranks_of else ranks_of["k"] + ranks_of["v"])),
+            ranks=ranks, continuation=text,
+        )
+        rows.append(row)
+        by_ranks.setdefault(ranks, row)
+        progress(f"{mode} t={t:.6g} ({source}): ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
+                 f"params {row['params_fraction']:.3f} of dense")
+        if t >= 1.0 and abs(ppl - base_ppl) / base_ppl >= 1e-4:
+            raise AssertionError(
+                f"{mode}: the full-rank reconstruction (threshold 1.0) gave perplexity {ppl} but the "
+                f"unmodified model {base_ppl}: the decomposition does not reproduce the weights"
+            )
+        return row
+
     try:
         for t in thresholds:
-            def apply():
-                weights, info = plan.weights_at(t)
-                for i, w in enumerate(weights):  # at 1.0 too: the check below tests the decomposition
-                    target.set_qkv(i, w)
-                return info
-            info = timed("reconstruct_s", apply)
-            ppl = timed("eval_s", perplexity, target, eval_tokens, window)
-            text = ""
-            if prompt_ids is not None:
-                text = target.decode(timed("generate_s", target.greedy, prompt_ids, gen_tokens))
-            ranks = info["ranks"]
-            # what a compressed model would store: the factored form where it is
-            # smaller than the dense matrices (near full rank it is not)
-            kept = min(info["params_kept"], info["params_dense"])
-            rows.append(dict(
-                threshold=t, ppl=ppl, ppl_ratio=ppl / base_ppl, base_ppl=base_ppl,
-                params_kept=kept, params_factored=info["params_kept"], params_dense=info["params_dense"],
-                params_fraction=kept / info["params_dense"],
-                params_q=info["params_q"], params_kv=info["params_kv"],
-                dense_q=info["dense_q"], dense_kv=info["dense_kv"],
-                mean_rank_q=float(np.mean(ranks["q"])),
-                mean_rank_kv=float(np.mean(ranks["kv"] if "kv" in ranks else ranks["k"] + ranks["v"])),
-                ranks=";".join(f"{k}:{','.join(map(str, v))}" for k, v in ranks.items()),
-                continuation=text,
-            ))
-            progress(f"{mode} t={t}: ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
-                     f"params {kept / info['params_dense']:.3f} of dense")
-            if t >= 1.0 and abs(ppl - base_ppl) / base_ppl >= 1e-4:
-                raise AssertionError(
-                    f"{mode}: the full-rank reconstruction (threshold 1.0) gave perplexity {ppl} but the "
-                    f"unmodified model {base_ppl}: the decomposition does not reproduce the weights"
-                )
+            measure(t, "grid")
+        for tolerance in tolerances:
+            for _ in range(refine):
+                high, low = frontier_bracket(rows, tolerance)
+                if high is None or low is None or low["params_factored"] >= low["params_dense"]:
+                    break
+                goal = (min(high["params_factored"], high["params_dense"]) + low["params_factored"]) / 2
+                t = plan.threshold_for_params(goal, low["threshold"], high["threshold"])
+                if t is None:
+                    break
+                measure(t, "refine")
     finally:
         for i, w in enumerate(original):
             target.set_qkv(i, w)
@@ -318,3 +434,61 @@ def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: in
                                   + timing["decompose_s"]) / timing["eval_s"]
     timing["base_ppl"] = base_ppl
     return rows, timing
+
+
+def run_sensitivity(target, thresholds, eval_tokens: np.ndarray, window: int, tolerance: float,
+                    combined: bool = False, progress=print, dtype=np.float32) -> list[dict]:
+    """Which matrices and layers carry the loss of the ``separate`` mode (weight-only PCA per matrix).
+
+    Rows (``scope``):
+    - "type": one matrix type (q, k or v) compressed in every layer, the
+      others left dense, at every threshold below 1.0;
+    - "layer": the most damaging type (largest Σ log perplexity ratio over
+      those thresholds) compressed in one layer at a time, at the highest
+      threshold where that type alone leaves ``1 + tolerance`` (the lowest
+      threshold if it never does): where its damage begins;
+    - "all" (only with ``combined``): q, k and v in every layer, which is the
+      ``separate`` sweep's own point at that threshold.
+    Each matrix keeps the rank the ``separate`` sweep gives it at that
+    threshold. The model is restored after.
+    """
+    original = [target.get_qkv(i) for i in range(target.n_layers)]
+    everywhere = list(range(target.n_layers))
+    base_ppl = perplexity(target, eval_tokens, window)
+    plan = SweepPlan("separate", original, None, dtype)
+    levels = sorted((t for t in thresholds if t < 1.0), reverse=True)
+    if not levels:
+        raise ValueError("sensitivity needs a threshold below 1.0 in surgery.thresholds")
+    compressed = {t: plan.weights_at(t) for t in levels}
+    rows = []
+
+    def measure(scope: str, types: str, layers: list[int], t: float) -> None:
+        weights, info = compressed[t]
+        for i in layers:
+            target.set_qkv(i, {n: weights[i][n] if n in types else original[i][n] for n in "qkv"})
+        try:
+            ppl = perplexity(target, eval_tokens, window)
+        finally:
+            for i in layers:
+                target.set_qkv(i, original[i])
+        ranks = [info["ranks"][n][i] for n in types for i in layers]
+        rows.append(dict(scope=scope, matrices=types, layer=layers[0] if scope == "layer" else "all",
+                         threshold=t, ppl=ppl, ppl_ratio=ppl / base_ppl, base_ppl=base_ppl,
+                         mean_rank=float(np.mean(ranks))))
+        progress(f"sensitivity {scope} {types} layer {rows[-1]['layer']} t={t:g}: "
+                 f"ppl {ppl:.3f} ({ppl / base_ppl:.3f}x)")
+
+    for t in levels:
+        for name in "qkv":
+            measure("type", name, everywhere, t)
+        if combined:
+            measure("all", "qkv", everywhere, t)
+    damage = {n: sum(np.log(r["ppl_ratio"]) for r in rows if r["scope"] == "type" and r["matrices"] == n)
+              for n in "qkv"}
+    worst = max(damage, key=damage.get)
+    leaving = [r["threshold"] for r in rows if r["scope"] == "type" and r["matrices"] == worst
+               and r["ppl_ratio"] > 1 + tolerance]
+    at = max(leaving) if leaving else levels[-1]
+    for i in everywhere:
+        measure("layer", worst, [i], at)
+    return rows

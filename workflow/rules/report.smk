@@ -35,6 +35,11 @@ rule report:
             caption="../report/surgery.rst",
             category="Attention surgery",
         ),
+        surgery_sensitivity=report(
+            f"{RESULTS}/report/figures/surgery_sensitivity.png",
+            caption="../report/surgery_sensitivity.rst",
+            category="Attention surgery",
+        ),
         sketch_error=report(
             f"{RESULTS}/report/figures/sketch_error.png",
             caption="../report/sketch_error.rst",

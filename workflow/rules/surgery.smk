@@ -1,4 +1,5 @@
-"""Attention surgery sweeps per target and mode; Hugging Face targets are prepared once."""
+"""Attention surgery sweeps per target and mode, their frontier and sensitivity; Hugging Face targets are
+prepared once."""
 
 
 include: "functions/surgery.smk"
@@ -61,6 +62,43 @@ rule surgery:
         settings=lambda w: surgery_settings(w.target),
     script:
         "../scripts/surgery.py"
+
+
+rule surgery_frontier:
+    input:
+        surgery_tables,
+    output:
+        f"{RESULTS}/surgery/{{target}}/frontier.csv",
+    log:
+        f"{LOGS}/surgery_frontier/{{target}}.log",
+    benchmark:
+        f"{BENCH}/surgery_frontier/{{target}}.tsv"
+    conda:
+        "../../envs/report.yaml"
+    params:
+        modes=SURGERY["modes"],
+        tolerances=SURGERY["tolerances"],
+    script:
+        "../scripts/surgery_frontier.py"
+
+
+rule surgery_sensitivity:
+    input:
+        unpack(surgery_inputs),
+    output:
+        f"{RESULTS}/surgery/{{target}}/sensitivity.csv",
+    log:
+        f"{LOGS}/surgery_sensitivity/{{target}}.log",
+    benchmark:
+        f"{BENCH}/surgery_sensitivity/{{target}}.tsv"
+    conda:
+        "../../envs/surgery.yaml"
+    threads: cpu_slots("surgery")
+    params:
+        kind=lambda w: surgery_target(w.target)["kind"],
+        settings=lambda w: surgery_settings(w.target),
+    script:
+        "../scripts/surgery_sensitivity.py"
 
 
 rule surgery_export:

@@ -18,7 +18,8 @@ with job_log(snakemake.log[0]):
         device,
     )
     rows, timing = run_sweep(target, snakemake.wildcards.mode, s["thresholds"], val, window,
-                             calib_tokens=calib, prompt=s["prompt"], gen_tokens=s["gen_tokens"])
+                             calib_tokens=calib, prompt=s["prompt"], gen_tokens=s["gen_tokens"],
+                             tolerances=s["tolerances"], refine=s["refine"])
     table = pd.DataFrame(rows)
     table.insert(0, "mode", snakemake.wildcards.mode)
     table.insert(0, "target", snakemake.wildcards.target)

@@ -34,6 +34,10 @@ def report_inputs(wildcards):
             target=list(SURGERY["targets"]),
             mode=SURGERY["modes"],
         )
+        inputs["frontier"] = expand(
+            rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
+        )
+        inputs["sensitivity"] = sensitivity_files()
     return inputs
 
 

@@ -6,10 +6,13 @@ def surgery_target(name):
 
 
 def surgery_settings(target):
-    """The surgery block's sweep settings, with the target's own eval_tokens where it sets one."""
+    """The surgery block's sweep settings, with the target's own eval_tokens and thresholds where it sets them."""
     settings = {k: v for k, v in SURGERY.items() if k not in ("targets", "export")}
-    own = surgery_target(target).get("eval_tokens")
-    return dict(settings, eval_tokens=own or settings["eval_tokens"])
+    own = surgery_target(target)
+    for key in ("eval_tokens", "thresholds"):
+        if own.get(key):
+            settings[key] = own[key]
+    return settings
 
 
 def hf_target_source(wildcards):
@@ -68,15 +71,26 @@ def surgery_exports():
     ]
 
 
+def surgery_tables(wildcards):
+    """Every mode's sweep of one target."""
+    return expand(
+        rules.surgery.output.table, target=wildcards.target, mode=SURGERY["modes"]
+    )
+
+
+def sensitivity_files():
+    if not SURGERY["sensitivity"]:
+        return []
+    return expand(rules.surgery_sensitivity.output[0], target=list(SURGERY["targets"]))
+
+
 def surgery_outputs():
     if not SURGERY["enabled"]:
         return []
-    tables = expand(
-        rules.surgery.output.table,
-        target=list(SURGERY["targets"]),
-        mode=SURGERY["modes"],
+    frontiers = expand(
+        rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
     )
-    return tables + surgery_exports()
+    return frontiers + sensitivity_files() + surgery_exports()
 
 
 def surgery_benchmarks():
@@ -90,6 +104,11 @@ def surgery_benchmarks():
             rules.surgery.benchmark,
             target=list(SURGERY["targets"]),
             mode=SURGERY["modes"],
+        ),
+        *expand(rules.surgery_frontier.benchmark, target=list(SURGERY["targets"])),
+        *expand(
+            rules.surgery_sensitivity.benchmark,
+            target=list(SURGERY["targets"]) if SURGERY["sensitivity"] else [],
         ),
         *[
             expand(

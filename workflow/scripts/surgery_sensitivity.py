@@ -1,0 +1,23 @@
+"""Which of q, k, v (and which layers) carry a target's surgery loss: one type, then one layer, at a time."""
+
+import pandas as pd
+import torch
+
+from weightpca.evaluate import resolve_device
+from weightpca.io import atomic_path
+from weightpca.logs import job_log
+from weightpca.surgery import run_sensitivity
+from weightpca.targets import load_target
+
+with job_log(snakemake.log[0]):
+    torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
+    s = snakemake.params.settings
+    target, val, _, window = load_target(
+        snakemake.params.kind, dict(snakemake.input.items()), s["eval_tokens"], 1, s["window"],
+        resolve_device(snakemake.config["device"]),
+    )
+    rows = run_sensitivity(target, s["thresholds"], val, window, tolerance=max(s["tolerances"]))
+    table = pd.DataFrame(rows)
+    table.insert(0, "target", snakemake.wildcards.target)
+    with atomic_path(snakemake.output[0]) as tmp:
+        table.to_csv(tmp, index=False)
