@@ -8,6 +8,7 @@ def test_default_and_preset_configs_are_valid(tmp_path):
         cfg = write_config(tmp_path / "ok.yaml", base=name)
         done = snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
         assert "train_baseline" in done.stdout
-        # presets drop the default's SmolLM2 target with `smollm2: null`
-        assert ("results/surgery/smollm2/" in done.stdout) == (name in ("config/config.yaml", "config/ci.yaml"))
+        # gpt2.yaml drops the default's SmolLM2 target with `smollm2: null`
+        assert ("results/surgery/smollm2/" in done.stdout) == (name != "config/gpt2.yaml")
+        assert "results/compress/" in done.stdout
         assert ("results/surgery/tinyllama/" in done.stdout) == (name == "config/gpt2.yaml")

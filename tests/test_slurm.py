@@ -40,11 +40,11 @@ def slurm_env():
     subprocess.run([str(SCRIPT), "stop"], capture_output=True, text=True, timeout=60)
 
 
-def slurm_snakemake(workdir, env, *args, configfile, popen=False):
+def slurm_snakemake(workdir, env, *args, configfile, popen=False, squeue=True):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--profile", str(REPO / "profiles" / "slurm"),
            # a cluster without accounting (the test cluster's case)
-           "--slurm-status-command", "squeue", "--slurm-no-account",
+           *(["--slurm-status-command", "squeue", "--slurm-no-account"] if squeue else []),
            # poll often: the test's jobs take seconds, not hours
            "--slurm-init-seconds-before-status-checks", "2",
            *args, "--configfile", str(configfile)]
@@ -95,6 +95,8 @@ def test_whole_dag_runs_as_slurm_jobs_and_matches_a_local_run(slurm_env, ci_dag,
     # the profile's GPU rules asked Slurm for a GPU (the test node's GPUs are file-backed fakes)
     assert "gpu" in scontrol_job(jobs["train_baseline"][0], slurm_env)
     assert "gpu" not in scontrol_job(jobs["sketch"][0], slurm_env)
+    # Slurm's logs of successful jobs are kept where the README says
+    assert list((tmp_path / ".snakemake" / "slurm_logs" / "rule_train_baseline").glob("**/*.log"))
     # the same numbers as the local run: CPU training is bitwise repeatable
     slurm_results = tmp_path / "results"
     models = sorted(p.relative_to(local_results) for p in local_results.glob("**/model.safetensors"))
@@ -156,3 +158,26 @@ def test_cancelled_job_is_resubmitted_and_completes(slurm_env, ci_dag, tmp_path)
     assert target.exists()
     # the resubmitted job went on from the cancelled one's last checkpoint
     assert "resuming D/seed7 from" in (tmp_path / "results" / "logs" / "train" / "D" / "seed7.log").read_text()
+
+
+def test_without_accounting_the_run_stops_before_submitting(slurm_env, ci_dag, tmp_path):
+    """The profile's sacct status on a cluster without accounting: a message naming the fix, no job."""
+    _, cfg = ci_dag
+    started = time.perf_counter()
+    done = slurm_snakemake(tmp_path, slurm_env, "results/data/shakespeare/split.json", configfile=cfg,
+                           squeue=False)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "sacct cannot answer" in log and "--slurm-status-command squeue --slurm-no-account" in log
+    assert "has been submitted" not in log and not (tmp_path / "results" / "data").exists()
+    assert time.perf_counter() - started < 60
+
+
+def test_start_after_stop_lists_no_earlier_jobs(slurm_env):
+    job = subprocess.run(["sbatch", "--parsable", "--wrap", "true"], capture_output=True, text=True,
+                         env=slurm_env, check=True).stdout.strip()
+    assert job in squeue_ids(slurm_env)
+    for step in ("stop", "start"):
+        done = subprocess.run([str(SCRIPT), step], capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert squeue_ids(slurm_env) == set()

@@ -329,8 +329,12 @@ def test_sensitivity_reproduces_the_separate_sweep():
     before = perplexity(target, tokens, 32)
     thresholds = [1.0, 0.9, 0.5]
     sweep, _ = run_sweep(target, "separate", thresholds, tokens, 32, progress=lambda *_: None)
-    rows = run_sensitivity(target, thresholds, tokens, 32, tolerance=0.01, combined=True, progress=lambda *_: None)
+    rows = run_sensitivity(target, thresholds, tokens, 32, tolerance=0.01, combined=True, layer_tokens=64,
+                           progress=lambda *_: None)
     assert perplexity(target, tokens, 32) == pytest.approx(before, rel=1e-6)  # restored
+    layer_rows = [r for r in rows if r["scope"] == "layer"]
+    assert {r["eval_tokens"] for r in layer_rows} == {64} and {r["eval_tokens"] for r in rows[:3]} == {299}
+    assert layer_rows[0]["base_ppl"] == pytest.approx(perplexity(target, tokens[:65], 32), rel=1e-6)
     combined = {r["threshold"]: r["ppl"] for r in rows if r["scope"] == "all"}
     assert sorted(combined) == [0.5, 0.9]
     for r in sweep[1:]:

@@ -1,12 +1,16 @@
 """The tiny config/ci.yaml DAG end to end, in a scratch folder."""
 
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.torch import load_file
 
-from conftest import snakemake
+from conftest import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -161,3 +165,37 @@ def test_jobs_reserve_cores_per_real_cpu(tmp_path):
     out = snakemake(tmp_path, "-n", "--cores", "1", "all", configfile=cfg).stdout
     block = re.search(r"rule train_baseline:(.*?)\n\n", out, re.S).group(1)
     assert "threads: 1" in block or "threads:" not in block
+
+
+def test_readme_slurm_command_keeps_every_gpu_request(tmp_path):
+    """The README's Slurm command, with only the site names changed, gives every GPU rule its GPU and
+    every rule the profile's memory (resolved resources of a dry run)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Run on a Slurm cluster"):]
+    block = section[section.index("```sh") + 5:section.index("```", section.index("```sh") + 5)]
+    lines = [line for line in block.strip().splitlines() if line.startswith(("export ", "snakemake "))]
+    assert [line.split()[0] for line in lines] == ["export", "snakemake"], block
+    site = {"cpu": "cpu-test", "gpu": "gpu-test", "myproject": "acct-test"}
+    export = " ".join(re.sub(r"=(\S+)", lambda m: "=" + site[m.group(1)], word) for word in lines[0].split())
+    assert export.count("-test") == 3, export
+    command = lines[1].replace("snakemake ", f"{sys.executable} -m snakemake --directory {tmp_path} ", 1)
+    done = subprocess.run(["bash", "-c", f"{export} && {command} -n"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(?:.*\n)*?\s+resources: (.*)$", done.stdout, re.M)
+    assert jobs, done.stdout[-3000:]
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    gpu_rules = {r for r, res in profile["set-resources"].items() if res.get("gpu")}
+    assert {"train_baseline", "train_variant", "surgery", "lowrank_sweep"} <= gpu_rules
+    seen = set()
+    for rule, text in jobs:
+        res = dict(item.split("=", 1) for item in text.split(", "))
+        wanted = {**profile["default-resources"], **profile["set-resources"].get(rule, {})}
+        assert int(res["mem_mb"]) == wanted["mem_mb"], rule
+        assert res["slurm_account"] == "acct-test", rule
+        if rule in gpu_rules:
+            seen.add(rule)
+            assert res.get("gpu") == "1" and res["slurm_partition"] == "gpu-test", (rule, res)
+        else:
+            assert "gpu" not in res and res["slurm_partition"] == "cpu-test", (rule, res)
+    assert gpu_rules & {"train_baseline", "train_variant", "surgery"} <= seen

@@ -66,11 +66,22 @@ def check_config(config: dict) -> None:
                     check_hf_folder(t["path"])
                 except HFFolderError as e:
                     raise ConfigError(f"surgery.targets.{name}.path: {e}") from None
-        for i, e in enumerate(surgery.get("export", [])):
-            if e["target"] not in surgery["targets"]:
-                raise ConfigError(f"surgery.export[{i}].target '{e['target']}' is not in surgery.targets")
-            if surgery["targets"][e["target"]]["kind"] == "gpt":
-                raise ConfigError(f"surgery.export[{i}]: export is for Hugging Face targets, not '{e['target']}'")
+    compress = config.get("compress")
+    if compress and compress["enabled"]:
+        names = [(p["target"], p["name"]) for p in compress["points"]]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"compress.points: a name is used twice for one target ({names})")
+        for i, point in enumerate(compress["points"]):
+            where = f"compress.points[{i}] ({point['name']})"
+            if not surgery or point["target"] not in surgery["targets"]:
+                raise ConfigError(f"{where}: target '{point['target']}' is not in surgery.targets")
+            if "tolerance" in point:
+                if not surgery["enabled"]:
+                    raise ConfigError(f"{where}: a tolerance is read from the surgery frontier, but "
+                                      f"surgery.enabled is false; give a threshold instead")
+                if point["tolerance"] not in surgery["tolerances"]:
+                    raise ConfigError(f"{where}: tolerance {point['tolerance']} is not one of surgery.tolerances "
+                                      f"{surgery['tolerances']}")
     sketch = config.get("sketch")
     if sketch and sketch["enabled"]:
         n_snapshots = train["max_steps"] // sketch["snapshot_every"]

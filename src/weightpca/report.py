@@ -11,6 +11,9 @@ the rules below, never typed by hand:
 - baselines: perplexity with every head attending uniformly over perplexity
   as trained; below ``ATTENTION_USE`` the model barely uses its attention and
   surgery results on it are flagged as uninformative;
+- compressed models: bytes, parameters and peak memory of the factored
+  model over the dense original's; prefill and decode "faster" or "slower"
+  only when every timed repeat of one beats every repeat of the other;
 - sketch methods: ratio of mean reconstruction error to exact PCA's at the
   same k; "near optimal" within ``SKETCH_TOLERANCE``;
 - low-rank regulariser: per λ > 0 and fraction of rank kept, the per-seed
@@ -315,6 +318,38 @@ def _rank_line(stage: str, subject: str, question: str, values: dict, unit: str)
                 verdict=verdict)
 
 
+# ---------------------------------------------------------------- compress
+
+def compress_verdicts(paths) -> list[dict]:
+    """Per exported point: bytes, parameters, peak memory, prefill and decode speed against the dense original."""
+    from .speed import speed_verdict
+
+    lines = []
+    for p in paths:
+        c = json.loads(Path(p).read_text())
+        dense, fact = c["speed"]["dense"], c["speed"]["factored"]
+        at = (f"the {c['tolerance']:.0%} frontier (threshold {c['threshold']:.5g})" if c.get("tolerance")
+              else f"threshold {c['threshold']:g}")
+        bytes_ratio = c["bytes_factored"] / c["bytes_dense"]
+        prefill, decode = (fact[k] / dense[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s"))
+        numbers = (f"{bytes_ratio:.3f}x the bytes ({c['bytes_factored'] / 2**20:.1f} vs {c['bytes_dense'] / 2**20:.1f} "
+                   f"MiB), {c['params_factored'] / c['params_dense']:.3f}x the parameters, peak memory "
+                   f"{fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}x; prefill ({dense['context']} tokens) "
+                   f"{prefill:.2f}x ({fact['prefill_tokens_per_s']:.0f} vs {dense['prefill_tokens_per_s']:.0f} "
+                   f"tokens/s), decode {decode:.2f}x ({fact['decode_tokens_per_s']:.1f} vs "
+                   f"{dense['decode_tokens_per_s']:.1f} tokens/s) on {c['device']}; perplexity {c['ppl_ratio']:.3f}x "
+                   f"base (reloaded = reconstruction within {c['loaded_vs_reconstructed']:.0e})")
+        size = "smaller" if bytes_ratio < 1 else "not smaller"
+        verdict = (f"{size}; prefill {speed_verdict(dense['prefill_s'], fact['prefill_s'])}, decode "
+                   f"{speed_verdict(dense['decode_s'], fact['decode_s'])}")
+        lines.append(dict(stage="compress", subject=f"{c['target']} {c['name']}",
+                          question=f"what {c['mode']} at {at} buys, {'+'.join(c['matrices'])} factored",
+                          numbers=numbers, spread=f"{len(fact['prefill_s'])} timed repeats each (speed: every "
+                          "repeat of one beats every repeat of the other, or not distinguishable)",
+                          verdict=verdict))
+    return lines
+
+
 # ---------------------------------------------------------------- sketch
 
 SKETCH_TOLERANCE = 1.05  # "near optimal": mean error within 5 % of exact PCA's
@@ -546,7 +581,7 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
     ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
     metrics (list of metrics.csv, named by ``run_names`` in the same order),
     surgery (list of csv), frontier (list of frontier.csv), sensitivity (list
-    of sensitivity.csv), sketch (list of errors.json), lowrank (list of
+    of sensitivity.csv), compress (list of compress.json), sketch (list of errors.json), lowrank (list of
     sweep.csv), benchmarks (list of Snakemake benchmark files under
     ``bench_root``); absent keys mean the stage was not run. ``outputs`` maps
     each name in ``FIGURES`` to its .png path, and summary_csv, summary_md and
@@ -585,6 +620,11 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
                          fig["surgery_sensitivity"])
     else:
         _not_run(fig["surgery_sensitivity"], "surgery sensitivity", "surgery.sensitivity is false")
+
+    if inputs.get("compress"):
+        lines += compress_verdicts(inputs["compress"])
+    else:
+        not_run["compress"] = "compress.enabled is false or no points"
 
     if inputs.get("sketch"):
         table = sketch_table(inputs["sketch"])

@@ -204,6 +204,39 @@ class SweepPlan:
         """Ranks and parameter counts at one threshold, without reconstructing (cheap)."""
         return self._at(threshold, reconstruct=False)[1]
 
+    def factors_at(self, threshold: float) -> list[dict[str, tuple]]:
+        """Per layer, q/k/v as factors ``(basis_key, coef [n, r], basis [r, m], mean [m] or None)``.
+
+        ``coef @ basis + mean`` is the reconstruction ``weights_at`` returns.
+        Matrices with the same ``basis_key`` share ``basis`` and ``mean`` (K
+        and V of a layer in ``shared_kv``, of every layer in ``cross_layer``),
+        which a compressed model stores once.
+        """
+        info = self.info_at(threshold)
+        out = []
+        for i, (lw, b) in enumerate(zip(self.layers, self.bases)):
+            layer = {}
+            if self.mode == "activation_aware":
+                for name in ("q", "k", "v"):
+                    r = info["ranks"][name][i]
+                    layer[name] = (f"{i}.{name}", b[name].u_s[:, :r], b[name].vt_linv[:r], None)
+            else:
+                r = info["ranks"]["q"][i]
+                layer["q"] = (f"{i}.q", b["q"].scores[:, :r], b["q"].vt[:r], b["q"].mean)
+                if self.mode == "separate":
+                    for name in ("k", "v"):
+                        r = info["ranks"][name][i]
+                        layer[name] = (f"{i}.{name}", b[name].scores[:, :r], b[name].vt[:r], b[name].mean)
+                else:
+                    n_k, n_v = lw["k"].shape[0], lw["v"].shape[0]
+                    r = info["ranks"]["kv"][i]
+                    basis, start, key = ((b["kv"], 0, f"{i}.kv") if self.mode == "shared_kv"
+                                         else (self.shared, b["row"], "kv"))
+                    layer["k"] = (key, basis.scores[start:start + n_k, :r], basis.vt[:r], basis.mean)
+                    layer["v"] = (key, basis.scores[start + n_k:start + n_k + n_v, :r], basis.vt[:r], basis.mean)
+            out.append(layer)
+        return out
+
     def threshold_for_params(self, params: float, low: float, high: float) -> float | None:
         """A threshold in (low, high) whose factored parameter count is nearest ``params`` from above.
 
@@ -437,7 +470,8 @@ def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: in
 
 
 def run_sensitivity(target, thresholds, eval_tokens: np.ndarray, window: int, tolerance: float,
-                    combined: bool = False, progress=print, dtype=np.float32) -> list[dict]:
+                    combined: bool = False, layer_tokens: int | None = None, progress=print,
+                    dtype=np.float32) -> list[dict]:
     """Which matrices and layers carry the loss of the ``separate`` mode (weight-only PCA per matrix).
 
     Rows (``scope``):
@@ -450,11 +484,16 @@ def run_sensitivity(target, thresholds, eval_tokens: np.ndarray, window: int, to
     - "all" (only with ``combined``): q, k and v in every layer, which is the
       ``separate`` sweep's own point at that threshold.
     Each matrix keeps the rank the ``separate`` sweep gives it at that
-    threshold. The model is restored after.
+    threshold. The one-layer points are evaluated on the first
+    ``layer_tokens`` tokens (None: all), their ratio to the unmodified model
+    on those same tokens: that scan costs one evaluation per layer. The
+    model is restored after.
     """
     original = [target.get_qkv(i) for i in range(target.n_layers)]
     everywhere = list(range(target.n_layers))
-    base_ppl = perplexity(target, eval_tokens, window)
+    layer_eval = eval_tokens[: layer_tokens + 1] if layer_tokens else eval_tokens
+    base = {"all": perplexity(target, eval_tokens, window)}
+    base["layer"] = perplexity(target, layer_eval, window) if layer_tokens else base["all"]
     plan = SweepPlan("separate", original, None, dtype)
     levels = sorted((t for t in thresholds if t < 1.0), reverse=True)
     if not levels:
@@ -466,15 +505,16 @@ def run_sensitivity(target, thresholds, eval_tokens: np.ndarray, window: int, to
         weights, info = compressed[t]
         for i in layers:
             target.set_qkv(i, {n: weights[i][n] if n in types else original[i][n] for n in "qkv"})
+        tokens, base_ppl = (layer_eval, base["layer"]) if scope == "layer" else (eval_tokens, base["all"])
         try:
-            ppl = perplexity(target, eval_tokens, window)
+            ppl = perplexity(target, tokens, window)
         finally:
             for i in layers:
                 target.set_qkv(i, original[i])
         ranks = [info["ranks"][n][i] for n in types for i in layers]
         rows.append(dict(scope=scope, matrices=types, layer=layers[0] if scope == "layer" else "all",
                          threshold=t, ppl=ppl, ppl_ratio=ppl / base_ppl, base_ppl=base_ppl,
-                         mean_rank=float(np.mean(ranks))))
+                         eval_tokens=len(tokens) - 1, mean_rank=float(np.mean(ranks))))
         progress(f"sensitivity {scope} {types} layer {rows[-1]['layer']} t={t:g}: "
                  f"ppl {ppl:.3f} ({ppl / base_ppl:.3f}x)")
 

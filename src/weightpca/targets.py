@@ -137,9 +137,12 @@ def perplexity(target, tokens: np.ndarray, window: int, batch_size: int = 4) -> 
 
 
 @torch.no_grad()
-def input_moments(target, tokens: np.ndarray, window: int) -> list[np.ndarray]:
-    """Per layer, the uncentred second moment XᵀX / N [d_in, d_in] of the attention projections' inputs."""
-    mods = target.attention_inputs()
+def input_moments(target, tokens: np.ndarray, window: int, modules=None) -> list[np.ndarray]:
+    """Per module, the uncentred second moment XᵀX / N [d_in, d_in] of its inputs.
+
+    ``modules`` default: each layer's attention projections (which share one input).
+    """
+    mods = target.attention_inputs() if modules is None else list(modules)
     sums = [None] * len(mods)
     counts = [0] * len(mods)
 

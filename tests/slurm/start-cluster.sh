@@ -6,11 +6,13 @@
 #
 # Needs root and Debian's slurm-wlm and munge (apt-get install slurm-wlm munge;
 # .ci/run does this). No systemd: the daemons are started directly. State,
-# spool and logs live in $WEIGHTPCA_SLURM_DIR (default /tmp/weightpca-slurm).
+# spool and logs live in $WEIGHTPCA_SLURM_DIR (default /tmp/weightpca-slurm);
+# a fresh start clears the state, so no earlier run's jobs are listed.
 # The configuration must be the default /etc/slurm/slurm.conf: the Slurm
 # plugin's job step removes SLURM_* variables (SLURM_CONF too) before its
-# srun. An existing slurm.conf that this script did not write is never
-# replaced: start fails instead.
+# srun. An existing slurm.conf or gres.conf that this script did not write is
+# never replaced (start fails instead) nor removed by stop; stop ends only the
+# daemons start launched.
 #
 # The node declares fake resources so that profiles/slurm can be used as it is
 # shipped: 2 GPUs backed by plain files (jobs asking for gpu: 1 are
@@ -20,6 +22,7 @@ set -euo pipefail
 
 DIR=${WEIGHTPCA_SLURM_DIR:-/tmp/weightpca-slurm}
 CONF=/etc/slurm/slurm.conf
+GRES=/etc/slurm/gres.conf
 MARK="# written by weightpca tests/slurm/start-cluster.sh"
 HOST=$(hostname -s)
 
@@ -38,19 +41,25 @@ start_munge() {
     chmod 0755 /run/munge
     touch /var/log/munge/munged.log && chown munge:munge /var/log/munge/munged.log
     # munged refuses to run as root
-    runuser -u munge -- munged
-    touch "$DIR/started-munge"
+    mkdir -p "$DIR/munge" && chown munge:munge "$DIR/munge"
+    runuser -u munge -- munged --pid-file="$DIR/munge/munged.pid"
     for _ in $(seq 50); do munge_ok && return 0; sleep 0.1; done
     echo "munged did not start: see /var/log/munge/munged.log" >&2
     return 1
 }
 
-ours() { [ -f "$CONF" ] && head -n 1 "$CONF" | grep -qxF "$MARK"; }
+ours() { [ -f "$1" ] && head -n 1 "$1" | grep -qxF "$MARK"; }
 
 write_conf() {
-    if [ -e "$CONF" ] && ! ours; then
-        echo "$CONF exists and was not written by this script; not replacing it" >&2
-        exit 1
+    for f in "$CONF" "$GRES"; do
+        if [ -e "$f" ] && ! ours "$f"; then
+            echo "$f exists and was not written by this script; not replacing it" >&2
+            exit 1
+        fi
+    done
+    # a clean state for a fresh controller: the previous run's jobs are not listed again
+    if ! pgrep -F "$DIR/slurmctld.pid" >/dev/null 2>&1; then
+        rm -rf "$DIR/state" "$DIR/spool"
     fi
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" /etc/slurm
     cat > "$CONF.new" <<CONF
@@ -83,7 +92,7 @@ PartitionName=main Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
     # slurmd counts a GPU per device file; plain files stand in for /dev/nvidia*
     touch "$DIR/fake-gpu0" "$DIR/fake-gpu1"
-    echo "NodeName=$HOST Name=gpu File=$DIR/fake-gpu[0-1]" > /etc/slurm/gres.conf
+    printf '%s\nNodeName=%s Name=gpu File=%s\n' "$MARK" "$HOST" "$DIR/fake-gpu[0-1]" > "$GRES"
     mv "$CONF.new" "$CONF"
 }
 
@@ -91,7 +100,7 @@ start() {
     command -v slurmctld >/dev/null || { echo "slurmctld not found: apt-get install slurm-wlm munge" >&2; exit 1; }
     mkdir -p "$DIR"
     start_munge
-    if ours && cluster_idle; then
+    if ours "$CONF" && cluster_idle; then
         return 0
     fi
     write_conf
@@ -110,16 +119,20 @@ stop() {
     for daemon in slurmd slurmctld; do
         if [ -f "$DIR/$daemon.pid" ]; then
             pkill -F "$DIR/$daemon.pid" 2>/dev/null || true
+            # it saves its state on the way out: wait, then the state can go
+            for _ in $(seq 100); do pgrep -F "$DIR/$daemon.pid" >/dev/null 2>&1 || break; sleep 0.1; done
             rm -f "$DIR/$daemon.pid"
         fi
     done
-    if [ -f "$DIR/started-munge" ]; then
-        pkill -u munge munged 2>/dev/null || true
-        rm -f "$DIR/started-munge"
+    # only the munged that start launched (its PID file), never another of that user
+    if [ -f "$DIR/munge/munged.pid" ]; then
+        pkill -F "$DIR/munge/munged.pid" munged 2>/dev/null || true
+        rm -f "$DIR/munge/munged.pid"
     fi
-    if ours; then
-        rm -f "$CONF" /etc/slurm/gres.conf
-    fi
+    for f in "$CONF" "$GRES"; do
+        if ours "$f"; then rm -f "$f"; fi
+    done
+    rm -rf "$DIR/state" "$DIR/spool"
 }
 
 case ${1:-start} in

@@ -22,6 +22,7 @@ from snakemake.exceptions import WorkflowError
 from weightpca import runs
 from weightpca.config import check_config
 from weightpca.hf_folder import check_hf_folder, fingerprint as hf_fingerprint
+from weightpca.slurm import check_status_command, default_site_names
 
 # refuse a bad config before any job is scheduled
 validate(config, "../../config/schema.yaml")
@@ -31,6 +32,17 @@ config["surgery"]["targets"] = {
 }
 check_config(config)
 
+# profiles/slurm reads partition and account from these variables (weightpca.slurm)
+default_site_names()
+
+
+onstart:
+    # before the first sbatch: a status command that cannot answer would hang the run
+    plugin = workflow.executor_plugin
+    if plugin is not None and plugin.name == "slurm":
+        check_status_command(workflow.executor_settings.status_command)
+
+
 RESULTS = "results"
 DATA = f"{RESULTS}/data/{config['corpus']['name']}"
 LOGS = f"{RESULTS}/logs"
@@ -38,6 +50,7 @@ BENCH = f"{RESULTS}/benchmarks"
 
 
 SURGERY = config["surgery"]
+COMPRESS = config["compress"]
 SKETCH = config["sketch"]
 LOWRANK = config["lowrank"]
 
@@ -47,6 +60,7 @@ wildcard_constraints:
     k=r"\d+",
     variant="A|B|C",
     mode="|".join(SURGERY["modes"]) or "none",
+    point="|".join(p["name"] for p in COMPRESS["points"]) or "none",
     target="|".join(SURGERY["targets"]) or "none",
     threshold=r"[01](\.\d+)?",
     method="|".join(SKETCH["methods"]) or "none",

@@ -99,22 +99,3 @@ rule surgery_sensitivity:
         settings=lambda w: surgery_settings(w.target),
     script:
         "../scripts/surgery_sensitivity.py"
-
-
-rule surgery_export:
-    input:
-        unpack(surgery_inputs),
-    output:
-        config=f"{RESULTS}/surgery/{{target}}/export/{{mode}}_t{{threshold}}/config.json",
-    log:
-        f"{LOGS}/surgery_export/{{target}}/{{mode}}_t{{threshold}}.log",
-    benchmark:
-        f"{BENCH}/surgery_export/{{target}}/{{mode}}_t{{threshold}}.tsv"
-    conda:
-        "../../envs/surgery.yaml"
-    threads: cpu_slots("surgery")
-    params:
-        kind=lambda w: surgery_target(w.target)["kind"],
-        settings=lambda w: surgery_settings(w.target),
-    script:
-        "../scripts/surgery_export.py"

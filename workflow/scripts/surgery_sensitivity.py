@@ -16,7 +16,8 @@ with job_log(snakemake.log[0]):
         snakemake.params.kind, dict(snakemake.input.items()), s["eval_tokens"], 1, s["window"],
         resolve_device(snakemake.config["device"]),
     )
-    rows = run_sensitivity(target, s["thresholds"], val, window, tolerance=max(s["tolerances"]))
+    rows = run_sensitivity(target, s["thresholds"], val, window, tolerance=max(s["tolerances"]),
+                           layer_tokens=s["sensitivity"]["layer_tokens"])
     table = pd.DataFrame(rows)
     table.insert(0, "target", snakemake.wildcards.target)
     with atomic_path(snakemake.output[0]) as tmp:

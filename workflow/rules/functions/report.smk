@@ -8,6 +8,7 @@ def benchmark_files():
         *training_benchmarks(),
         *factorize_benchmarks(),
         *surgery_benchmarks(),
+        *compress_files(rules.compress.benchmark),
         *sketch_files(rules.sketch.benchmark),
         *lowrank_files(rules.train_lowrank.benchmark),
         *lowrank_files(rules.lowrank_sweep.benchmark),
@@ -38,6 +39,8 @@ def report_inputs(wildcards):
             rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
         )
         inputs["sensitivity"] = sensitivity_files()
+    if COMPRESS["enabled"]:
+        inputs["compress"] = compress_files(rules.compress.output.record)
     return inputs
 
 
@@ -45,6 +48,7 @@ def all_outputs():
     return [
         rules.extract_baseline.output.manifest,
         *surgery_outputs(),
+        *compress_files(rules.compress.output.record),
         *sketch_files(rules.sketch.output.errors),
         *lowrank_files(rules.lowrank_sweep.output.sweep),
         rules.report.output.summary_md,

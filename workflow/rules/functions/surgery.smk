@@ -7,7 +7,7 @@ def surgery_target(name):
 
 def surgery_settings(target):
     """The surgery block's sweep settings, with the target's own eval_tokens and thresholds where it sets them."""
-    settings = {k: v for k, v in SURGERY.items() if k not in ("targets", "export")}
+    settings = {k: v for k, v in SURGERY.items() if k != "targets"}
     own = surgery_target(target)
     for key in ("eval_tokens", "thresholds"):
         if own.get(key):
@@ -59,18 +59,6 @@ def hf_targets():
     return [n for n, t in SURGERY["targets"].items() if t["kind"] != "gpt"]
 
 
-def surgery_exports():
-    return [
-        expand(
-            rules.surgery_export.output.config,
-            target=e["target"],
-            mode=e["mode"],
-            threshold=e["threshold"],
-        )[0]
-        for e in SURGERY.get("export", [])
-    ]
-
-
 def surgery_tables(wildcards):
     """Every mode's sweep of one target."""
     return expand(
@@ -79,7 +67,7 @@ def surgery_tables(wildcards):
 
 
 def sensitivity_files():
-    if not SURGERY["sensitivity"]:
+    if not SURGERY["sensitivity"]["enabled"]:
         return []
     return expand(rules.surgery_sensitivity.output[0], target=list(SURGERY["targets"]))
 
@@ -90,7 +78,7 @@ def surgery_outputs():
     frontiers = expand(
         rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
     )
-    return frontiers + sensitivity_files() + surgery_exports()
+    return frontiers + sensitivity_files()
 
 
 def surgery_benchmarks():
@@ -108,15 +96,8 @@ def surgery_benchmarks():
         *expand(rules.surgery_frontier.benchmark, target=list(SURGERY["targets"])),
         *expand(
             rules.surgery_sensitivity.benchmark,
-            target=list(SURGERY["targets"]) if SURGERY["sensitivity"] else [],
+            target=(
+                list(SURGERY["targets"]) if SURGERY["sensitivity"]["enabled"] else []
+            ),
         ),
-        *[
-            expand(
-                rules.surgery_export.benchmark,
-                target=e["target"],
-                mode=e["mode"],
-                threshold=e["threshold"],
-            )[0]
-            for e in SURGERY.get("export", [])
-        ],
     ]

@@ -1,0 +1,186 @@
+"""Factored low-rank models: the layer, the factors of every mode, save/reload, refusals, one operating point."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from test_surgery import decaying, tiny_llama
+from weightpca.compress import (
+    CompressedModelError, LowRankLinear, count_parameters, export_point, factorize_model, frontier_threshold,
+    load_compressed, plan_factors, save_compressed, unique_tensors,
+)
+from weightpca.surgery import MODES, PCABasis, SweepPlan, WhitenedBasis, input_cholesky
+from weightpca.targets import HFTarget, perplexity
+
+TOKENS = np.random.default_rng(0).integers(0, 27, 300)
+
+
+def test_lowrank_linear_is_the_dense_reconstruction_with_its_mean():
+    w = decaying(24, 16, seed=1) + 5.0  # a large mean row: dropping it would show
+    basis = PCABasis.fit(w)
+    r = 5
+    coef, vt, mean = (torch.tensor(a, dtype=torch.float64) for a in (basis.scores[:, :r], basis.vt[:r], basis.mean))
+    bias = torch.randn(24, dtype=torch.float64)
+    layer = LowRankLinear(torch.nn.Parameter(coef), torch.nn.Parameter(vt), torch.nn.Parameter(mean),
+                          torch.nn.Parameter(bias))
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    dense = torch.tensor(basis.reconstruct(r))
+    assert layer(x).shape == (3, 7, 24) and layer.rank == r
+    torch.testing.assert_close(layer(x), F.linear(x, dense, bias))
+    torch.testing.assert_close(layer.dense_weight(), dense)
+    without_mean = LowRankLinear(torch.nn.Parameter(coef), torch.nn.Parameter(vt), None, torch.nn.Parameter(bias))
+    assert (without_mean(x) - layer(x)).abs().max() > 1.0
+
+
+def test_activation_aware_factors_fold_the_whitening():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((20, 16))
+    x = rng.standard_normal((500, 16)) * np.linspace(0.1, 3.0, 16)
+    chol = input_cholesky(x.T @ x / len(x))
+    basis = WhitenedBasis.fit(w, chol, np.linalg.inv(chol))
+    layer = LowRankLinear(torch.nn.Parameter(torch.tensor(basis.u_s[:, :6])),
+                          torch.nn.Parameter(torch.tensor(basis.vt_linv[:6])))
+    torch.testing.assert_close(layer.dense_weight(), torch.tensor(basis.reconstruct(6)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_factors_of_every_mode_equal_the_surgery_reconstruction(mode):
+    lw = [{"q": decaying(24, 24, 3 * i), "k": decaying(8, 24, 3 * i + 1), "v": decaying(8, 24, 3 * i + 2)}
+          for i in range(3)]
+    moments = [np.cov(np.random.default_rng(i).standard_normal((200, 24)), rowvar=False) for i in range(3)]
+    plan = SweepPlan(mode, lw, moments)
+    weights, _ = plan.weights_at(0.7)
+    for layer, factors in zip(weights, plan.factors_at(0.7)):
+        for name, (_, coef, basis, mean) in factors.items():
+            np.testing.assert_allclose(coef @ basis + (mean if mean is not None else 0), layer[name], atol=1e-10)
+    keys = {f[0] for layer in plan.factors_at(0.7) for f in layer.values()}
+    assert len(keys) == {"separate": 9, "shared_kv": 6, "cross_layer": 4, "activation_aware": 9}[mode]
+
+
+def tiny_target():
+    model, tok = tiny_llama(None)
+    return HFTarget(model, tok)
+
+
+def test_shared_basis_is_stored_and_counted_once(tmp_path):
+    target = tiny_target()
+    factors = plan_factors(target, "cross_layer", 0.5, ["qkv"], TOKENS, 32)
+    model, spec = factorize_model(target, factors)
+    kv = [m for i in range(2) for m in (model.model.layers[i].self_attn.k_proj, model.model.layers[i].self_attn.v_proj)]
+    assert all(m.basis is kv[0].basis and m.row_mean is kv[0].row_mean for m in kv)  # one basis, all layers
+    rank, width = kv[0].basis.shape
+    own = sum(m.coef.numel() for m in kv)
+    dense_kv = sum(m.out_features * width for m in kv)
+    q_diff = sum(target.model.model.layers[i].self_attn.q_proj.weight.numel()
+                 - model.model.layers[i].self_attn.q_proj.coef.numel()
+                 - model.model.layers[i].self_attn.q_proj.basis.numel() - width for i in range(2))
+    assert count_parameters(model) == count_parameters(target.model) - dense_kv + own + rank * width + width - q_diff
+    tensors, aliases = unique_tensors(model)
+    assert sum(name.endswith("basis") and ("k_proj" in name or "v_proj" in name) for name in tensors) == 1
+    assert len([a for a in aliases if a.endswith((".basis", ".row_mean"))]) == 2 * 4 - 2
+    save_compressed(model, spec, tmp_path, "hf", target.model.config.to_dict())
+    reloaded = load_compressed(tmp_path)
+    assert reloaded.model.layers[1].self_attn.v_proj.basis is reloaded.model.layers[0].self_attn.k_proj.basis
+
+
+@pytest.mark.parametrize("groups", [["qkv"], ["qkv", "o", "mlp"]])
+def test_tiny_llama_round_trip_same_logits_and_generate(tmp_path, groups):
+    target = tiny_target()
+    x = torch.tensor(TOKENS[:40])[None]
+    factors = plan_factors(target, "shared_kv", 0.6, groups, TOKENS, 32)
+    model, spec = factorize_model(target, factors)
+    save_compressed(model, spec, tmp_path, "hf", target.model.config.to_dict())
+    reloaded = load_compressed(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, rtol=0, atol=0)
+    out = reloaded.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+    assert count_parameters(reloaded) < count_parameters(target.model)
+    assert not list(tmp_path.glob("*.bin"))
+
+
+def test_gpt_round_trip_with_fused_qkv(tmp_path, tiny_data):
+    from conftest import tiny_run, train_to
+    from weightpca.evaluate import load_model
+    from weightpca.io import read_json
+    from weightpca.targets import GPTTarget
+    from weightpca.tokens import load_tokenizer
+
+    train_to(tiny_run(max_steps=6), tiny_data, tmp_path / "d", tmp_path / "w")
+    model = load_model(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json")
+    target = GPTTarget(model, load_tokenizer(tiny_data / "tokenizer.json"))
+    tokens = np.asarray(TOKENS % 300)
+    factors = plan_factors(target, "activation_aware", 0.5, ["qkv", "o", "mlp"], tokens, 16)
+    compressed, spec = factorize_model(target, factors)
+    assert [p["kind"] for p in spec[0]["parts"]] == ["lowrank"] * 3  # c_attn: q, k, v blocks
+    save_compressed(compressed, spec, tmp_path / "c", "gpt", read_json(tmp_path / "d" / "config.json"))
+    reloaded = load_compressed(tmp_path / "c")
+    x = torch.tensor(tokens[:16])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x)[0], compressed(x)[0], rtol=0, atol=0)
+
+
+def saved_point(tmp_path):
+    target = tiny_target()
+    model, spec = factorize_model(target, plan_factors(target, "separate", 0.5, ["qkv"], TOKENS, 32))
+    save_compressed(model, spec, tmp_path, "hf", target.model.config.to_dict())
+    return tmp_path
+
+
+def test_malformed_folders_are_refused_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = saved_point(tmp_path / "missing")
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if k.endswith("v_proj.coef"))
+    save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors")
+    with pytest.raises(CompressedModelError, match=rf"model\.safetensors: missing tensors \['{name}'\]"):
+        load_compressed(folder)
+
+    folder = saved_point(tmp_path / "shape")
+    info = json.loads((folder / "compress.json").read_text())
+    info["modules"][0]["parts"][0]["rank"] += 1
+    (folder / "compress.json").write_text(json.dumps(info))
+    with pytest.raises(CompressedModelError, match=r"model\.safetensors: tensor '.*' has shape"):
+        load_compressed(folder)
+
+    folder = saved_point(tmp_path / "pickle")
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(CompressedModelError, match=r"pytorch_model\.bin: pickled weight files are refused"):
+        load_compressed(folder)
+
+
+def test_export_point_agrees_with_the_reconstruction_and_is_smaller(tmp_path):
+    target = tiny_target()
+    before = perplexity(target, TOKENS, 32)
+    record = export_point(target, "hf", "activation_aware", 0.6, ["qkv", "o", "mlp"], TOKENS, TOKENS, 32,
+                          tmp_path, target.model.config.to_dict(), progress=lambda *_: None)
+    assert record["loaded_vs_reconstructed"] <= 1e-3 and record["ppl_reconstructed"] != pytest.approx(before)
+    assert record["bytes_factored"] < record["bytes_dense"] and record["params_factored"] < record["params_dense"]
+    assert perplexity(target, TOKENS, 32) == pytest.approx(before, rel=1e-6)  # the target is restored
+
+
+def test_a_group_not_smaller_factored_is_kept_dense_as_its_reconstruction(tmp_path):
+    target = tiny_target()
+    factors = plan_factors(target, "separate", 0.999, ["qkv"], TOKENS, 32)  # near full rank
+    model, spec = factorize_model(target, factors)
+    assert {p["kind"] for e in spec for p in e["parts"]} == {"dense"}
+    assert count_parameters(model) == count_parameters(target.model)
+    w = model.model.layers[0].self_attn.k_proj.weight.detach().numpy()
+    np.testing.assert_allclose(w, factors["0.k"].dense(), atol=1e-6)
+
+
+def test_frontier_threshold_refuses_a_mode_without_a_point(tmp_path):
+    import pandas as pd
+
+    csv = tmp_path / "frontier.csv"
+    pd.DataFrame([dict(mode="separate", tolerance=0.05, within=False, threshold=0.9, params_fraction=0.7,
+                       ppl_ratio=30.0),
+                  dict(mode="activation_aware", tolerance=0.05, within=True, threshold=0.997, params_fraction=0.9,
+                       ppl_ratio=1.04)]).to_csv(csv, index=False)
+    assert frontier_threshold(csv, "activation_aware", 0.05) == 0.997
+    with pytest.raises(ValueError, match="separate has no compressed point within 5%.*larger tolerance"):
+        frontier_threshold(csv, "separate", 0.05)

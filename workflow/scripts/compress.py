@@ -1,0 +1,38 @@
+"""Export one operating point as a factored model, reload it, check it, and time it against the dense original."""
+
+from pathlib import Path
+
+import torch
+
+from weightpca.compress import export_point, frontier_threshold
+from weightpca.evaluate import resolve_device
+from weightpca.io import read_json, write_json
+from weightpca.logs import job_log
+from weightpca.speed import measure_in_subprocess
+from weightpca.targets import load_target
+
+with job_log(snakemake.log[0]):
+    threads = snakemake.config["threads"]["surgery"]  # snakemake.threads: cores reserved (cpu_slots)
+    torch.set_num_threads(threads)
+    s, point, kind = snakemake.params.settings, snakemake.params.point, snakemake.params.kind
+    device = resolve_device(snakemake.config["device"])
+    inputs = dict(snakemake.input.items())
+    target, val, calib, window = load_target(kind, inputs, s["eval_tokens"], s["calib_tokens"], s["window"], device)
+    threshold = point.get("threshold") or frontier_threshold(inputs["frontier"], point["mode"], point["tolerance"])
+    folder = Path(snakemake.output.record).parent
+    model_config = read_json(inputs["model_config"])
+    record = export_point(target, kind, point["mode"], threshold, point.get("matrices", ["qkv"]), val, calib,
+                          window, folder, model_config)
+    del target
+    # dense original and factored model, each timed in a fresh process on this job's device
+    dense = (dict(kind="gpt", path=inputs["model"], config=inputs["model_config"]) if kind == "gpt"
+             else dict(kind="hf", path=str(Path(inputs["model_config"]).parent)))
+    timing = snakemake.params.timing
+    speed = {name: measure_in_subprocess(device=device, threads=threads, **where, **timing)
+             for name, where in (("dense", dense), ("factored", dict(kind="compressed", path=str(folder))))}
+    for name, m in speed.items():
+        print(f"{name}: {m}")
+    info = read_json(snakemake.output.record)
+    info.update(record, name=point["name"], target=snakemake.wildcards.target, tolerance=point.get("tolerance"),
+                eval_tokens=int(len(val) - 1), dense_source=dense, speed=speed, device=speed["dense"]["device"])
+    write_json(snakemake.output.record, info)
