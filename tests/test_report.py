@@ -197,3 +197,22 @@ def test_baseline_verdict_follows_the_ablation_ratio():
     assert lines[0]["verdict"].startswith("uses its attention") and "(ratio 1.30)" in lines[0]["numbers"]
     assert lines[1]["verdict"].startswith("barely uses its attention")
     assert "0.25x unigram" in lines[0]["numbers"]
+
+
+def test_frontier_verdict_respects_the_bisection_resolution():
+    import pandas as pd
+
+    from weightpca.report import frontier_verdicts
+
+    def row(mode, pf, bracket, within=True):
+        return dict(target="m", tolerance=0.05, mode=mode, within=within, params_fraction=pf, ppl_ratio=1.04,
+                    bracket_params_fraction=bracket)
+
+    apart = pd.DataFrame([row("a", 0.20, 0.15), row("b", 0.40, 0.30), row("c", 0.9, 0.5, within=False)])
+    (line,) = frontier_verdicts(apart)
+    assert line["verdict"].startswith("a keeps the fewest: 20.0%") and "c none" in line["numbers"]
+    overlapping = pd.DataFrame([row("a", 0.20, 0.15), row("b", 0.22, 0.10)])  # b may be below 20 %
+    (line,) = frontier_verdicts(overlapping)
+    assert line["verdict"].startswith("a, b not distinguishable")
+    (line,) = frontier_verdicts(pd.DataFrame([row("a", 0.9, 0.5, within=False)]))
+    assert line["verdict"] == "no mode compresses q/k/v within 5%"

@@ -227,12 +227,20 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
 
 
 def frontier_verdicts(frontier: pd.DataFrame) -> list[dict]:
-    """Per target and tolerance: which mode keeps the fewest q/k/v parameters within tolerance."""
+    """Per target and tolerance: which mode keeps the fewest q/k/v parameters within tolerance.
+
+    Bisection locates each mode's frontier between its bracket (outside the
+    tolerance) and its point (inside): a mode keeps fewer parameters than
+    another only when its point lies below the other's bracket; otherwise the
+    two are not distinguishable at the measured resolution.
+    """
     lines = []
     for (target, tol), f in frontier.groupby(["target", "tolerance"], sort=False):
         within = f[f.within].sort_values("params_fraction")
         outside = f[~f.within]
-        numbers = [f"{r.mode} {r.params_fraction:.1%} ({r.ppl_ratio:.3f}x)" for r in within.itertuples()]
+        numbers = [f"{r.mode} {r.params_fraction:.1%} ({r.ppl_ratio:.3f}x"
+                   + (f"; frontier above {r.bracket_params_fraction:.1%})" if math.isfinite(r.bracket_params_fraction)
+                      else ")") for r in within.itertuples()]
         numbers += [f"{r.mode} none" + (f" (best compressed point {r.ppl_ratio:.3g}x at {r.params_fraction:.1%})"
                                         if math.isfinite(r.params_fraction) else "")
                     for r in outside.itertuples()]
@@ -241,11 +249,18 @@ def frontier_verdicts(frontier: pd.DataFrame) -> list[dict]:
             verdict = f"no mode compresses q/k/v within {tol:.0%}"
         else:
             best = within.iloc[0]
-            verdict = f"{best['mode']} keeps the fewest: {best.params_fraction:.1%} of q/k/v parameters"
-            if len(within) > 1:
-                verdict += f" (next: {within.iloc[1]['mode']} {within.iloc[1].params_fraction:.1%})"
+            # the others' lower bounds: their brackets (a mode without one may go lower still)
+            lower = within.iloc[1:].bracket_params_fraction.fillna(0.0)
+            tied = [best["mode"]] + list(within.iloc[1:][~(best.params_fraction < lower)]["mode"])
+            if len(tied) == 1:
+                verdict = f"{best['mode']} keeps the fewest: {best.params_fraction:.1%} of q/k/v parameters"
+                if len(within) > 1:
+                    verdict += f" (next: {within.iloc[1]['mode']} {within.iloc[1].params_fraction:.1%})"
+            else:
+                verdict = (f"{', '.join(tied)} not distinguishable at the bisection's resolution "
+                           f"(best point {best['mode']} {best.params_fraction:.1%})")
         lines.append(dict(stage="surgery", subject=target, question=question, numbers="; ".join(numbers),
-                          spread="0 (deterministic, same tokens)", verdict=verdict))
+                          spread="frontier between bracket and point (bisection resolution)", verdict=verdict))
     return lines
 
 
@@ -338,7 +353,7 @@ def compress_verdicts(paths) -> list[dict]:
                    f"{prefill:.2f}x ({fact['prefill_tokens_per_s']:.0f} vs {dense['prefill_tokens_per_s']:.0f} "
                    f"tokens/s), decode {decode:.2f}x ({fact['decode_tokens_per_s']:.1f} vs "
                    f"{dense['decode_tokens_per_s']:.1f} tokens/s) on {c['device']}; perplexity {c['ppl_ratio']:.3f}x "
-                   f"base (reloaded = reconstruction within {c['loaded_vs_reconstructed']:.0e})")
+                   f"base (reloaded factored model = dense reconstruction within {c['loaded_vs_reconstructed']:.1e})")
         size = "smaller" if bytes_ratio < 1 else "not smaller"
         verdict = (f"{size}; prefill {speed_verdict(dense['prefill_s'], fact['prefill_s'])}, decode "
                    f"{speed_verdict(dense['decode_s'], fact['decode_s'])}")
