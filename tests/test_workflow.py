@@ -102,8 +102,9 @@ def test_surgery_tables(ci_results):
     for target in ("gpt", "smollm2"):
         for mode in ("separate", "shared_kv", "cross_layer", "activation_aware"):
             table = pd.read_csv(results / f"surgery/{target}/{mode}.csv")
-            assert list(table.threshold) == [1.0, 0.7]
-            full, cut = table.iloc[0], table.iloc[1]
+            grid = table[table.source == "grid"]
+            assert list(grid.threshold) == [1.0, 0.7] and set(table.source) <= {"grid", "refine"}
+            full, cut = grid.iloc[0], grid.iloc[1]
             assert abs(full.ppl - full.base_ppl) / full.base_ppl < 1e-4
             assert full.params_fraction > cut.params_fraction
             timing = json.loads((results / f"surgery/{target}/{mode}.json").read_text())
@@ -112,6 +113,34 @@ def test_surgery_tables(ci_results):
     # SmolLM2-135M: 30 layers, q 576x576, k and v 192x576 (grouped-query)
     assert smol.iloc[0].dense_q == 30 * 576 * 576 and smol.iloc[0].dense_kv == 30 * 2 * 192 * 576
     assert 5 < smol.iloc[0].base_ppl < 200  # a trained LM on Shakespeare, not noise
+
+
+def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
+    import pandas as pd
+
+    results, _ = ci_results
+    for target, point in (("gpt", "aa_tol5"), ("smollm2", "aa_t99")):
+        folder = results / f"compress/{target}/{point}"
+        record = json.loads((folder / "compress.json").read_text())
+        assert record["bytes_factored"] < record["bytes_dense"]
+        assert record["bytes_factored"] == (folder / "model.safetensors").stat().st_size
+        assert abs(record["ppl_loaded"] / record["ppl_reconstructed"] - 1) <= 1e-3
+        assert record["params_factored"] < record["params_dense"] and record["matrices_factored"] > 0
+        for model in ("dense", "factored"):
+            speed = record["speed"][model]
+            assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+            assert len(speed["prefill_s"]) == len(speed["decode_s"]) == 2 and speed["device"].startswith("cpu")
+    gpt = json.loads((results / "compress/gpt/aa_tol5/compress.json").read_text())
+    frontier = pd.read_csv(results / "surgery/gpt/frontier.csv")
+    row = frontier[(frontier["mode"] == "activation_aware") & (frontier.tolerance == 0.05)].iloc[0]
+    assert gpt["threshold"] == row.threshold and gpt["matrices"] == ["qkv", "o", "mlp"]
+    # the benchmark script re-measures an export from its folder
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/compress_bench.py"),
+                           str(results / "compress/gpt/aa_tol5"),
+                           "--context", "16", "--new-tokens", "2", "--repeats", "1", "--device", "cpu"],
+                          cwd=results.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "factored / dense: params" in done.stdout
 
 
 def test_sketch_on_snapshots(ci_results):
