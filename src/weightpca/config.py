@@ -78,7 +78,8 @@ def check_config(config: dict) -> None:
             if "tolerance" in point:
                 if not surgery["enabled"]:
                     raise ConfigError(f"{where}: a tolerance is read from the surgery frontier, but "
-                                      f"surgery.enabled is false; give a threshold instead")
+                                      f"surgery.enabled is false; give a threshold instead, or set "
+                                      f"compress.enabled: false")
                 if point["tolerance"] not in surgery["tolerances"]:
                     raise ConfigError(f"{where}: tolerance {point['tolerance']} is not one of surgery.tolerances "
                                       f"{surgery['tolerances']}")

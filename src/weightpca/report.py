@@ -215,7 +215,7 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
         row[1].bar(layers.layer.astype(int), layers.ppl_ratio - 1, bottom=1, color="tab:red")
         if len(layers):
             row[1].set_title(f"{target}: {layers.matrices.iloc[0]} of one layer at threshold "
-                             f"{layers.threshold.iloc[0]:g}", fontsize=9)
+                             f"{layers.threshold.iloc[0]:g} ({layers.eval_tokens.iloc[0]} tokens)", fontsize=9)
         row[1].set_xlabel("layer")
         row[0].set_title(f"{target}: separate PCA of one matrix type at a time", fontsize=9)
         for ax in row:

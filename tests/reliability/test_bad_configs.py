@@ -33,6 +33,9 @@ BAD = [
     ("compress point of unknown target", {"compress.points": [{"name": "p", "target": "tiny", "mode": "separate",
                                                                 "threshold": 0.9}]},
      r"compress\.points\[0\] \(p\): target 'tiny' is not in surgery\.targets"),
+    ("compress tolerance without surgery", {"surgery.enabled": False},
+     r"compress\.points\[0\] \(aa_tol5\): a tolerance is read from the surgery frontier, but surgery\.enabled is "
+     r"false; give a threshold instead, or set compress\.enabled: false"),
     ("compress tolerance not swept", {"compress.points": [{"name": "p", "target": "gpt", "mode": "separate",
                                                            "tolerance": 0.2}]},
      r"compress\.points\[0\] \(p\): tolerance 0\.2 is not one of surgery\.tolerances"),

