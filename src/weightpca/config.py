@@ -74,7 +74,8 @@ def check_config(config: dict) -> None:
         for i, point in enumerate(compress["points"]):
             where = f"compress.points[{i}] ({point['name']})"
             if not surgery or point["target"] not in surgery["targets"]:
-                raise ConfigError(f"{where}: target '{point['target']}' is not in surgery.targets")
+                raise ConfigError(f"{where}: target '{point['target']}' is not in surgery.targets; remove the "
+                                  f"point from compress.points or set compress.enabled: false")
             if "tolerance" in point:
                 if not surgery["enabled"]:
                     raise ConfigError(f"{where}: a tolerance is read from the surgery frontier, but "
