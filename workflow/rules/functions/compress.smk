@@ -7,6 +7,12 @@ def compress_point(target, name):
     )
 
 
+def compress_settings(target):
+    """The surgery settings an export uses (so that other sweep settings rerun nothing here)."""
+    s = surgery_settings(target)
+    return {k: s[k] for k in ("eval_tokens", "calib_tokens", "window")}
+
+
 def compress_inputs(wildcards):
     """The surgery target's inputs, and its frontier where the point is given by a tolerance."""
     inputs = surgery_inputs(wildcards)
