@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import WeightFileError, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .surgery import PCABasis, SweepPlan, WhitenedBasis, input_cholesky, rank_for_threshold
 
 FORMAT = "weightpca-compressed-1"
@@ -118,6 +118,14 @@ def qkv_paths(target, i: int) -> dict[str, str]:
     return {n: f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv"}
 
 
+def factor_path(target, name: str) -> str:
+    """Module path of the matrix a factor name ("<layer>.<matrix>") belongs to."""
+    i, matrix = name.split(".", 1)
+    if matrix in ("q", "k", "v"):
+        return qkv_paths(target, int(i))[matrix]
+    return linear_paths(target, int(i), MATRIX_GROUPS)[name]
+
+
 def plan_factors(target, mode: str, threshold: float, groups, calib_tokens, window: int,
                  dtype=np.float32) -> dict[str, Factor]:
     """Factors of every matrix in ``groups`` at one threshold, keyed "<layer>.<name>".
@@ -182,18 +190,15 @@ def factorize_model(target, factors: dict[str, Factor]) -> tuple[nn.Module, list
         groups.setdefault(f.key, []).append(f)
     factored_keys = {k for k, members in groups.items() if _saves(members)}
     shared: dict[str, tuple] = {}
-    paths: dict[str, list[tuple[str, Factor]]] = {}
+    paths: dict[str, list[Factor]] = {}
     for name, f in factors.items():
-        i, matrix = name.split(".", 1)
-        path = qkv_paths(target, int(i))[matrix] if matrix in "qkv" else linear_paths(
-            target, int(i), MATRIX_GROUPS)[name]
-        paths.setdefault(path, []).append((matrix, f))
+        paths.setdefault(factor_path(target, name), []).append(f)
     spec = []
     for path, parts in paths.items():
         dense = model.get_submodule(path)
         built, part_specs = [], []
         row = 0
-        for _, f in parts:
+        for f in parts:
             n = f.coef.shape[0]
             bias = dense.bias[row:row + n] if dense.bias is not None else None
             row += n
@@ -318,14 +323,10 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
         if source not in tensors:
             raise CompressedModelError(f"{weights}: tensor '{source}' (shared as '{alias}') is missing")
         tensors[alias] = tensors[source]
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CompressedModelError(f"{weights}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
-    for name, ref in expected.items():
-        if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise CompressedModelError(f"{weights}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
-                                       f"compress.json's modules give {tuple(ref.shape)}")
+    try:  # the skeleton's shapes are compress.json's modules
+        check_state_dict(tensors, model.state_dict(), weights)
+    except WeightFileError as e:
+        raise CompressedModelError(str(e)) from e
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval()
 
@@ -358,9 +359,8 @@ def _with_weights(target, factors: dict[str, Factor], fn):
             originals[("qkv", i)] = target.get_qkv(i)
             target.set_qkv(i, {n: factors[f"{i}.{n}"].dense() for n in "qkv"})
         for name, f in factors.items():
-            i, matrix = name.split(".", 1)
-            if matrix not in ("q", "k", "v"):
-                w = target.model.get_submodule(linear_paths(target, int(i), MATRIX_GROUPS)[name]).weight
+            if name.split(".", 1)[1] not in ("q", "k", "v"):
+                w = target.model.get_submodule(factor_path(target, name)).weight
                 originals[name] = w.detach().clone()
                 w.copy_(torch.as_tensor(f.dense()).to(w.device, w.dtype))
     try:
@@ -371,8 +371,7 @@ def _with_weights(target, factors: dict[str, Factor], fn):
                 if isinstance(key, tuple):
                     target.set_qkv(key[1], w)
                 else:
-                    i, _ = key.split(".", 1)
-                    target.model.get_submodule(linear_paths(target, int(i), MATRIX_GROUPS)[key]).weight.copy_(w)
+                    target.model.get_submodule(factor_path(target, key)).weight.copy_(w)
 
 
 def dense_bytes(model: nn.Module) -> int:

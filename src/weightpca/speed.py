@@ -103,24 +103,24 @@ def measure(kind: str, path: str, config: str | None = None, device: str = "cpu"
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_rss_mb()
     prompt = x[:, :16]
 
-    def decode():
+    def decode() -> int:
+        """New tokens generated greedily (our GPT: the surgery target's loop, which has no KV cache)."""
         if is_gpt:
-            ids = prompt
-            for _ in range(new_tokens):
-                nxt = forward(ids[:, -limit:])[:, -1].argmax(-1, keepdim=True)
-                ids = torch.cat([ids, nxt], dim=1)
-            return ids
-        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=0)
+            from .targets import GPTTarget
+
+            return len(GPTTarget(model, None).greedy(prompt[0].tolist(), new_tokens))
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+        return out.shape[1] - prompt.shape[1]
 
     decode()
     decode_times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = decode()
+        generated = decode()
         _sync(device)
         decode_times.append(time.perf_counter() - t0)
-    assert out.shape[1] == 16 + new_tokens
+    assert generated == new_tokens
     return dict(params=params, peak_memory_mb=peak, context=context,
                 prefill_tokens_per_s=context / float(np.median(times)),
                 decode_tokens_per_s=new_tokens / float(np.median(decode_times)), new_tokens=new_tokens,

@@ -101,13 +101,13 @@ class PCABasis:
         scores, s, vt = thin_svd(x - mean)
         return cls(mean, scores, s, vt)
 
-    def reconstruct(self, r: int, rows: slice = slice(None)) -> np.ndarray:
-        """inverse_transform(transform(X))[rows] with r components: U_r S_r Vt_r + μ.
+    def reconstruct(self, r: int) -> np.ndarray:
+        """inverse_transform(transform(X)) with r components: U_r S_r Vt_r + μ.
 
         For the fitted samples (X - μ) Vt_rᵀ Vt_r = U_r S_r Vt_r, which costs
         one [n, r] x [r, m] product instead of two.
         """
-        return self.scores[rows, :r] @ self.vt[:r] + self.mean
+        return self.scores[:, :r] @ self.vt[:r] + self.mean
 
 
 @dataclass
@@ -197,12 +197,24 @@ class SweepPlan:
             self.shared = shared
 
     def weights_at(self, threshold: float) -> tuple[list[dict[str, np.ndarray]], dict]:
-        """Reconstructed q/k/v per layer at one threshold, and its ranks and parameter counts."""
-        return self._at(threshold, reconstruct=True)
+        """Reconstructed q/k/v per layer at one threshold, and its ranks and parameter counts.
+
+        Each matrix is ``coef @ basis + mean`` of its factors (``factors_at``):
+        for PCA ``U_r S_r Vt_r + μ``, activation-aware ``(W L)_r L⁻¹``.
+        """
+        factors, info = self._at(threshold)
+        weights = []
+        for layer in factors:
+            new = {}
+            for name, (_, coef, basis, mean) in layer.items():
+                w = coef @ basis
+                new[name] = w + mean if mean is not None else w
+            weights.append(new)
+        return weights, info
 
     def info_at(self, threshold: float) -> dict:
         """Ranks and parameter counts at one threshold, without reconstructing (cheap)."""
-        return self._at(threshold, reconstruct=False)[1]
+        return self._at(threshold)[1]
 
     def factors_at(self, threshold: float) -> list[dict[str, tuple]]:
         """Per layer, q/k/v as factors ``(basis_key, coef [n, r], basis [r, m], mean [m] or None)``.
@@ -212,30 +224,7 @@ class SweepPlan:
         and V of a layer in ``shared_kv``, of every layer in ``cross_layer``),
         which a compressed model stores once.
         """
-        info = self.info_at(threshold)
-        out = []
-        for i, (lw, b) in enumerate(zip(self.layers, self.bases)):
-            layer = {}
-            if self.mode == "activation_aware":
-                for name in ("q", "k", "v"):
-                    r = info["ranks"][name][i]
-                    layer[name] = (f"{i}.{name}", b[name].u_s[:, :r], b[name].vt_linv[:r], None)
-            else:
-                r = info["ranks"]["q"][i]
-                layer["q"] = (f"{i}.q", b["q"].scores[:, :r], b["q"].vt[:r], b["q"].mean)
-                if self.mode == "separate":
-                    for name in ("k", "v"):
-                        r = info["ranks"][name][i]
-                        layer[name] = (f"{i}.{name}", b[name].scores[:, :r], b[name].vt[:r], b[name].mean)
-                else:
-                    n_k, n_v = lw["k"].shape[0], lw["v"].shape[0]
-                    r = info["ranks"]["kv"][i]
-                    basis, start, key = ((b["kv"], 0, f"{i}.kv") if self.mode == "shared_kv"
-                                         else (self.shared, b["row"], "kv"))
-                    layer["k"] = (key, basis.scores[start:start + n_k, :r], basis.vt[:r], basis.mean)
-                    layer["v"] = (key, basis.scores[start + n_k:start + n_k + n_v, :r], basis.vt[:r], basis.mean)
-            out.append(layer)
-        return out
+        return self._at(threshold)[0]
 
     def threshold_for_params(self, params: float, low: float, high: float) -> float | None:
         """A threshold in (low, high) whose factored parameter count is nearest ``params`` from above.
@@ -261,55 +250,50 @@ class SweepPlan:
                 return t
         return None
 
-    def _at(self, threshold: float, reconstruct: bool) -> tuple[list[dict[str, np.ndarray]], dict]:
+    def _at(self, threshold: float) -> tuple[list[dict[str, tuple]], dict]:
+        """Per layer the factors of q, k, v at one threshold (views of the bases: no arithmetic), and info."""
         out, ranks = [], {"q": [], "k": [], "v": [], "kv": []}
         params = {"q": 0, "kv": 0}
         dense = {"q": 0, "kv": 0}
-
-        def rebuild(basis, r, rows=slice(None)):
-            if not reconstruct:
-                return None
-            return basis.reconstruct(r) if rows == slice(None) else basis.reconstruct(r, rows)
-
         shared_rank = None
         if self.mode == "cross_layer":
             shared_rank = rank_for_threshold(self.shared.s, threshold)
             m = self.shared.vt.shape[1]
             params["kv"] += shared_rank * m + m  # one basis and mean for all layers
-        for lw, b in zip(self.layers, self.bases):
-            new = {}
+        for i, (lw, b) in enumerate(zip(self.layers, self.bases)):
+            layer = {}
             dense["q"] += lw["q"].size
             dense["kv"] += lw["k"].size + lw["v"].size
             if self.mode == "activation_aware":
                 for name in ("q", "k", "v"):
                     r = rank_for_threshold(b[name].s, threshold)
-                    new[name] = rebuild(b[name], r)
+                    layer[name] = (f"{i}.{name}", b[name].u_s[:, :r], b[name].vt_linv[:r], None)
                     ranks[name].append(r)
                     n, m = lw[name].shape
                     params["q" if name == "q" else "kv"] += n * r + r * m
             else:
                 r = rank_for_threshold(b["q"].s, threshold)
-                new["q"] = rebuild(b["q"], r)
+                layer["q"] = (f"{i}.q", b["q"].scores[:, :r], b["q"].vt[:r], b["q"].mean)
                 ranks["q"].append(r)
                 params["q"] += pca_params(*lw["q"].shape, r)
                 if self.mode == "separate":
                     for name in ("k", "v"):
                         r = rank_for_threshold(b[name].s, threshold)
-                        new[name] = rebuild(b[name], r)
+                        layer[name] = (f"{i}.{name}", b[name].scores[:, :r], b[name].vt[:r], b[name].mean)
                         ranks[name].append(r)
                         params["kv"] += pca_params(*lw[name].shape, r)
                 else:
                     n_k, n_v = lw["k"].shape[0], lw["v"].shape[0]
                     if self.mode == "shared_kv":
-                        basis, start, r = b["kv"], 0, rank_for_threshold(b["kv"].s, threshold)
+                        basis, start, r, key = b["kv"], 0, rank_for_threshold(b["kv"].s, threshold), f"{i}.kv"
                     else:  # cross_layer: this layer's rows of the all-layer sample matrix
-                        basis, start, r = self.shared, b["row"], shared_rank
-                    new["k"] = rebuild(basis, r, slice(start, start + n_k))
-                    new["v"] = rebuild(basis, r, slice(start + n_k, start + n_k + n_v))
+                        basis, start, r, key = self.shared, b["row"], shared_rank, "kv"
+                    layer["k"] = (key, basis.scores[start:start + n_k, :r], basis.vt[:r], basis.mean)
+                    layer["v"] = (key, basis.scores[start + n_k:start + n_k + n_v, :r], basis.vt[:r], basis.mean)
                     ranks["kv"].append(r)
                     m = lw["k"].shape[1]
                     params["kv"] += (n_k + n_v) * r + (0 if shared_rank is not None else r * m + m)
-            out.append(new)
+            out.append(layer)
         info = {
             "ranks": {k: v for k, v in ranks.items() if v},
             "params_q": params["q"], "params_kv": params["kv"],
