@@ -1,4 +1,4 @@
-"""Training throughput of the one training step (weightpca.train.optimizer_step).
+"""Training throughput of the one training step (weightpca.train.training_step).
 
 Builds the model of a config preset, feeds it random tokens from a memmap-like
 array through the same BatchSampler, precision settings and (compiled or
@@ -7,17 +7,18 @@ warm-up, for every requested path and embedding rank k:
 
     python benchmarks/train_bench.py --config config/gpt2.yaml --batch 12 --block 1024 \\
         --paths eager compiled --ks none 128 [--compile-modes default max-autotune] \
-        [--profile] [--grad-accum 1] [--steps 30] [--json out.json]
+        [--cuda-graph on off] [--profile] [--grad-accum 1] [--steps 30] [--json out.json]
 
 Tokens per second = batch · block · grad_accum · steps / wall time, timed
 between two CUDA synchronisations; compilation and allocator warm-up happen
-in the untimed warm-up steps. On a CPU the compiled path runs eager, as the
-training loop does (it compiles on CUDA only).
+in the untimed warm-up steps. On a CPU the compiled path runs eager and
+``--cuda-graph on`` changes nothing, as in the training loop (both are CUDA only).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from weightpca.evaluate import resolve_device  # noqa: E402
 from weightpca.tokens import BatchSampler  # noqa: E402
 from weightpca.train import (  # noqa: E402
-    TrainSettings, build_model, make_optimizer, optimizer_step, setup_precision, training_forward,
+    TrainSettings, build_model, make_optimizer, setup_precision, training_forward, training_step,
 )
 
 
@@ -64,17 +65,18 @@ def profile_step(step, steps: int, cuda: bool) -> dict:
         for _ in range(steps):
             step()
         sync()
-    kinds, others = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, []
+    kinds, others, calls = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, [], 0
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else (e.self_cpu_time_total if e.key.startswith("aten::") else 0.0)
         if us <= 0:
             continue
         kind = kernel_kind(e.key)
         kinds[kind] += us / 1e3 / steps
+        calls += e.count
         if kind == "other":
             others.append((us / 1e3 / steps, e.count // steps, e.key))
     others.sort(reverse=True)
-    return {"ms_per_step": kinds, "top_other": others[:10]}
+    return {"ms_per_step": kinds, "top_other": others[:10], "kernels_per_step": calls / steps}
 
 
 def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, steps: int, warmup: int,
@@ -84,19 +86,20 @@ def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, step
     autocast = setup_precision(device, train_cfg)
     model = build_model(run, vocab_size).to(device)
     opt = make_optimizer(model, train_cfg, device)
-    forward, no_sync = training_forward(model, train_cfg, device)
+    forward, _ = training_forward(model, train_cfg, device)
     tokens = np.random.default_rng(0).integers(0, vocab_size, size=20_000_000, dtype=np.uint16)
     sampler = BatchSampler(tokens, train_cfg.batch_size, model_cfg["block_size"], 0, device)
+    step = training_step(forward, model, opt, sampler, train_cfg, autocast, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     t0 = time.perf_counter()
     for _ in range(warmup):
-        loss = optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync)
+        loss = step(train_cfg.lr)
     sync()
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync)
+        loss = step(train_cfg.lr)
     sync()
     wall = time.perf_counter() - t0
     n_tokens = train_cfg.batch_size * model_cfg["block_size"] * train_cfg.grad_accum * steps
@@ -104,9 +107,7 @@ def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, step
               "final_loss": float(loss), "params": model.num_params(),
               "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
     if profile:
-        result["profile"] = profile_step(
-            lambda: optimizer_step(forward, model, opt, sampler, train_cfg, autocast, no_sync), 5,
-            device.startswith("cuda"))
+        result["profile"] = profile_step(lambda: step(train_cfg.lr), 5, device.startswith("cuda"))
     return result
 
 
@@ -120,6 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="torch.compile modes to measure on the compiled path")
+    parser.add_argument("--cuda-graph", nargs="+", default=["on"], choices=["on", "off"],
+                        help="record each optimizer step as one CUDA graph (train.cuda_graph)")
     parser.add_argument("--ks", nargs="+", default=["none"], help="embedding ranks; 'none' = full embedding")
     parser.add_argument("--profile", action="store_true",
                         help="also print each step's time by kind (matmul / attention / other) and the largest "
@@ -135,31 +138,30 @@ def main(argv=None) -> None:
     results = []
     paths = [("eager", None)] if "eager" in args.paths else []
     paths += [("compiled", mode) for mode in args.compile_modes] if "compiled" in args.paths else []
-    for k in args.ks:
-        for path, mode in paths:
-            model_cfg = dict(cfg["model"], block_size=args.block,
-                             n_embd_wte=None if k == "none" else int(k))
-            train_cfg = dict(cfg["train"], batch_size=args.batch, grad_accum=args.grad_accum,
-                             compile=path == "compiled", compile_mode=mode or "default")
-            r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup, args.profile)
-            r.update(k=k, path=path, compile_mode=mode, batch=args.batch, block=args.block,
-                     grad_accum=args.grad_accum, torch=torch.__version__,
-                     device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
-            results.append(r)
-            label = path if mode is None else f"{path}:{mode}"
-            print(f"k={k:>5} {label:>36}: {r['tokens_per_s']:>10,.0f} tokens/s  "
-                  f"{r['step_ms']:7.1f} ms/step  (warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, "
-                  f"loss {r['final_loss']:.4f}, peak {r['peak_gpu_gib'] or 0:.1f} GiB, device {r['device']})",
-                  flush=True)
-            if "profile" in r:
-                print("    ms/step: " + ", ".join(f"{kind} {ms:.2f}"
-                                                for kind, ms in r["profile"]["ms_per_step"].items()))
-                for ms, calls, name in r["profile"]["top_other"]:
-                    print(f"      {ms:6.3f} ms  x{calls:<3} {name[:110]}")
-            torch._dynamo.reset()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+    for k, (path, mode), graph in itertools.product(args.ks, paths, args.cuda_graph):
+        model_cfg = dict(cfg["model"], block_size=args.block,
+                         n_embd_wte=None if k == "none" else int(k))
+        train_cfg = dict(cfg["train"], batch_size=args.batch, grad_accum=args.grad_accum,
+                         compile=path == "compiled", compile_mode=mode or "default", cuda_graph=graph == "on")
+        r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup, args.profile)
+        r.update(k=k, path=path, compile_mode=mode, cuda_graph=graph, batch=args.batch, block=args.block,
+                 grad_accum=args.grad_accum, torch=torch.__version__,
+                 device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
+        results.append(r)
+        label = (path if mode is None else f"{path}:{mode}") + f" graph {graph}"
+        print(f"k={k:>5} {label:>36}: {r['tokens_per_s']:>10,.0f} tokens/s  "
+              f"{r['step_ms']:7.1f} ms/step  (warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, "
+              f"loss {r['final_loss']:.4f}, peak {r['peak_gpu_gib'] or 0:.1f} GiB, device {r['device']})",
+              flush=True)
+        if "profile" in r:
+            print("    ms/step: " + ", ".join(f"{kind} {ms:.2f}" for kind, ms in r["profile"]["ms_per_step"].items())
+                  + f"; {r['profile']['kernels_per_step']:.0f} kernels")
+            for ms, calls, name in r["profile"]["top_other"]:
+                print(f"      {ms:6.3f} ms  x{calls:<3} {name[:110]}")
+        torch._dynamo.reset()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

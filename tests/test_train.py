@@ -195,3 +195,62 @@ def test_ddp_two_processes_match_one_process_at_twice_the_batch(tiny_data, tmp_p
     # and a different split of the batch is really different training
     other = train_to(tiny_run(batch_size=2), tiny_data, tmp_path / "half", tmp_path / "whalf")
     assert other["final_val_loss"] != pytest.approx(single["final_val_loss"], rel=1e-4)
+
+
+def _step_setup(run, device, cuda_graph):
+    """Model, optimizer and the loop's step callable for ``run`` on random tokens."""
+    import numpy as np
+
+    from weightpca.tokens import BatchSampler
+    from weightpca.train import make_optimizer, setup_precision, training_forward, training_step
+
+    t = TrainSettings.from_dict(dict(run["train"], cuda_graph=cuda_graph))
+    model = build_model(run, 64).to(device)
+    opt = make_optimizer(model, t, device)
+    tokens = np.random.default_rng(0).integers(0, 64, size=5000, dtype=np.uint16)
+    sampler = BatchSampler(tokens, t.batch_size, run["model"]["block_size"], 0, device)
+    forward, _ = training_forward(model, t, device)
+    return model, training_step(forward, model, opt, sampler, t, setup_precision(device, t), device)
+
+
+def test_static_batches_yield_the_samplers_sequence():
+    """What a captured step reads: the sampler's micro-batches, in order, at fixed addresses."""
+    import numpy as np
+
+    from weightpca.tokens import BatchSampler
+    from weightpca.train import _StaticBatches
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    ref, static = BatchSampler(tokens, 2, 8, 5), _StaticBatches(BatchSampler(tokens, 2, 8, 5), grad_accum=3)
+    addresses = static.x.data_ptr(), static.y.data_ptr()
+    for _ in range(2):
+        static.refill()
+        for _ in range(3):
+            (x, y), (rx, ry) = static.next(), ref.next()
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert (static.x.data_ptr(), static.y.data_ptr()) == addresses
+
+
+def test_cuda_graph_setting_is_ignored_on_cpu():
+    """train.cuda_graph on a CPU: the same steps as without it (it is CUDA only)."""
+    run = tiny_run(grad_accum=2)
+    losses = {}
+    for graph in (False, True):
+        model, step = _step_setup(run, "cpu", graph)
+        losses[graph] = [float(step(lr_at(i, TrainSettings.from_dict(run["train"])))) for i in range(4)]
+    assert losses[True] == losses[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_steps_match_uncaptured_steps():
+    """A replayed CUDA graph trains as the uncaptured step does: warm-up, capture and replays, lr schedule."""
+    run = tiny_run(grad_accum=2, warmup_steps=4)
+    t = TrainSettings.from_dict(run["train"])
+    result = {}
+    for graph in (False, True):
+        model, step = _step_setup(run, "cuda", graph)
+        losses = [float(step(lr_at(i, t))) for i in range(8)]
+        result[graph] = losses, {k: v.float().cpu() for k, v in model.state_dict().items()}
+    assert result[True][0] == pytest.approx(result[False][0], rel=1e-3)
+    for k, v in result[False][1].items():
+        torch.testing.assert_close(result[True][1][k], v, rtol=1e-3, atol=1e-4, msg=k)

@@ -6,6 +6,8 @@ resume from the last checkpoint if one matches this configuration, then
     for step in steps:   lr schedule -> grad-accumulated forward/backward ->
                          clip -> AdamW step -> (log / eval / snapshot / checkpoint)
 
+(on a GPU the middle three can be one replayed CUDA graph, :class:`GraphedStep`)
+
 and finally evaluate on the validation split and write the artifacts
 atomically. :func:`train` is those four parts in order: :func:`setup`,
 :func:`resume`, :func:`run_steps`, :func:`finish`. Under ``torchrun``
@@ -80,6 +82,7 @@ class TrainSettings:
     snapshot_every: int
     compile: bool = False
     compile_mode: str = "default"
+    cuda_graph: bool = False
     dtype: str = "auto"
     lowrank_reg: dict | None = None
 
@@ -120,25 +123,42 @@ def lr_at(step: int, t: TrainSettings) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainSettings, device: str) -> torch.optim.AdamW:
-    """AdamW; matrices (dim >= 2) decay, vectors (LayerNorm, biases) do not. Frozen params excluded."""
+    """Fused AdamW (one kernel per group of tensors, on CPU too); matrices (dim >= 2) decay,
+    vectors (LayerNorm, biases) do not. Frozen params excluded."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+
+
+def clip_and_step(opt: torch.optim.AdamW, max_norm: float) -> None:
+    """AdamW step on the gradients clipped to total 2-norm ``max_norm`` (0: no clipping).
+
+    The rule is ``clip_grad_norm_``'s, g <- g · min(1, max_norm / (‖g‖ + 1e-6)),
+    but the factor reaches the fused kernel as its ``grad_scale`` (the
+    attribute GradScaler sets; the kernel divides every gradient by it), so
+    the gradients are not rewritten in a pass of their own before the update.
+    """
+    if max_norm > 0:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        opt.grad_scale = torch.clamp_min((norm + 1e-6) / max_norm, 1.0)
+    opt.step()
 
 
 def optimizer_step(forward, model, opt, sampler, t: TrainSettings, autocast, no_sync=None) -> torch.Tensor:
     """One AdamW step over ``t.grad_accum`` micro-batches; returns the mean loss on the device.
 
     ``forward(x, y) -> (logits, loss)`` is the (possibly compiled, possibly
-    DDP-wrapped) model; ``no_sync`` is DDP's context manager that skips the
-    gradient all-reduce on all but the last micro-batch. A low-rank
-    regulariser (``t.lowrank_reg``, see weightpca.lowrank) depends on the
-    weights alone, so its gradient is added once per step, before the
-    micro-batches (under DDP every rank adds the same, which averaging keeps).
-    Nothing here reads a value back to the host, so the GPU never waits for Python.
+    DDP-wrapped) model; ``sampler.next()`` gives a micro-batch ``(x, y)``;
+    ``no_sync`` is DDP's context manager that skips the gradient all-reduce
+    on all but the last micro-batch. A low-rank regulariser
+    (``t.lowrank_reg``, see weightpca.lowrank) depends on the weights alone,
+    so its gradient is added once per step, before the micro-batches (under
+    DDP every rank adds the same, which averaging keeps). Nothing here reads
+    a value back to the host, so the GPU never waits for Python.
     """
     if lowrank.active(t.lowrank_reg):
         lowrank.penalty(model, t.lowrank_reg).backward()
@@ -151,11 +171,102 @@ def optimizer_step(forward, model, opt, sampler, t: TrainSettings, autocast, no_
                 _, loss = forward(x, y)
             (loss / t.grad_accum).backward()
         mean_loss += loss.detach() / t.grad_accum
-    if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    opt.step()
+    clip_and_step(opt, t.grad_clip)
     opt.zero_grad(set_to_none=True)
     return mean_loss
+
+
+class _StaticBatches:
+    """The sampler's micro-batches copied into fixed device buffers [grad_accum, B, T], as a graph needs."""
+
+    def __init__(self, sampler: BatchSampler, grad_accum: int):
+        self.sampler = sampler
+        shape = (grad_accum, sampler.batch_size, sampler.block_size)
+        self.x = torch.zeros(shape, dtype=torch.long, device=sampler.device)
+        self.y = torch.zeros_like(self.x)
+        self.micro = 0
+
+    def refill(self) -> None:
+        for m in range(len(self.x)):
+            x, y = self.sampler.next()
+            self.x[m].copy_(x, non_blocking=True)
+            self.y[m].copy_(y, non_blocking=True)
+        self.micro = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m, self.micro = self.micro, self.micro + 1
+        return self.x[m], self.y[m]
+
+
+class GraphedStep:
+    """:func:`optimizer_step` recorded once as a CUDA graph and replayed for every later step.
+
+    Even compiled, a GPT-2 small step is ~540 kernels launched one by one
+    from Python; a replay launches the recorded sequence at once and the
+    GPU stops waiting between them (H100, B 12, T 1024: see README "GPU
+    scale"). What a graph reads must live at fixed addresses: each step's
+    micro-batches are copied into static buffers, the learning rate is one
+    device tensor shared by every parameter group (filled before each
+    replay) and the optimizer is ``capturable``. The first ``warmup`` calls
+    run uncaptured on a side stream: they compile the model, create the
+    optimizer state and settle the allocator, as capture requires. Every
+    call, warm-up or replay, is one real optimizer step.
+
+    Call ``step(lr)``; it returns the step's mean loss on the device, valid
+    until the next call.
+    """
+
+    def __init__(self, forward, model, opt, sampler: BatchSampler, t: TrainSettings, autocast, warmup: int = 3):
+        self.model, self.opt, self.t, self.autocast = model, opt, t, autocast
+        self.forward, self.warmup, self.calls = forward, warmup, 0
+        self.batches = _StaticBatches(sampler, t.grad_accum)
+        self.lr = torch.zeros((), device=sampler.device)
+        for group in opt.param_groups:
+            group["lr"], group["capturable"] = self.lr, True
+        self.graph, self.loss = None, None
+
+    def _step(self) -> torch.Tensor:
+        return optimizer_step(self.forward, self.model, self.opt, self.batches, self.t, self.autocast)
+
+    def __call__(self, lr: float) -> torch.Tensor:
+        self.batches.refill()
+        self.lr.fill_(lr)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records without running
+                self.loss = self._step()
+        self.graph.replay()
+        return self.loss
+
+
+def training_step(forward, model, opt, sampler, t: TrainSettings, autocast, device: str, no_sync=None):
+    """The callable the loop runs once per optimizer step: ``step(lr) -> mean loss`` (on the device).
+
+    A :class:`GraphedStep` when ``t.cuda_graph`` and it can be captured (one
+    CUDA process, no low-rank regulariser: DDP's all-reduce and the
+    regulariser's SVD are not captured), else :func:`optimizer_step` with
+    the learning rate set in every parameter group.
+    """
+    if t.cuda_graph and device.startswith("cuda"):
+        if no_sync is None and not lowrank.active(t.lowrank_reg):
+            return GraphedStep(forward, model, opt, sampler, t, autocast)
+        print("train.cuda_graph: not captured (data-parallel or low-rank regulariser); steps run uncaptured",
+              flush=True)
+
+    def step(lr: float) -> torch.Tensor:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return optimizer_step(forward, model, opt, sampler, t, autocast, no_sync)
+
+    return step
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -373,6 +484,7 @@ def run_steps(s: Session, progress: Progress, wb=None) -> None:
     t, name = s.t, s.run["name"]
     metrics = MetricsLog(s.work_dir / "metrics.csv", progress.step) if s.is_main else None
     forward, no_sync = training_forward(s.model, t, s.device, s.world, s.local_rank)
+    step = training_step(forward, s.model, s.opt, s.sampler, t, s.autocast, s.device, no_sync)
     # running train-loss sum since the last eval; checkpointed so that a
     # resumed run logs the same averages as an uninterrupted one
     loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=s.device)
@@ -382,9 +494,7 @@ def run_steps(s: Session, progress: Progress, wb=None) -> None:
     s.model.train()
     while progress.step < t.max_steps:
         lr = lr_at(progress.step, t)
-        for group in s.opt.param_groups:
-            group["lr"] = lr
-        loss_sum += optimizer_step(forward, s.model, s.opt, s.sampler, t, s.autocast, no_sync)
+        loss_sum += step(lr)
         progress.step += 1
         bar.update(1)
 
