@@ -13,10 +13,11 @@ to form G: for GPT-2 small at 12 × 1024 tokens the logits are 12,288 × 50,304
 bf16 values (1.2 GB), and that loss was 1.6 ms of a 27 ms H100 step. Here one
 Triton program per row reads its row of logits once from memory for an
 online max / sum of exponentials (Milakov & Gimelshein, "Online normalizer
-calculation for softmax", 2018), then reads it again — from L2 cache, as
-the rows in flight are a few MB — to write G over the logits in place. The
+calculation for softmax", 2018), then reads it a second time (the rows in
+flight are a few MB, within L2) to write G over the logits in place. The
 backward pass only multiplies: no [N, V] pass is left in it, and no second
-[N, V] buffer is ever allocated. (The same idea as Liger-Kernel's fused
+[N, V] buffer is ever allocated. On an H100 the kernel takes 1.13 ms where
+the compiled loss forward and backward took 0.76 + 0.87 ms. (The same idea as Liger-Kernel's fused
 linear cross-entropy, without its token chunking: chunking made our compiled
 step slower, see README "GPU scale".)
 
@@ -137,7 +138,8 @@ def _backward(ctx, grad_loss, _grad_of_grad_logits):
 
 
 _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
-# under autocast the head runs in its dtype, as F.linear would (h from the final LayerNorm is float32)
+# under CUDA autocast the head runs in bf16 (training's only autocast dtype, weightpca.train.setup_precision),
+# as F.linear would; h from the final LayerNorm arrives in float32
 torch.library.register_autocast("weightpca::linear_cross_entropy", "cuda", torch.bfloat16)
 
 
