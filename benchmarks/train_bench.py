@@ -85,7 +85,7 @@ def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, step
     train_cfg = TrainSettings.from_dict(train_cfg)
     autocast = setup_precision(device, train_cfg)
     model = build_model(run, vocab_size).to(device)
-    opt = make_optimizer(model, train_cfg, device)
+    opt = make_optimizer(model, train_cfg)
     forward, _ = training_forward(model, train_cfg, device)
     tokens = np.random.default_rng(0).integers(0, vocab_size, size=20_000_000, dtype=np.uint16)
     sampler = BatchSampler(tokens, train_cfg.batch_size, model_cfg["block_size"], 0, device)

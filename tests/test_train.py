@@ -132,7 +132,7 @@ def test_divergence_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path, mo
     ckpt = latest_checkpoint(tmp_path / "work" / "ckpt", config_hash(run))
     assert ckpt is not None  # the last checkpoint before the loss went non-finite
     model = build_model(run, 384)
-    load_checkpoint(ckpt, model, make_optimizer(model, TrainSettings.from_dict(run["train"]), "cpu"),
+    load_checkpoint(ckpt, model, make_optimizer(model, TrainSettings.from_dict(run["train"])),
                     torch.Generator())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -206,7 +206,7 @@ def _step_setup(run, device, cuda_graph):
 
     t = TrainSettings.from_dict(dict(run["train"], cuda_graph=cuda_graph))
     model = build_model(run, 64).to(device)
-    opt = make_optimizer(model, t, device)
+    opt = make_optimizer(model, t)
     tokens = np.random.default_rng(0).integers(0, 64, size=5000, dtype=np.uint16)
     sampler = BatchSampler(tokens, t.batch_size, run["model"]["block_size"], 0, device)
     forward, _ = training_forward(model, t, device)

@@ -122,7 +122,7 @@ def lr_at(step: int, t: TrainSettings) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainSettings, device: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, t: TrainSettings) -> torch.optim.AdamW:
     """Fused AdamW (one kernel per group of tensors, on CPU too); matrices (dim >= 2) decay,
     vectors (LayerNorm, biases) do not. Frozen params excluded."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -457,7 +457,7 @@ def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: 
     block = run["model"]["block_size"]
     val_windows = eval_windows(open_tokens(data.val, meta), block, t.eval_tokens)
     model = build_model(run, meta["vocab_size"]).to(device)
-    opt = make_optimizer(model, t, device)
+    opt = make_optimizer(model, t)
     sampler = BatchSampler(train_tokens, t.batch_size, block, run["seed"], device, rank, world)
     return Session(run, t, device, threads, rank, world, local_rank, autocast, meta, train_tokens,
                    val_windows, model, opt, sampler, config_hash(run), Path(work_dir))
