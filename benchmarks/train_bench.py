@@ -7,12 +7,12 @@ warm-up, for every requested path and embedding rank k:
 
     python benchmarks/train_bench.py --config config/gpt2.yaml --batch 12 --block 1024 \\
         --paths eager compiled --ks none 128 [--compile-modes default max-autotune] \
-        [--cuda-graph on off] [--profile] [--grad-accum 1] [--steps 30] [--json out.json]
+        [--cuda-graph on off] [--flat-adamw on off] [--profile] [--grad-accum 1] [--steps 30] [--json out.json]
 
 Tokens per second = batch · block · grad_accum · steps / wall time, timed
 between two CUDA synchronisations; compilation and allocator warm-up happen
 in the untimed warm-up steps. On a CPU the compiled path runs eager and
-``--cuda-graph on`` changes nothing, as in the training loop (both are CUDA only).
+``--cuda-graph on`` and ``--flat-adamw on`` change nothing, as in the training loop (all are CUDA only).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def measure(model_cfg: dict, train_cfg: dict, vocab_size: int, device: str, step
     autocast = setup_precision(device, train_cfg)
     model = build_model(run, vocab_size).to(device)
     opt = make_optimizer(model, train_cfg)
-    forward, _ = training_forward(model, train_cfg, device)
+    forward, _ = training_forward(model, opt, train_cfg, device)
     tokens = np.random.default_rng(0).integers(0, vocab_size, size=20_000_000, dtype=np.uint16)
     sampler = BatchSampler(tokens, train_cfg.batch_size, model_cfg["block_size"], 0, device)
     step = training_step(forward, model, opt, sampler, train_cfg, autocast, device)
@@ -123,6 +123,8 @@ def main(argv=None) -> None:
                         help="torch.compile modes to measure on the compiled path")
     parser.add_argument("--cuda-graph", nargs="+", default=["on"], choices=["on", "off"],
                         help="record each optimizer step as one CUDA graph (train.cuda_graph)")
+    parser.add_argument("--flat-adamw", nargs="+", default=["on"], choices=["on", "off"],
+                        help="flat fp32 masters, AdamW writes the bf16 weight copies (train.flat_adamw)")
     parser.add_argument("--ks", nargs="+", default=["none"], help="embedding ranks; 'none' = full embedding")
     parser.add_argument("--profile", action="store_true",
                         help="also print each step's time by kind (matmul / attention / other) and the largest "
@@ -138,17 +140,18 @@ def main(argv=None) -> None:
     results = []
     paths = [("eager", None)] if "eager" in args.paths else []
     paths += [("compiled", mode) for mode in args.compile_modes] if "compiled" in args.paths else []
-    for k, (path, mode), graph in itertools.product(args.ks, paths, args.cuda_graph):
+    for k, (path, mode), graph, flat in itertools.product(args.ks, paths, args.cuda_graph, args.flat_adamw):
         model_cfg = dict(cfg["model"], block_size=args.block,
                          n_embd_wte=None if k == "none" else int(k))
         train_cfg = dict(cfg["train"], batch_size=args.batch, grad_accum=args.grad_accum,
-                         compile=path == "compiled", compile_mode=mode or "default", cuda_graph=graph == "on")
+                         compile=path == "compiled", compile_mode=mode or "default", cuda_graph=graph == "on",
+                         flat_adamw=flat == "on")
         r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup, args.profile)
-        r.update(k=k, path=path, compile_mode=mode, cuda_graph=graph, batch=args.batch, block=args.block,
+        r.update(k=k, path=path, compile_mode=mode, cuda_graph=graph, flat_adamw=flat, batch=args.batch, block=args.block,
                  grad_accum=args.grad_accum, torch=torch.__version__,
                  device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
         results.append(r)
-        label = (path if mode is None else f"{path}:{mode}") + f" graph {graph}"
+        label = (path if mode is None else f"{path}:{mode}") + f" graph {graph} flat {flat}"
         print(f"k={k:>5} {label:>36}: {r['tokens_per_s']:>10,.0f} tokens/s  "
               f"{r['step_ms']:7.1f} ms/step  (warm-up {r['warmup_s']:.0f} s, {r['params'] / 1e6:.1f}M params, "
               f"loss {r['final_loss']:.4f}, peak {r['peak_gpu_gib'] or 0:.1f} GiB, device {r['device']})",

@@ -197,19 +197,19 @@ def test_ddp_two_processes_match_one_process_at_twice_the_batch(tiny_data, tmp_p
     assert other["final_val_loss"] != pytest.approx(single["final_val_loss"], rel=1e-4)
 
 
-def _step_setup(run, device, cuda_graph):
-    """Model, optimizer and the loop's step callable for ``run`` on random tokens."""
+def _step_setup(run, device, cuda_graph, **train):
+    """Model, optimizer and the loop's step callable for ``run`` (``train`` overrides) on random tokens."""
     import numpy as np
 
     from weightpca.tokens import BatchSampler
     from weightpca.train import make_optimizer, setup_precision, training_forward, training_step
 
-    t = TrainSettings.from_dict(dict(run["train"], cuda_graph=cuda_graph))
+    t = TrainSettings.from_dict(dict(run["train"], cuda_graph=cuda_graph, **train))
     model = build_model(run, 64).to(device)
     opt = make_optimizer(model, t)
     tokens = np.random.default_rng(0).integers(0, 64, size=5000, dtype=np.uint16)
     sampler = BatchSampler(tokens, t.batch_size, run["model"]["block_size"], 0, device)
-    forward, _ = training_forward(model, t, device)
+    forward, _ = training_forward(model, opt, t, device)
     return model, training_step(forward, model, opt, sampler, t, setup_precision(device, t), device)
 
 
@@ -251,6 +251,32 @@ def test_graphed_steps_match_uncaptured_steps():
         model, step = _step_setup(run, "cuda", graph)
         losses = [float(step(lr_at(i, t))) for i in range(8)]
         result[graph] = losses, {k: v.float().cpu() for k, v in model.state_dict().items()}
+    assert result[True][0] == pytest.approx(result[False][0], rel=1e-3)
+    for k, v in result[False][1].items():
+        torch.testing.assert_close(result[True][1][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_flat_adamw_trains_as_fused_adamw(grad_accum):
+    """train.flat_adamw (bf16 copies written by the optimizer, compiled, captured) trains as torch's fused
+    AdamW does: same losses, same weights after the steps, bf16 copies equal to the rounded weights."""
+    from weightpca.flat_adamw import FlatAdamW
+
+    run = tiny_run(grad_accum=grad_accum, warmup_steps=4, compile=True, cuda_graph=True)
+    t = TrainSettings.from_dict(run["train"])
+    result = {}
+    for flat in (False, True):
+        model, step = _step_setup(run, "cuda", True, flat_adamw=flat)
+        losses = [float(step(lr_at(i, t))) for i in range(8)]
+        result[flat] = losses, {k: v.float().cpu() for k, v in model.state_dict().items()}
+        if flat:
+            opt = step.opt
+            assert isinstance(opt, FlatAdamW)
+            for buf in opt.buffers:
+                if buf.copy is not None:
+                    for p, copy in zip(buf.params, buf.views(buf.copy)):
+                        assert torch.equal(copy, p.detach().to(torch.bfloat16))
     assert result[True][0] == pytest.approx(result[False][0], rel=1e-3)
     for k, v in result[False][1].items():
         torch.testing.assert_close(result[True][1][k], v, rtol=1e-3, atol=1e-4, msg=k)

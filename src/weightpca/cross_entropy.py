@@ -138,9 +138,10 @@ def _backward(ctx, grad_loss, _grad_of_grad_logits):
 
 
 _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
-# under CUDA autocast the head runs in bf16 (training's only autocast dtype, weightpca.train.setup_precision),
-# as F.linear would; h from the final LayerNorm arrives in float32
-torch.library.register_autocast("weightpca::linear_cross_entropy", "cuda", torch.bfloat16)
+# under autocast the head runs in bf16 (training's only autocast dtype, weightpca.train.setup_precision),
+# as F.linear would; h from the final LayerNorm arrives in float32 (CPU autocast: the tests)
+for _device in ("cuda", "cpu"):
+    torch.library.register_autocast("weightpca::linear_cross_entropy", _device, torch.bfloat16)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:

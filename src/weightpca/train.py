@@ -49,6 +49,7 @@ from tqdm import tqdm
 from . import lowrank
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate, resolve_device, uniform_attention
+from .flat_adamw import FlatAdamW
 from .io import atomic_path, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTConfig, padded_vocab
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
@@ -83,6 +84,7 @@ class TrainSettings:
     compile: bool = False
     compile_mode: str = "default"
     cuda_graph: bool = False
+    flat_adamw: bool = False
     dtype: str = "auto"
     lowrank_reg: dict | None = None
 
@@ -122,9 +124,21 @@ def lr_at(step: int, t: TrainSettings) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainSettings) -> torch.optim.AdamW:
-    """Fused AdamW (one kernel per group of tensors, on CPU too); matrices (dim >= 2) decay,
-    vectors (LayerNorm, biases) do not. Frozen params excluded."""
+def uses_flat_adamw(t: TrainSettings, device: str, world: int = 1) -> bool:
+    """Whether training keeps flat fp32 masters with bf16 weight copies (weightpca.flat_adamw):
+    ``t.flat_adamw``, compiled on CUDA in bf16, one process, no low-rank regulariser."""
+    return (t.flat_adamw and t.compile and device.startswith("cuda") and t.dtype != "float32" and world == 1
+            and not lowrank.active(t.lowrank_reg))
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainSettings, world: int = 1) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters; matrices (dim >= 2) decay, vectors (LayerNorm, biases) do not.
+
+    :class:`FlatAdamW` where :func:`uses_flat_adamw` (it clips the gradients itself), else torch's
+    fused AdamW (one kernel per group of tensors, on CPU too)."""
+    device = next(model.parameters()).device.type
+    if uses_flat_adamw(t, device, world):
+        return FlatAdamW(model, t.lr, (t.beta1, t.beta2), t.weight_decay, t.grad_clip, t.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
@@ -133,15 +147,17 @@ def make_optimizer(model: torch.nn.Module, t: TrainSettings) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
 
 
-def clip_and_step(opt: torch.optim.AdamW, max_norm: float) -> None:
+def clip_and_step(opt: torch.optim.Optimizer, max_norm: float) -> None:
     """AdamW step on the gradients clipped to total 2-norm ``max_norm`` (0: no clipping).
+
+    :class:`FlatAdamW` clips with its own ``max_norm`` (``t.grad_clip``, as made by :func:`make_optimizer`).
 
     The rule is ``clip_grad_norm_``'s, g <- g · min(1, max_norm / (‖g‖ + 1e-6)),
     but the factor reaches the fused kernel as its ``grad_scale`` (the
     attribute GradScaler sets; the kernel divides every gradient by it), so
     the gradients are not rewritten in a pass of their own before the update.
     """
-    if max_norm > 0:
+    if max_norm > 0 and not isinstance(opt, FlatAdamW):
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
         opt.grad_scale = torch.clamp_min((norm + 1e-6) / max_norm, 1.0)
@@ -286,11 +302,15 @@ def setup_precision(device: str, t: TrainSettings):
     return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-def training_forward(model: GPT, t: TrainSettings, device: str, world: int = 1, local_rank: int = 0):
+def training_forward(model: GPT, opt, t: TrainSettings, device: str, world: int = 1, local_rank: int = 0):
     """(forward, no_sync) for :func:`optimizer_step`: the model, DDP-wrapped across ranks and
     compiled on CUDA when ``t.compile`` (CPU runs stay eager: compiling costs more than it saves
-    at laptop scale). ``no_sync`` is None without DDP."""
+    at laptop scale); with a :class:`FlatAdamW` ``opt``, the model run on its flat weights and bf16
+    copies. ``no_sync`` is None without DDP."""
     forward, no_sync = model, None
+    if isinstance(opt, FlatAdamW):
+        opt.refresh_copies()  # the weights may have been loaded since the optimizer was made
+        forward = opt.forward_fn(model)
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.startswith("cuda") else None)
@@ -301,6 +321,9 @@ def training_forward(model: GPT, t: TrainSettings, device: str, world: int = 1, 
         # tune the generated kernels' launch parameters at compile time (+1.3 % for GPT-2 small, H100)
         inductor_config.coordinate_descent_tuning = True
         forward = torch.compile(forward, mode=t.compile_mode)
+    if isinstance(opt, FlatAdamW):
+        flat_forward = forward
+        forward = lambda x, y: flat_forward(opt.leaves(), x, y)  # noqa: E731
     return forward, no_sync
 
 
@@ -457,7 +480,7 @@ def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: 
     block = run["model"]["block_size"]
     val_windows = eval_windows(open_tokens(data.val, meta), block, t.eval_tokens)
     model = build_model(run, meta["vocab_size"]).to(device)
-    opt = make_optimizer(model, t)
+    opt = make_optimizer(model, t, world)
     sampler = BatchSampler(train_tokens, t.batch_size, block, run["seed"], device, rank, world)
     return Session(run, t, device, threads, rank, world, local_rank, autocast, meta, train_tokens,
                    val_windows, model, opt, sampler, config_hash(run), Path(work_dir))
@@ -483,7 +506,7 @@ def run_steps(s: Session, progress: Progress, wb=None) -> None:
     snapshot every ``snapshot_every``, checkpoint every ``checkpoint_every``."""
     t, name = s.t, s.run["name"]
     metrics = MetricsLog(s.work_dir / "metrics.csv", progress.step) if s.is_main else None
-    forward, no_sync = training_forward(s.model, t, s.device, s.world, s.local_rank)
+    forward, no_sync = training_forward(s.model, s.opt, t, s.device, s.world, s.local_rank)
     step = training_step(forward, s.model, s.opt, s.sampler, t, s.autocast, s.device, no_sync)
     # running train-loss sum since the last eval; checkpointed so that a
     # resumed run logs the same averages as an uninterrupted one
