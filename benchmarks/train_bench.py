@@ -147,8 +147,8 @@ def main(argv=None) -> None:
                          compile=path == "compiled", compile_mode=mode or "default", cuda_graph=graph == "on",
                          flat_adamw=flat == "on")
         r = measure(model_cfg, train_cfg, args.vocab, device, args.steps, args.warmup, args.profile)
-        r.update(k=k, path=path, compile_mode=mode, cuda_graph=graph, flat_adamw=flat, batch=args.batch, block=args.block,
-                 grad_accum=args.grad_accum, torch=torch.__version__,
+        r.update(k=k, path=path, compile_mode=mode, cuda_graph=graph, flat_adamw=flat, batch=args.batch,
+                 block=args.block, grad_accum=args.grad_accum, torch=torch.__version__,
                  device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
         results.append(r)
         label = (path if mode is None else f"{path}:{mode}") + f" graph {graph} flat {flat}"

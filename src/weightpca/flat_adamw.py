@@ -17,7 +17,7 @@ a bf16 weight passes autocast uncast), so their gradients arrive in bf16,
 straight from the matmuls. Per buffer, one Triton kernel sums the squared
 gradients and one updates every element::
 
-    g ← g / c,    c = max(1, (‖g‖₂ + 1e-6) / max_norm)     # clip_grad_norm_'s rule; ‖g‖ over every parameter
+    g ← g / c,    c = max(1, (‖g‖₂ + 1e-6) / max_norm)     # clip_grad_norm_'s rule, ‖g‖ over all parameters
     p ← p · (1 − lr·λ)                                      # decoupled weight decay; λ = 0 for vectors
     m ← β₁·m + (1 − β₁)·g,    v ← β₂·v + (1 − β₂)·g²
     p ← p − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
@@ -196,7 +196,8 @@ class FlatAdamW(torch.optim.Optimizer):
                              "both a bf16 copy and an fp32 input (use train.flat_adamw: false)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         linear = _linear_weights(model)
-        parts = [([(n, p) for n, p in named if n in linear], True), ([(n, p) for n, p in named if n not in linear], False)]
+        parts = [([(n, p) for n, p in named if n in linear], True),
+                 ([(n, p) for n, p in named if n not in linear], False)]
         groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
         # torch.optim.AdamW's hyperparameter keys: a checkpoint of ours loaded by it keeps its meaning
