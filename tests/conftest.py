@@ -72,6 +72,58 @@ train(run, TokenFiles(data / "meta.json", data / "train.bin", data / "val.bin"),
 """
 
 
+# TRAIN_IN_SUBPROCESS, made to stop itself (SIGSTOP) at one exact point of the run, so that a test
+# kills it there and nowhere else whatever the machine's load: argv[2] is "KIND STEP" with KIND
+#   step:  right after STEP's optimizer update (before that step's evaluation or checkpoint),
+#   write: inside STEP's checkpoint write (the temporary folder holds the weights, not the state),
+#   saved: right after LATEST points at STEP's checkpoint (the older one not yet removed).
+TRAIN_STOPPING_AT = """
+import json, os, signal, sys
+from pathlib import Path
+import weightpca.checkpoint as checkpoint
+import weightpca.train as train_module
+
+kind, at = sys.argv[2].split()
+at = int(at)
+stop = lambda: os.kill(os.getpid(), signal.SIGSTOP)
+
+class StoppingBar(train_module.tqdm):
+    def update(self, n=1):
+        super().update(n)
+        if kind == "step" and self.n == at:
+            stop()
+
+def save_tensors(path, *args, **kwargs):
+    if kind == "write" and Path(path).name == "state.safetensors" and Path(path).parent.name.endswith(f"{at:08d}"):
+        stop()
+    return original_save_tensors(path, *args, **kwargs)
+
+def write_text(path, text):
+    original_write_text(path, text)
+    if kind == "saved" and Path(path).name == "LATEST" and text.strip() == f"step_{at:08d}":
+        stop()
+
+original_save_tensors, original_write_text = checkpoint.save_tensors, checkpoint.write_text
+checkpoint.save_tensors, checkpoint.write_text, train_module.tqdm = save_tensors, write_text, StoppingBar
+""" + TRAIN_IN_SUBPROCESS
+
+
+def kill_training_at(args: str, kind: str, step: int) -> None:
+    """Run TRAIN_IN_SUBPROCESS on json `args` until it reaches (kind, step), then SIGKILL it there.
+
+    The wait is for an event (the child is stopped: waitpid's WUNTRACED), never for a time."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_STOPPING_AT, args, f"{kind} {step}"],
+                            stdout=subprocess.DEVNULL)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise AssertionError(f"training ended (exit {proc.returncode}) before it reached {kind} {step}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 REMOVE = object()  # an override value that deletes the key
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from conftest import TRAIN_IN_SUBPROCESS as TRAIN
-from conftest import snakemake, tiny_run, train_to
+from conftest import kill_training_at, snakemake, tiny_run, train_to
 from weightpca.io import load_tensors, read_json
 
 
@@ -33,21 +33,16 @@ def test_ten_kills_then_bitwise_equal(tiny_data, tmp_path):
     rng = random.Random(2026)
     kills = []
     for attempt in range(10):
-        proc = subprocess.Popen([sys.executable, "-c", TRAIN, args], stdout=subprocess.PIPE, text=True)
         start = latest_step(work)
-        during_write = attempt % 3 == 2  # every third kill aims at a checkpoint being written
-        target = start + rng.randint(1, 3) * 4
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            if during_write and any((work / "ckpt").glob(".tmp_step_*")):
-                break
-            if not during_write and latest_step(work) >= target:
-                break
-            time.sleep(0.001)
-        assert proc.poll() is None, f"attempt {attempt}: the run ended before the kill"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # a third of the kills mid-interval, a third inside a checkpoint write, a third just after one
+        kind = ("step", "write", "saved")[attempt % 3]
+        target = start + rng.randint(1, 12)
+        if kind != "step":
+            target = -(-target // 4) * 4  # the next checkpoint step
+        kill_training_at(args, kind, target)
         kills.append(latest_step(work))
+        expected = {"step": (target - 1) // 4 * 4, "write": target - 4, "saved": target}[kind]
+        assert kills[-1] == expected, (kind, target, kills)
         assert not (tmp_path / "out" / "model.safetensors").exists()
     assert len(set(kills)) > 3 and max(kills) < 120
     done = subprocess.run([sys.executable, "-c", TRAIN, args], capture_output=True, text=True, check=True)
@@ -71,20 +66,25 @@ def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_p
            "--directory", str(tmp_path), "--configfile", str(cfg), "--cores", "2", "all"]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     work = tmp_path / "results/train/D/seed7/_work"
-    deadline = time.time() + 300
+    d_dir = tmp_path / "results/train/D/seed7"
+    deadline = time.monotonic() + 1800  # catches a hang only: the event waited for is the checkpoint
     while latest_step(work) < 20:
-        assert first.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+        assert first.poll() is None, "the first snakemake ended before D's checkpoint at step 20"
+        assert time.monotonic() < deadline, "no checkpoint of D at step 20 after 30 minutes"
+        time.sleep(0.01)
+    # freeze the whole first instance (Snakemake and D's job) where it is: however long the second
+    # instance takes, the lock and the incomplete-output records stay as a crash at this point leaves them
+    os.killpg(first.pid, signal.SIGSTOP)
+    assert not (d_dir / "model.safetensors").exists(), "D finished before it was stopped; lengthen it"
     second = snakemake(tmp_path, "--cores", "1", "all", configfile=cfg, check=False)
     assert second.returncode != 0
     # refused by the lock, or (checked first while D is being written) by
     # Snakemake's record of files another process has not finished
     said = second.stdout + second.stderr
     assert "cannot be locked" in said or "seem to be incomplete" in said, said
-    os.killpg(first.pid, signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)  # kills stopped processes too
     first.wait()
-    d_dir = tmp_path / "results/train/D/seed7"
-    assert not (d_dir / "model.safetensors").exists(), "D finished before the kill; lengthen it"
+    assert not (d_dir / "model.safetensors").exists()
     snakemake(tmp_path, "--unlock", configfile=cfg)
     snakemake(tmp_path, "--cores", "2", "all", "--rerun-incomplete", configfile=cfg)
     assert (tmp_path / "results/report/summary.md").is_file()
