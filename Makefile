@@ -26,7 +26,7 @@ test: install
 	. $(BIN)/activate && python -m pytest -q
 
 lint: install
-	. $(BIN)/activate && snakemake --lint && snakefmt --check Snakefile workflow/rules
+	. $(BIN)/activate && ruff check . && ruff format --check . && snakemake --lint && snakefmt --check Snakefile workflow/rules
 
 clean:
 	rm -rf results .snakemake

@@ -1,5 +1,5 @@
 # weightpca: how much of a transformer's weights is really needed?
-# One DAG of file artifacts; see README.md and ../shared/ARCHITECTURE.md.
+# One DAG of file artifacts; see README.md and docs/design.md.
 
 
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")

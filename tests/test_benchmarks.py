@@ -1,4 +1,4 @@
-"""benchmarks/train_bench.py's --profile breakdown, on the CPU (its CUDA path: README "GPU scale")."""
+"""benchmarks/train_bench.py's --profile breakdown, on the CPU (its CUDA path: docs/gpu.md)."""
 
 import json
 import subprocess

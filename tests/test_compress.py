@@ -8,14 +8,32 @@ import torch
 from torch.nn import functional as F
 
 from test_surgery import decaying, tiny_llama
+from test_surgery import qkv_plan
+from weightpca.adapters import GPTAdapter, LlamaAdapter
 from weightpca.compress import (
     CompressedModelError, LowRankLinear, count_parameters, export_point, factorize_model, frontier_threshold,
-    load_compressed, plan_factors, save_compressed, unique_tensors,
+    load_compressed, save_compressed, unique_tensors,
 )
-from weightpca.surgery import MODES, PCABasis, SweepPlan, WhitenedBasis, input_cholesky
-from weightpca.targets import HFTarget, perplexity
+from weightpca.linalg import PCABasis, WhitenedBasis, input_cholesky
+from weightpca.plan import MODES, model_plan
+from weightpca.targets import perplexity
 
 TOKENS = np.random.default_rng(0).integers(0, 27, 300)
+
+
+def linear(weight, bias=None) -> torch.nn.Linear:
+    """An nn.Linear holding ``weight [n, m]`` (and ``bias [n]``)."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def plan_factors(target, mode, threshold, groups, tokens, window):
+    """Every matrix of ``groups`` factored by ``mode`` at one threshold (what export_point stores)."""
+    return model_plan(target, mode, target.roles(groups), tokens, window).factors(threshold)
 
 
 def test_lowrank_linear_is_the_dense_reconstruction_with_its_mean():
@@ -24,14 +42,13 @@ def test_lowrank_linear_is_the_dense_reconstruction_with_its_mean():
     r = 5
     coef, vt, mean = (torch.tensor(a, dtype=torch.float64) for a in (basis.scores[:, :r], basis.vt[:r], basis.mean))
     bias = torch.randn(24, dtype=torch.float64)
-    layer = LowRankLinear(torch.nn.Parameter(coef), torch.nn.Parameter(vt), torch.nn.Parameter(mean),
-                          torch.nn.Parameter(bias))
+    layer = LowRankLinear(linear(vt), linear(coef, bias), torch.nn.Parameter(mean))
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     dense = torch.tensor(basis.reconstruct(r))
     assert layer(x).shape == (3, 7, 24) and layer.rank == r
     torch.testing.assert_close(layer(x), F.linear(x, dense, bias))
     torch.testing.assert_close(layer.dense_weight(), dense)
-    without_mean = LowRankLinear(torch.nn.Parameter(coef), torch.nn.Parameter(vt), None, torch.nn.Parameter(bias))
+    without_mean = LowRankLinear(linear(vt), linear(coef, bias), None)
     assert (without_mean(x) - layer(x)).abs().max() > 1.0
 
 
@@ -41,8 +58,7 @@ def test_activation_aware_factors_fold_the_whitening():
     x = rng.standard_normal((500, 16)) * np.linspace(0.1, 3.0, 16)
     chol = input_cholesky(x.T @ x / len(x))
     basis = WhitenedBasis.fit(w, chol, np.linalg.inv(chol))
-    layer = LowRankLinear(torch.nn.Parameter(torch.tensor(basis.u_s[:, :6])),
-                          torch.nn.Parameter(torch.tensor(basis.vt_linv[:6])))
+    layer = LowRankLinear(linear(torch.tensor(basis.vt_linv[:6])), linear(torch.tensor(basis.u_s[:, :6])))
     torch.testing.assert_close(layer.dense_weight(), torch.tensor(basis.reconstruct(6)))
 
 
@@ -51,18 +67,18 @@ def test_factors_of_every_mode_equal_the_surgery_reconstruction(mode):
     lw = [{"q": decaying(24, 24, 3 * i), "k": decaying(8, 24, 3 * i + 1), "v": decaying(8, 24, 3 * i + 2)}
           for i in range(3)]
     moments = [np.cov(np.random.default_rng(i).standard_normal((200, 24)), rowvar=False) for i in range(3)]
-    plan = SweepPlan(mode, lw, moments)
-    weights, _ = plan.weights_at(0.7)
-    for layer, factors in zip(weights, plan.factors_at(0.7)):
-        for name, (_, coef, basis, mean) in factors.items():
-            np.testing.assert_allclose(coef @ basis + (mean if mean is not None else 0), layer[name], atol=1e-10)
-    keys = {f[0] for layer in plan.factors_at(0.7) for f in layer.values()}
+    plan = qkv_plan(mode, lw, moments)
+    weights = plan.weights(0.7)
+    for name, f in plan.factors(0.7).items():
+        np.testing.assert_allclose(f.coef @ f.basis + (f.mean if f.mean is not None else 0), weights[name],
+                                   atol=1e-10)
+    keys = {f.key for f in plan.factors(0.7).values()}
     assert len(keys) == {"separate": 9, "shared_kv": 6, "cross_layer": 4, "activation_aware": 9}[mode]
 
 
 def tiny_target():
     model, tok = tiny_llama(None)
-    return HFTarget(model, tok)
+    return LlamaAdapter(model.eval(), tok)
 
 
 def test_shared_basis_is_stored_and_counted_once(tmp_path):
@@ -71,16 +87,16 @@ def test_shared_basis_is_stored_and_counted_once(tmp_path):
     model, spec = factorize_model(target, factors)
     kv = [m for i in range(2) for m in (model.model.layers[i].self_attn.k_proj, model.model.layers[i].self_attn.v_proj)]
     assert all(m.basis is kv[0].basis and m.row_mean is kv[0].row_mean for m in kv)  # one basis, all layers
-    rank, width = kv[0].basis.shape
-    own = sum(m.coef.numel() for m in kv)
+    rank, width = kv[0].basis.weight.shape
+    own = sum(m.coef.weight.numel() for m in kv)
     dense_kv = sum(m.out_features * width for m in kv)
     q_diff = sum(target.model.model.layers[i].self_attn.q_proj.weight.numel()
-                 - model.model.layers[i].self_attn.q_proj.coef.numel()
-                 - model.model.layers[i].self_attn.q_proj.basis.numel() - width for i in range(2))
+                 - model.model.layers[i].self_attn.q_proj.coef.weight.numel()
+                 - model.model.layers[i].self_attn.q_proj.basis.weight.numel() - width for i in range(2))
     assert count_parameters(model) == count_parameters(target.model) - dense_kv + own + rank * width + width - q_diff
     tensors, aliases = unique_tensors(model)
-    assert sum(name.endswith("basis") and ("k_proj" in name or "v_proj" in name) for name in tensors) == 1
-    assert len([a for a in aliases if a.endswith((".basis", ".row_mean"))]) == 2 * 4 - 2
+    assert sum(name.endswith("basis.weight") and ("k_proj" in name or "v_proj" in name) for name in tensors) == 1
+    assert len([a for a in aliases if a.endswith((".basis.weight", ".row_mean"))]) == 2 * 4 - 2
     save_compressed(model, spec, tmp_path, "hf", target.model.config.to_dict())
     reloaded = load_compressed(tmp_path)
     assert reloaded.model.layers[1].self_attn.v_proj.basis is reloaded.model.layers[0].self_attn.k_proj.basis
@@ -104,14 +120,11 @@ def test_tiny_llama_round_trip_same_logits_and_generate(tmp_path, groups):
 
 def test_gpt_round_trip_with_fused_qkv(tmp_path, tiny_data):
     from conftest import tiny_run, train_to
-    from weightpca.evaluate import load_model
     from weightpca.io import read_json
-    from weightpca.targets import GPTTarget
-    from weightpca.tokens import load_tokenizer
 
     train_to(tiny_run(max_steps=6), tiny_data, tmp_path / "d", tmp_path / "w")
-    model = load_model(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json")
-    target = GPTTarget(model, load_tokenizer(tiny_data / "tokenizer.json"))
+    target = GPTAdapter.load(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json",
+                             tiny_data / "tokenizer.json")
     tokens = np.asarray(TOKENS % 300)
     factors = plan_factors(target, "activation_aware", 0.5, ["qkv", "o", "mlp"], tokens, 16)
     compressed, spec = factorize_model(target, factors)
@@ -135,7 +148,7 @@ def test_malformed_folders_are_refused_naming_the_file(tmp_path):
 
     folder = saved_point(tmp_path / "missing")
     weights = load_file(folder / "model.safetensors")
-    name = next(k for k in weights if k.endswith("v_proj.coef"))
+    name = next(k for k in weights if k.endswith("v_proj.coef.weight"))
     save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors")
     with pytest.raises(CompressedModelError, match=rf"model\.safetensors: missing tensors \['{name}'\]"):
         load_compressed(folder)
@@ -156,8 +169,8 @@ def test_malformed_folders_are_refused_naming_the_file(tmp_path):
 def test_export_point_agrees_with_the_reconstruction_and_is_smaller(tmp_path):
     target = tiny_target()
     before = perplexity(target, TOKENS, 32)
-    record = export_point(target, "hf", "activation_aware", 0.6, ["qkv", "o", "mlp"], TOKENS, TOKENS, 32,
-                          tmp_path, target.model.config.to_dict(), progress=lambda *_: None)
+    record = export_point(target, "activation_aware", 0.6, ["qkv", "o", "mlp"], TOKENS, TOKENS, 32,
+                          tmp_path, target.model.config.to_dict(), "abc", progress=lambda *_: None)
     assert record["loaded_vs_reconstructed"] <= 1e-3 and record["ppl_reconstructed"] != pytest.approx(before)
     assert record["bytes_factored"] < record["bytes_dense"] and record["params_factored"] < record["params_dense"]
     assert perplexity(target, TOKENS, 32) == pytest.approx(before, rel=1e-6)  # the target is restored
@@ -184,3 +197,21 @@ def test_frontier_threshold_refuses_a_mode_without_a_point(tmp_path):
     assert frontier_threshold(csv, "activation_aware", 0.05) == 0.997
     with pytest.raises(ValueError, match="separate has no compressed point within 5%.*larger tolerance"):
         frontier_threshold(csv, "separate", 0.05)
+
+
+def test_factors_are_linear_modules_that_can_be_trained():
+    """Tools that look for nn.Linear (peft, torch.compile, ONNX export) see both factors; trainable=True
+    gives them gradients, the default freezes them."""
+    target = tiny_target()
+    factors = plan_factors(target, "shared_kv", 0.6, ["qkv", "o", "mlp"], TOKENS, 32)
+    frozen, _ = factorize_model(target, factors)
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if ".basis." in n or ".coef." in n)
+    model, _ = factorize_model(target, factors, trainable=True)
+    k = model.model.layers[0].self_attn.k_proj
+    assert isinstance(k, LowRankLinear) and isinstance(k.basis, torch.nn.Linear) and isinstance(k.coef, torch.nn.Linear)
+    x = torch.tensor(TOKENS[:20])[None]
+    model.train()
+    model(x, labels=x).loss.backward()
+    shared = model.model.layers[0].self_attn.v_proj.basis.weight
+    assert shared is k.basis.weight and shared.grad is not None and shared.grad.abs().sum() > 0
+    assert k.coef.weight.grad.abs().sum() > 0 and k.row_mean.grad is not None

@@ -67,10 +67,14 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
     transformers for a hub tokenizer), needed only by the jobs that use them.
     """
     third, own = set(), set()
+    package = REPO / "src" / "weightpca"
+    depth = len(path.relative_to(package).parts) - 1 if path.is_relative_to(package) else 0
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
+            if node.level and node.level <= depth:  # within a subpackage, whose files are all read
+                continue
             if node.level:  # from . import x / from .x import y, inside the package
                 base = node.module.split(".")[0] if node.module else None
                 own.update([base] if base else [a.name for a in node.names])
@@ -99,9 +103,13 @@ def modules_needed(script: Path) -> set[str]:
         if mod in seen:
             continue
         seen.add(mod)
-        third, own = _imports(REPO / "src" / "weightpca" / f"{mod}.py")
-        needed |= third
-        todo |= own - seen
+        module = REPO / "src" / "weightpca" / f"{mod}.py"
+        files = [module] if module.is_file() else sorted((module.parent / mod).glob("*.py"))
+        assert files, f"weightpca.{mod}: no such module"
+        for file in files:
+            third, own = _imports(file)
+            needed |= third
+            todo |= own - seen
     return needed
 
 

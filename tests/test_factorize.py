@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from weightpca.factorize import embedding_svd, factorize_embedding, spectrum_report
+from weightpca.factorize import factorize_embedding, spectrum_report
+from weightpca.linalg import exact_svd
 from weightpca.io import save_tensors
 from weightpca.model import GPT, GPTConfig
 from weightpca.tables import compare_variants, param_table, run_table
@@ -48,7 +49,7 @@ def test_scale_matrices_consistent():
 
 def test_centered_pca_keeps_mean_row():
     w = np.random.default_rng(2).standard_normal((60, 10)) + 3.0
-    mean, _, s_c, _ = embedding_svd(w, centered=True)
+    mean, _, s_c, _ = exact_svd(w, centered=True)
     np.testing.assert_allclose(mean, w.mean(0))
     t, info = factorize_embedding(w, 4, centered=True)
     rec = t["transformer.wte.weight"].double().numpy() @ t["scale_up"].double().numpy() + mean
@@ -59,10 +60,10 @@ def test_centered_pca_keeps_mean_row():
 
 def _trained_d(tiny_data, tmp_path):
     from conftest import train_to
-    from weightpca.evaluate import load_model
+    from weightpca.adapters import GPTAdapter
 
     train_to(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "wd")
-    return load_model(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json")
+    return GPTAdapter.load(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json").model
 
 
 @pytest.mark.parametrize("centered", [False, True])

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import snakemake, write_config
 from test_surgery import tiny_llama
-from weightpca.hf_folder import LLAMA_STYLE, HFFolderError, check_hf_folder
+from weightpca.adapters import LLAMA_MODEL_TYPES
+from weightpca.hf_folder import HFFolderError, check_hf_folder
 
 
 @pytest.fixture
@@ -62,18 +63,24 @@ def test_broken_folders_refused_naming_the_file(llama_folder, how):
     assert str(llama_folder / file) in message and re.search(what, message), message
 
 
-@pytest.mark.parametrize("model_type", LLAMA_STYLE)
-def test_every_accepted_model_type_has_llama_style_attention(model_type):
-    """LLAMA_STYLE is what HFTarget can operate on: each type's transformers class has self_attn.{q,k,v}_proj."""
+@pytest.mark.parametrize("model_type", LLAMA_MODEL_TYPES)
+def test_every_accepted_model_type_has_the_llama_layout(model_type):
+    """What the Llama adapter accepts: each type's transformers class has its layout, and a checkpoint of that
+    class holds exactly the matrices ``expected_shapes`` lists, in those shapes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from weightpca.targets import HFTarget
+    from weightpca.adapters import LlamaAdapter
 
     cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     torch.manual_seed(0)
-    HFTarget(AutoModelForCausalLM.from_config(cfg), None)
+    model = AutoModelForCausalLM.from_config(cfg)
+    adapter = LlamaAdapter(model, None)
+    state = model.state_dict()
+    for name, shape in LlamaAdapter.expected_shapes(cfg.to_dict()).items():
+        assert tuple(state[name].shape) == shape, name
+    assert len(adapter.matrices()) == len(LlamaAdapter.expected_shapes(cfg.to_dict())) == 7
 
 
 @pytest.mark.workflow

@@ -1,4 +1,4 @@
-"""The workflow passes `snakemake --lint` and `snakefmt --check`."""
+"""The workflow passes `snakemake --lint` and `snakefmt --check`; the Python passes `ruff check` and `ruff format`."""
 
 import subprocess
 import sys
@@ -15,4 +15,15 @@ def test_snakemake_lint_clean(tmp_path):
 def test_snakefmt_clean():
     done = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/rules"],
                           cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_check_clean():
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_format_clean():
+    done = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", "."], cwd=REPO, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -48,7 +48,7 @@ def small_model(**kw):
 def test_targets_are_views_of_the_parameters():
     m = small_model()
     mats = target_matrices(m, ["attn", "mlp"])
-    assert len(mats) == 2 * 6 and mats["h0.attn.k"].shape == (16, 16) and mats["h1.mlp.c_fc"].shape == (64, 16)
+    assert len(mats) == 2 * 6 and mats["h0.k"].shape == (16, 16) and mats["h1.fc"].shape == (64, 16)
     mean_statistic(m, "ratio", ["attn"]).backward()
     assert m.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
     assert m.transformer.h[0].mlp.c_fc.weight.grad is None
@@ -72,11 +72,12 @@ def test_truncate_keeps_the_rank_and_counts_parameters():
 def test_full_rank_sweep_point_is_the_model(tiny_data, tmp_path):
     from weightpca.tokens import eval_windows, open_tokens
     from weightpca.io import read_json
-    from weightpca.evaluate import evaluate, load_model
+    from weightpca.adapters import GPTAdapter
+    from weightpca.evaluate import evaluate
     import contextlib
 
     train_to(tiny_run(), tiny_data, tmp_path / "m", tmp_path / "w")
-    model = load_model(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json")
+    model = GPTAdapter.load(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json").model
     meta = read_json(tiny_data / "meta.json")
     windows = eval_windows(open_tokens(tiny_data / "val.bin", meta), 16, 1024)
     rows = rank_sweep(model, windows, [0.25, 1.0, 0.5], ["attn", "mlp"], batch_size=8)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightpca.surgery import (
-    MODES, PCABasis, SweepPlan, WhitenedBasis, input_cholesky, rank_for_threshold, run_sweep,
-)
+from weightpca.adapters import Matrix, ModelAdapter
+from weightpca.plan import MODES, Plan, mode_groups
+from weightpca.surgery import qkv_info, run_sweep
 
 THRESHOLDS = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
 
@@ -14,66 +14,38 @@ def decaying(n, m, seed):
     return rng.standard_normal((n, m)) * (0.85 ** np.arange(m)) + rng.standard_normal(m)
 
 
-@pytest.mark.parametrize("shape", [(64, 48), (48, 96), (192, 576)])
-def test_matches_sklearn_pca_at_every_threshold(shape):
-    from sklearn.decomposition import PCA
-
-    w = decaying(*shape, seed=shape[0])
-    basis = PCABasis.fit(w)
-    for t in THRESHOLDS:
-        ref = PCA(n_components=t, svd_solver="full").fit(w)
-        r = rank_for_threshold(basis.s, t)
-        assert r == ref.n_components_, t
-        np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)),
-                                   atol=1e-10)
-
-
-def test_matches_sklearn_on_real_weights(tiny_data, tmp_path):
-    from sklearn.decomposition import PCA
-
-    from conftest import tiny_run
-    from conftest import train_to
-    from weightpca.io import load_tensors
-
-    train_to(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "w")
-    c_attn = load_tensors(tmp_path / "d" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
-    for w in (c_attn[16:32].double().numpy(), c_attn.double().numpy()):
-        basis = PCABasis.fit(w)
-        for t in THRESHOLDS:
-            ref = PCA(n_components=t, svd_solver="full").fit(w)
-            r = rank_for_threshold(basis.s, t)
-            assert r == ref.n_components_
-            np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)),
-                                       atol=1e-8)
-
-
-def test_threshold_edges():
-    s = np.array([3.0, 2.0, 1.0])
-    assert rank_for_threshold(s, 1.0) == 3
-    assert rank_for_threshold(s, 9 / 14) == 2  # exactly the first component's share -> one more
-    for bad in (0.0, -0.1, 1.01):
-        with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
-            rank_for_threshold(s, bad)
-
-
 def layers(n_layers=3, d=24, kv=8, seed=0):
     return [{"q": decaying(d, d, seed + 3 * i), "k": decaying(kv, d, seed + 3 * i + 1),
              "v": decaying(kv, d, seed + 3 * i + 2)} for i in range(n_layers)]
+
+
+def qkv_plan(mode, lw, moments=None, dtype=np.float64) -> Plan:
+    """The plan of one mode over q/k/v of layers ``lw``; ``moments[i]``: layer i's shared input moment."""
+    weights = {f"{i}.{n}": w[n] for i, w in enumerate(lw) for n in "qkv"}
+    per_matrix = {name: moments[int(name.split(".")[0])] for name in weights} if moments else None
+    return Plan(mode_groups(mode, list(weights)), weights, per_matrix, dtype)
+
+
+def by_layer(weights: dict, n_layers: int) -> list[dict]:
+    return [{n: weights[f"{i}.{n}"] for n in "qkv"} for i in range(n_layers)]
+
+
+def weights_at(plan: Plan, t: float, n_layers: int):
+    return by_layer(plan.weights(t), n_layers), qkv_info(plan, t, n_layers)
 
 
 def test_modes_identity_at_one_and_parameter_counts():
     lw = layers()
     moments = [np.cov(np.random.default_rng(i).standard_normal((200, 24)), rowvar=False) for i in range(3)]
     for mode in MODES:
-        plan = SweepPlan(mode, lw, moments)
-        out, info = plan.weights_at(1.0)
+        out, info = weights_at(qkv_plan(mode, lw, moments), 1.0, 3)
         for a, b in zip(out, lw):
             for n in "qkv":
                 np.testing.assert_allclose(a[n], b[n], atol=1e-9)
         assert info["dense_kv"] == 3 * 2 * 8 * 24 and info["dense_q"] == 3 * 24 * 24
-    _, sep = SweepPlan("separate", lw).weights_at(0.5)
-    _, kv = SweepPlan("shared_kv", lw).weights_at(0.5)
-    _, cross = SweepPlan("cross_layer", lw).weights_at(0.5)
+    _, sep = weights_at(qkv_plan("separate", lw), 0.5, 3)
+    _, kv = weights_at(qkv_plan("shared_kv", lw), 0.5, 3)
+    _, cross = weights_at(qkv_plan("cross_layer", lw), 0.5, 3)
     assert sep["params_q"] == kv["params_q"] == cross["params_q"]  # Q is treated alike
     r = [int(x) for x in kv["ranks"]["kv"]]
     assert kv["params_kv"] == sum(16 * ri + ri * 24 + 24 for ri in r)
@@ -83,23 +55,7 @@ def test_modes_identity_at_one_and_parameter_counts():
 
 def test_unknown_mode_refused():
     with pytest.raises(ValueError, match="unknown surgery mode 'joint'"):
-        SweepPlan("joint", layers())
-
-
-def test_activation_aware_minimises_output_error():
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((32, 32))
-    x = rng.standard_normal((2000, 32)) * np.linspace(0.05, 3.0, 32)  # anisotropic inputs
-    c = x.T @ x / len(x)
-    chol = input_cholesky(c, eps=0.0)
-    aware = WhitenedBasis.fit(w, chol, np.linalg.inv(chol))
-    plain = PCABasis.fit(w)
-    for r in (4, 8, 16):
-        err_aware = np.linalg.norm(x @ (w - aware.reconstruct(r)).T)
-        err_plain = np.linalg.norm(x @ (w - plain.reconstruct(r)).T)
-        assert err_aware < err_plain
-        # optimal: equals the tail of the whitened spectrum
-        assert err_aware**2 / len(x) == pytest.approx(np.sum(aware.s[r:] ** 2), rel=1e-6)
+        qkv_plan("joint", layers())
 
 
 def tiny_llama(tmp_path):
@@ -118,11 +74,12 @@ def tiny_llama(tmp_path):
 
 
 def test_tiny_llama_sweep_and_export_reload(tmp_path):
-    from weightpca.targets import HFTarget, load_hf_model, perplexity
+    from weightpca.adapters import LlamaAdapter
+    from weightpca.targets import perplexity
 
     model, tok = tiny_llama(tmp_path)
-    target = HFTarget(model, tok)
-    assert target.get_qkv(0)["k"].shape == (16, 32)  # grouped-query: 2 KV heads x 8
+    target = LlamaAdapter(model.eval(), tok)
+    assert target.weight(target.matrix("0.k")).shape == (16, 32)  # grouped-query: 2 KV heads x 8
     tokens = np.random.default_rng(0).integers(0, 27, 400)
     before = perplexity(target, tokens, 32)
     for mode in MODES:
@@ -133,34 +90,35 @@ def test_tiny_llama_sweep_and_export_reload(tmp_path):
         assert timing["sweep_cost_ratio"] >= 1.0
     assert perplexity(target, tokens, 32) == pytest.approx(before, rel=1e-6)  # restored
     # export a modified model and reload it with from_pretrained
-    plan = SweepPlan("shared_kv", [target.get_qkv(i) for i in range(2)])
-    weights, _ = plan.weights_at(0.6)
-    for i, w in enumerate(weights):
-        target.set_qkv(i, w)
+    plan = qkv_plan("shared_kv", [{n: target.weight(target.matrix(f"{i}.{n}")) for n in "qkv"} for i in range(2)])
+    for name, w in plan.weights(0.6).items():
+        target.set_weight(target.matrix(name), w)
     modified = perplexity(target, tokens, 32)
     assert modified != pytest.approx(before, rel=1e-6)
     model.save_pretrained(tmp_path / "export")
     tok.save_pretrained(tmp_path / "export")
-    reloaded = HFTarget(*load_hf_model(str(tmp_path / "export")))
+    reloaded = LlamaAdapter.load(str(tmp_path / "export"))
     assert perplexity(reloaded, tokens, 32) == pytest.approx(modified, rel=1e-6)
 
 
 def test_target_without_qkv_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from weightpca.targets import HFTarget, TargetError
+    from weightpca.adapters import LlamaAdapter
+    from weightpca.targets import TargetError
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
     with pytest.raises(TargetError, match="GPT2LMHeadModel has no model.layers"):
-        HFTarget(model, None)
+        LlamaAdapter(model, None)
 
 
 def test_folder_without_weights_refused(tmp_path):
-    from weightpca.targets import TargetError, load_hf_model
+    from weightpca.adapters import LlamaAdapter
+    from weightpca.targets import TargetError
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TargetError, match="no model weights"):
-        load_hf_model(str(tmp_path))
+        LlamaAdapter.load(str(tmp_path))
 
 
 def test_shared_and_cross_layer_match_sklearn_on_stacked_rows():
@@ -168,12 +126,12 @@ def test_shared_and_cross_layer_match_sklearn_on_stacked_rows():
 
     lw = layers(n_layers=2)
     for t in (0.9, 0.6):
-        out, info = SweepPlan("shared_kv", lw).weights_at(t)
+        out, info = weights_at(qkv_plan("shared_kv", lw), t, 2)
         stacked = np.vstack([lw[1]["k"], lw[1]["v"]])
         ref = PCA(n_components=t, svd_solver="full").fit(stacked)
         np.testing.assert_allclose(np.vstack([out[1]["k"], out[1]["v"]]),
                                    ref.inverse_transform(ref.transform(stacked)), atol=1e-10)
-        out, info = SweepPlan("cross_layer", lw).weights_at(t)
+        out, info = weights_at(qkv_plan("cross_layer", lw), t, 2)
         every = np.vstack([np.vstack([x["k"], x["v"]]) for x in lw])
         ref = PCA(n_components=t, svd_solver="full").fit(every)
         rec = ref.inverse_transform(ref.transform(every))
@@ -185,70 +143,51 @@ def test_float32_sweep_close_to_float64():
     lw = layers()
     moments = [np.eye(24) + 0.1 for _ in range(3)]
     for mode in MODES:
-        lo, info32 = SweepPlan(mode, lw, moments, dtype=np.float32).weights_at(0.8)
-        hi, info64 = SweepPlan(mode, lw, moments, dtype=np.float64).weights_at(0.8)
+        lo, info32 = weights_at(qkv_plan(mode, lw, moments, dtype=np.float32), 0.8, 3)
+        hi, info64 = weights_at(qkv_plan(mode, lw, moments, dtype=np.float64), 0.8, 3)
         assert info32["ranks"] == info64["ranks"]
         for a, b in zip(lo, hi):
             for n in "qkv":
                 np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-4 * np.abs(b[n]).max())
 
 
-@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (20, 20)])
-def test_thin_svd_matches_lapack(shape):
-    from weightpca.surgery import thin_svd
-
-    x = decaying(*shape, seed=7)
-    us, s, vt = thin_svd(x)
-    s_ref = np.linalg.svd(x, compute_uv=False)
-    np.testing.assert_allclose(s, s_ref, rtol=1e-8, atol=1e-10 * s_ref[0])
-    np.testing.assert_allclose(us @ vt, x, atol=1e-9)
-    r = min(shape)
-    np.testing.assert_allclose(vt[: r - 1] @ vt[: r - 1].T, np.eye(r - 1), atol=1e-6)
-
-
-def test_cholesky_of_rank_deficient_moment():
-    x = np.random.default_rng(0).standard_normal((10, 40)).astype(np.float32)  # 10 tokens, 40 dims
-    c = (x.T @ x / 10).astype(np.float64)
-    chol = input_cholesky(c)
-    np.testing.assert_allclose(chol @ chol.T, c, atol=1e-3 * np.abs(c).max())
-
-
 def test_full_rank_check_evaluates_the_reconstruction(monkeypatch):
     """Threshold 1.0 evaluates the full-rank reconstruction, not the original weights: a decomposition
     that does not reproduce the weights fails the sweep; a sound one matches to 1e-4 and stores dense."""
-    from weightpca import surgery
+    from weightpca import plan
+    from weightpca.adapters import LlamaAdapter
 
-    from weightpca.targets import HFTarget
-
-    target = HFTarget(*tiny_llama(None))
+    model, tok = tiny_llama(None)
+    target = LlamaAdapter(model.eval(), tok)
     tokens = np.random.default_rng(0).integers(0, 27, 300)
     rows, _ = run_sweep(target, "separate", [1.0, 0.5], tokens, 32, progress=lambda *_: None)
     assert rows[0]["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
     assert rows[0]["params_factored"] > rows[0]["params_dense"] == rows[0]["params_kept"]
     assert rows[0]["params_fraction"] == 1.0 and rows[1]["params_fraction"] < 1.0
 
-    real = surgery.SweepPlan.weights_at
+    real = plan.Plan.weights
 
     def sign_flipped(self, t):
-        weights, info = real(self, t)
-        for w in weights:
-            w["v"] = -w["v"]  # a decomposition that got the signs wrong
-        return weights, info
+        # a decomposition that got the signs of V wrong
+        return {name: -w if name.endswith(".v") else w for name, w in real(self, t).items()}
 
-    monkeypatch.setattr(surgery.SweepPlan, "weights_at", sign_flipped)
+    monkeypatch.setattr(plan.Plan, "weights", sign_flipped)
     with pytest.raises(AssertionError, match="full-rank reconstruction"):
         run_sweep(target, "separate", [1.0], tokens, 32, progress=lambda *_: None)
 
 
-class RankTarget:
+class RankTarget(ModelAdapter):
     """A synthetic target whose perplexity is a known function of its weights' ranks.
 
     perplexity = 10 · exp(Σ α[layer, type] · missing rank), where the missing
     rank of a matrix is its full (centred) rank minus the rank of its current
     centred weights; by default every component of q, k, v costs ``alpha``.
+    An adapter without a model: its matrices live in numpy arrays.
     """
 
     device = torch.device("cpu")
+    ROLES = ("q", "k", "v")
+    GROUPS = {"qkv": ROLES}
 
     def __init__(self, d=32, alpha=0.001, n_layers=1, costs=None):
         self.n_layers = n_layers
@@ -260,11 +199,15 @@ class RankTarget:
     def rank(w):
         return np.linalg.matrix_rank(w - w.mean(0), tol=1e-3)
 
-    def get_qkv(self, i):
-        return {n: w.copy() for n, w in self.weights[i].items()}
+    def layer_matrices(self, i):
+        return {n: Matrix(i, n, "") for n in self.ROLES}
 
-    def set_qkv(self, i, qkv):
-        self.weights[i] = {n: np.asarray(w, dtype=np.float64) for n, w in qkv.items()}
+    def weight_view(self, m):
+        return torch.from_numpy(self.weights[m.layer][m.role])
+
+    def set_weight(self, m, value):
+        value = value.numpy() if torch.is_tensor(value) else value
+        self.weights[m.layer][m.role] = np.array(value, dtype=np.float64)
 
     def ppl(self):
         return 10.0 * np.exp(sum(a * (self.full[i][n] - self.rank(self.weights[i][n]))
@@ -276,12 +219,12 @@ def test_bisection_finds_a_planted_frontier(monkeypatch):
 
     target = RankTarget()
     monkeypatch.setattr(surgery, "perplexity", lambda tgt, *_: tgt.ppl())
-    plan = SweepPlan("separate", [target.get_qkv(0)], dtype=np.float32)
+    plan = qkv_plan("separate", [{n: target.weights[0][n].copy() for n in "qkv"}], dtype=np.float32)
     # every model the threshold can reach: one per distinct step of the parameter count
     grid = np.concatenate([np.linspace(0.01, 0.999, 4000), [1.0]])
     reachable = {}
     for t in grid:
-        info = plan.info_at(float(t))
+        info = qkv_info(plan, float(t), 1)
         missing = sum(target.full[0][n] - info["ranks"][n][0] for n in "qkv")
         reachable[info["params_kept"]] = dict(ratio=float(np.exp(0.001 * missing)),
                                               fraction=min(info["params_kept"] / info["params_dense"], 1.0))
@@ -321,10 +264,12 @@ def test_frontier_row_without_a_compressed_point_within_tolerance():
 
 
 def test_sensitivity_reproduces_the_separate_sweep():
+    from weightpca.adapters import LlamaAdapter
     from weightpca.surgery import run_sensitivity
-    from weightpca.targets import HFTarget, perplexity
+    from weightpca.targets import perplexity
 
-    target = HFTarget(*tiny_llama(None))
+    model, tok = tiny_llama(None)
+    target = LlamaAdapter(model.eval(), tok)
     tokens = np.random.default_rng(0).integers(0, 27, 300)
     before = perplexity(target, tokens, 32)
     thresholds = [1.0, 0.9, 0.5]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, TRAIN_IN_SUBPROCESS, kill_training_at, tiny_run, train_files, train_to
-from weightpca.evaluate import load_model
+from weightpca.adapters import GPTAdapter
 from weightpca.io import WeightFileError, load_tensors, save_tensors
 from weightpca.train import TrainingDiverged, TrainSettings, build_model, lr_at
 
@@ -35,7 +35,7 @@ def test_trains_and_writes_artifacts(tiny_data, tmp_path):
     assert s["steps"] == 12 and s["tokens_seen"] == 12 * 4 * 16
     assert s["final_val_ppl"] == pytest.approx(math.exp(s["final_val_loss"]))
     assert s["final_val_ppl"] < 384  # better than a uniform guess after 12 steps
-    model = load_model(out / "model.safetensors", out / "config.json")
+    model = GPTAdapter.load(out / "model.safetensors", out / "config.json").model
     assert model.config.vocab_size == 384
 
 
@@ -96,7 +96,7 @@ def test_wrong_shape_checkpoint_refused_naming_tensor(tiny_data, tmp_path):
     w["transformer.h.1.attn.c_attn.weight"] = torch.zeros(48, 8)
     save_tensors(tmp_path / "out" / "model.safetensors", w)
     with pytest.raises(WeightFileError, match=r"transformer\.h\.1\.attn\.c_attn\.weight.*\(48, 8\)"):
-        load_model(tmp_path / "out" / "model.safetensors", tmp_path / "out" / "config.json")
+        GPTAdapter.load(tmp_path / "out" / "model.safetensors", tmp_path / "out" / "config.json").model
 
 
 def test_truncated_weights_refused(tiny_data, tmp_path):
@@ -104,7 +104,7 @@ def test_truncated_weights_refused(tiny_data, tmp_path):
     path = tmp_path / "out" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(WeightFileError, match="model.safetensors"):
-        load_model(path, tmp_path / "out" / "config.json")
+        GPTAdapter.load(path, tmp_path / "out" / "config.json").model
 
 
 @pytest.mark.parametrize("eval_every,checkpoint_every", [(4, 4), (8, 2)])
@@ -271,3 +271,33 @@ def test_flat_adamw_trains_as_fused_adamw(grad_accum):
     assert result[True][0] == pytest.approx(result[False][0], rel=1e-3)
     for k, v in result[False][1].items():
         torch.testing.assert_close(result[True][1][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def tiny_llama_lm(vocab_size: int):
+    """A 2-layer Llama under the training loop's contract (weightpca.adapters.CausalLM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from weightpca.adapters import CausalLM, LlamaAdapter
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return CausalLM(LlamaAdapter(LlamaForCausalLM(cfg)))
+
+
+def test_the_loop_trains_any_module_with_the_contract(tiny_data, tmp_path):
+    """A Hugging Face model, not our GPT, through the same loop: it learns, writes the same artifacts, and
+    two runs are bitwise equal."""
+    run = tiny_run(max_steps=12)
+    run["model"] = {"block_size": 16}
+    s = train_to(run, tiny_data, tmp_path / "a", tmp_path / "wa", model=tiny_llama_lm(384))
+    assert s["steps"] == 12 and s["final_val_ppl"] < 384 and s["params"] > 0
+    assert math.isnan(s["attention_ablated_val_ppl"]) and s["embedding_params"] is None
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {"model.safetensors", "config.json", "metrics.csv",
+                                                         "summary.json"}
+    first = weights(tmp_path / "a")
+    assert any(k.startswith("model.model.layers.1.self_attn.q_proj") for k in first)
+    train_to(run, tiny_data, tmp_path / "b", tmp_path / "wb", model=tiny_llama_lm(384))
+    assert_bitwise_equal(first, weights(tmp_path / "b"))
+    assert not torch.equal(first["model.model.layers.0.mlp.up_proj.weight"],
+                           tiny_llama_lm(384).state_dict()["model.model.layers.0.mlp.up_proj.weight"])

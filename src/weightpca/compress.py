@@ -6,11 +6,15 @@ mean row ``μ [m]`` (``weightpca.surgery``):
 
     W ≈ coef @ basis + 1 μᵀ,   so   y = (x basisᵀ) coefᵀ + (x · μ) 1 + b.
 
-The mean is a rank-one term, not a bias: every output gets ``x · μ``. For
+A factored matrix is a :class:`LowRankLinear`: two ``nn.Linear`` (``basis``
+[r, m] without bias, then ``coef`` [n, r] with the original bias) plus the
+mean term, so tools that look for ``nn.Linear`` (peft, torch.compile, ONNX
+export, quantisers) see both factors. The mean is a rank-one term, not a
+bias: every output gets ``x · μ``. For
 ``activation_aware`` ``coef = (W L)_r``'s ``U S`` and ``basis = Vt_r L⁻¹``
 (no mean). ``shared_kv`` and ``cross_layer`` give K and V (of a layer, or of
-every layer) one ``basis`` and ``μ``: one ``nn.Parameter`` referenced by
-several modules, saved once. A matrix group whose factors are not smaller
+every layer) one ``basis`` and ``μ``: one module and parameter referenced
+by several modules, saved once. A matrix group whose factors are not smaller
 than its dense matrices is stored dense, as its reconstruction, so the model
 equals the surgery's at that point and never grows.
 
@@ -26,19 +30,18 @@ runs.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from .adapters import ADAPTERS, adapter_for
 from .io import WeightFileError, check_state_dict, load_tensors, read_json, save_tensors, write_json
-from .surgery import PCABasis, SweepPlan, WhitenedBasis, input_cholesky, rank_for_threshold
+from .plan import Factor, model_plan
 
-FORMAT = "weightpca-compressed-1"
-MATRIX_GROUPS = ("qkv", "o", "mlp")
+# 2: factors are nn.Linear weights ("<path>.basis.weight", "<path>.coef.weight"/".bias"); 1 had bare tensors
+FORMAT = "weightpca-compressed-2"
 
 
 class CompressedModelError(ValueError):
@@ -46,31 +49,31 @@ class CompressedModelError(ValueError):
 
 
 class LowRankLinear(nn.Module):
-    """``y = (x basisᵀ) coefᵀ + (x · μ) 1 + b``: an ``nn.Linear`` of weight ``coef @ basis + 1 μᵀ``.
+    """``y = coef(basis(x)) + (x · μ) 1``: an ``nn.Linear`` of weight ``coef.weight @ basis.weight + 1 μᵀ``.
 
-    ``basis [r, m]`` and ``row_mean [m]`` may be parameters shared with other
-    modules (a shared K/V basis); ``coef [n, r]`` and ``bias [n]`` are its own.
+    ``basis`` (``nn.Linear`` m -> r, no bias) and ``row_mean [m]`` may be shared
+    with other modules (a shared K/V basis); ``coef`` (``nn.Linear`` r -> n,
+    with the original bias) is its own.
     """
 
-    def __init__(self, coef: nn.Parameter, basis: nn.Parameter, row_mean: nn.Parameter | None = None,
-                 bias: nn.Parameter | None = None):
+    def __init__(self, basis: nn.Linear, coef: nn.Linear, row_mean: nn.Parameter | None = None):
         super().__init__()
-        self.coef, self.basis, self.row_mean, self.bias = coef, basis, row_mean, bias
-        self.in_features, self.out_features, self.rank = basis.shape[1], coef.shape[0], basis.shape[0]
+        self.basis, self.coef, self.row_mean = basis, coef, row_mean
+        self.in_features, self.out_features, self.rank = basis.in_features, coef.out_features, basis.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(F.linear(x, self.basis), self.coef, self.bias)
+        y = self.coef(self.basis(x))
         if self.row_mean is not None:
             y = y + (x @ self.row_mean).unsqueeze(-1)
         return y
 
     def dense_weight(self) -> torch.Tensor:
-        w = self.coef @ self.basis
+        w = self.coef.weight @ self.basis.weight
         return w + self.row_mean if self.row_mean is not None else w
 
 
 class ConcatLinear(nn.Module):
-    """Several linear maps of one input, outputs concatenated: our GPT's fused q/k/v projection, factored."""
+    """Several linear maps of one input, outputs concatenated: a fused projection (our GPT's q/k/v), factored."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -80,88 +83,22 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-@dataclass
-class Factor:
-    """One matrix's factors; matrices with the same ``key`` share ``basis`` and ``mean``."""
+def _linear(n_in: int, n_out: int, bias: bool, like: torch.Tensor, weight=None, bias_value=None) -> nn.Linear:
+    """An ``nn.Linear`` on ``like``'s device and dtype, its weight (and bias) set when given, else zero.
 
-    key: str
-    coef: np.ndarray  # [n, r]
-    basis: np.ndarray  # [r, m]
-    mean: np.ndarray | None  # [m]
-
-    def dense(self) -> np.ndarray:
-        w = self.coef @ self.basis
-        return w + self.mean if self.mean is not None else w
-
-
-# ------------------------------------------------------------- where the matrices are
-
-def _is_gpt(target) -> bool:
-    return type(target).__name__ == "GPTTarget"
-
-
-def linear_paths(target, i: int, groups) -> dict[str, str]:
-    """Module paths of layer i's linear maps in ``groups`` other than q/k/v (those are ``get_qkv``'s)."""
-    if _is_gpt(target):
-        names = {"o": ["attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]}
-        prefix = f"transformer.h.{i}."
-    else:
-        names = {"o": ["self_attn.o_proj"], "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
-        prefix = f"model.layers.{i}."
-    return {f"{i}.{n}": prefix + n for g in groups if g != "qkv" for n in names[g]}
-
-
-def qkv_paths(target, i: int) -> dict[str, str]:
-    """Module paths of layer i's q, k, v (our GPT: three row blocks of one fused ``c_attn``)."""
-    if _is_gpt(target):
-        return {n: f"transformer.h.{i}.attn.c_attn" for n in "qkv"}
-    return {n: f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv"}
-
-
-def factor_path(target, name: str) -> str:
-    """Module path of the matrix a factor name ("<layer>.<matrix>") belongs to."""
-    i, matrix = name.split(".", 1)
-    if matrix in ("q", "k", "v"):
-        return qkv_paths(target, int(i))[matrix]
-    return linear_paths(target, int(i), MATRIX_GROUPS)[name]
-
-
-def plan_factors(target, mode: str, threshold: float, groups, calib_tokens, window: int,
-                 dtype=np.float32) -> dict[str, Factor]:
-    """Factors of every matrix in ``groups`` at one threshold, keyed "<layer>.<name>".
-
-    q/k/v follow the surgery's mode exactly (``SweepPlan``). The attention
-    output and MLP matrices get their own decomposition per matrix:
-    activation-weighted in ``activation_aware``, weight-only PCA otherwise
-    (K/V sharing has no analogue there).
-    """
-    from .targets import input_moments
-
-    unknown = set(groups) - set(MATRIX_GROUPS)
-    if unknown or "qkv" not in groups:
-        raise ValueError(f"matrices {list(groups)}: choose [qkv] plus any of o, mlp")
-    aware = mode == "activation_aware"
-    moments = input_moments(target, calib_tokens, window) if aware else None
-    plan = SweepPlan(mode, [target.get_qkv(i) for i in range(target.n_layers)], moments, dtype)
-    factors = {}
-    for i, layer in enumerate(plan.factors_at(threshold)):
-        for name, (key, coef, basis, mean) in layer.items():
-            factors[f"{i}.{name}"] = Factor(key, coef, basis, mean)
-    others = {k: path for i in range(target.n_layers) for k, path in linear_paths(target, i, groups).items()}
-    modules = [target.model.get_submodule(p) for p in others.values()]
-    extra = input_moments(target, calib_tokens, window, modules) if aware and modules else [None] * len(modules)
-    for (key, _), module, c in zip(others.items(), modules, extra):
-        w = module.weight.detach().double().cpu().numpy()
-        if aware:
-            chol = input_cholesky(c)
-            b = WhitenedBasis.fit(w, chol, np.linalg.inv(chol))
-            r = rank_for_threshold(b.s, threshold)
-            factors[key] = Factor(key, b.u_s[:, :r], b.vt_linv[:r], None)
+    Built without random initialisation (``skip_init``): the values are set right away, and the global
+    random stream stays where it was."""
+    module = torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        if weight is None:
+            module.weight.zero_()
         else:
-            b = PCABasis.fit(w, dtype)
-            r = rank_for_threshold(b.s, threshold)
-            factors[key] = Factor(key, b.scores[:, :r], b.vt[:r], b.mean)
-    return factors
+            module.weight.copy_(torch.as_tensor(np.ascontiguousarray(weight)))
+        if bias and bias_value is None:
+            module.bias.zero_()
+        elif bias:
+            module.bias.copy_(bias_value)
+    return module
 
 
 def _saves(members: list[Factor]) -> bool:
@@ -173,16 +110,13 @@ def _saves(members: list[Factor]) -> bool:
 
 # ------------------------------------------------------------- building the factored model
 
-def _param(a, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.as_tensor(np.ascontiguousarray(a)).to(like.device, like.dtype), requires_grad=False)
-
-
-def factorize_model(target, factors: dict[str, Factor]) -> tuple[nn.Module, list[dict]]:
+def factorize_model(target, factors: dict[str, Factor], trainable: bool = False) -> tuple[nn.Module, list[dict]]:
     """A copy of ``target.model`` with every matrix of ``factors`` factored (or dense-reconstructed).
 
     Returns (model, modules spec). The spec names, per replaced module path,
     its parts' shapes and the basis key each shares, which ``load_compressed``
-    rebuilds the skeleton from.
+    rebuilds the skeleton from. ``trainable``: the new modules' parameters
+    require gradients (recovery fine-tuning); otherwise they are frozen.
     """
     model = copy.deepcopy(target.model)
     groups: dict[str, list[Factor]] = {}
@@ -190,39 +124,36 @@ def factorize_model(target, factors: dict[str, Factor]) -> tuple[nn.Module, list
         groups.setdefault(f.key, []).append(f)
     factored_keys = {k for k, members in groups.items() if _saves(members)}
     shared: dict[str, tuple] = {}
-    paths: dict[str, list[Factor]] = {}
+    paths: dict[str, list[tuple]] = {}
     for name, f in factors.items():
-        paths.setdefault(factor_path(target, name), []).append(f)
+        m = target.matrix(name)
+        paths.setdefault(m.path, []).append((m, f))
     spec = []
     for path, parts in paths.items():
         dense = model.get_submodule(path)
+        like = dense.weight
+        parts.sort(key=lambda part: part[0].rows.start if part[0].rows is not None else 0)
         built, part_specs = [], []
-        row = 0
-        for f in parts:
-            n = f.coef.shape[0]
-            bias = dense.bias[row:row + n] if dense.bias is not None else None
-            row += n
-            like = dense.weight
+        for m, f in parts:
+            n, n_in = f.coef.shape[0], f.basis.shape[1]
+            has_bias = dense.bias is not None
+            bias = (dense.bias if m.rows is None else dense.bias[m.rows]).detach() if has_bias else None
             if f.key in factored_keys:
                 if f.key not in shared:
-                    shared[f.key] = (_param(f.basis, like), _param(f.mean, like) if f.mean is not None else None)
+                    mean = nn.Parameter(torch.as_tensor(np.ascontiguousarray(f.mean)).to(like.device, like.dtype)) \
+                        if f.mean is not None else None
+                    shared[f.key] = (_linear(n_in, f.basis.shape[0], False, like, f.basis), mean)
                 basis, mean = shared[f.key]
-                module = LowRankLinear(_param(f.coef, like), basis, mean,
-                                       nn.Parameter(bias.detach().clone(), requires_grad=False)
-                                       if bias is not None else None)
+                module = LowRankLinear(basis, _linear(f.basis.shape[0], n, has_bias, like, f.coef, bias), mean)
                 part_specs.append(dict(kind="lowrank", out=n, rank=f.basis.shape[0], key=f.key,
-                                       mean=f.mean is not None, bias=bias is not None))
+                                       mean=f.mean is not None, bias=has_bias))
             else:
-                module = nn.Linear(f.basis.shape[1], n, bias=bias is not None, device=like.device, dtype=like.dtype)
-                with torch.no_grad():
-                    module.weight.copy_(torch.as_tensor(f.dense()))
-                    if bias is not None:
-                        module.bias.copy_(bias)
-                part_specs.append(dict(kind="dense", out=n, bias=bias is not None))
-            built.append(module.requires_grad_(False))
+                module = _linear(n_in, n, has_bias, like, f.dense(), bias)
+                part_specs.append(dict(kind="dense", out=n, bias=has_bias))
+            built.append(module.requires_grad_(trainable))
         replacement = built[0] if len(built) == 1 else ConcatLinear(built)
         _set_submodule(model, path, replacement)
-        spec.append(dict(path=path, in_features=dense.weight.shape[1], parts=part_specs))
+        spec.append(dict(path=path, in_features=like.shape[1], parts=part_specs))
     return model, spec
 
 
@@ -232,26 +163,22 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def build_skeleton(model: nn.Module, spec: list[dict]) -> nn.Module:
-    """Replace ``spec``'s modules of a freshly built model by factored modules of the recorded shapes."""
+    """Replace ``spec``'s modules of a freshly built model by factored modules of the recorded shapes (zeros)."""
     shared: dict[str, tuple] = {}
     for entry in spec:
         m, built = entry["in_features"], []
         like = model.get_submodule(entry["path"]).weight
         for part in entry["parts"]:
-            bias = nn.Parameter(torch.zeros(part["out"], dtype=like.dtype), requires_grad=False) if part["bias"] else None
             if part["kind"] == "dense":
-                built.append(nn.Linear(m, part["out"], bias=part["bias"], dtype=like.dtype).requires_grad_(False))
+                built.append(_linear(m, part["out"], part["bias"], like))
                 continue
             if part["key"] not in shared:
-                shared[part["key"]] = (
-                    nn.Parameter(torch.zeros(part["rank"], m, dtype=like.dtype), requires_grad=False),
-                    nn.Parameter(torch.zeros(m, dtype=like.dtype), requires_grad=False) if part["mean"] else None,
-                )
+                mean = nn.Parameter(torch.zeros(m, dtype=like.dtype)) if part["mean"] else None
+                shared[part["key"]] = (_linear(m, part["rank"], False, like), mean)
             basis, mean = shared[part["key"]]
-            coef = nn.Parameter(torch.zeros(part["out"], part["rank"], dtype=like.dtype), requires_grad=False)
-            built.append(LowRankLinear(coef, basis, mean, bias))
+            built.append(LowRankLinear(basis, _linear(part["rank"], part["out"], part["bias"], like), mean))
         _set_submodule(model, entry["path"], built[0] if len(built) == 1 else ConcatLinear(built))
-    return model
+    return model.requires_grad_(False)
 
 
 # ------------------------------------------------------------- saving and loading
@@ -303,16 +230,12 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
             raise CompressedModelError(f"{p}: pickled weight files are refused (weightpca loads safetensors only)")
     info = read_json(folder / "compress.json")
     if info.get("format") != FORMAT:
-        raise CompressedModelError(f"{folder / 'compress.json'}: format {info.get('format')!r}, expected {FORMAT!r}")
-    if info["kind"] == "gpt":
-        from .model import GPT, GPTConfig
-
-        model = GPT(GPTConfig.from_dict(read_json(folder / "config.json")["model"]))
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+        raise CompressedModelError(f"{folder / 'compress.json'}: format {info.get('format')!r}, expected {FORMAT!r}; "
+                                   f"export the model again with this weightpca (rerun its compress job)")
+    if info["kind"] not in ADAPTERS:
+        raise CompressedModelError(f"{folder / 'compress.json'}: kind {info['kind']!r}, expected one of "
+                                   f"{sorted(ADAPTERS)}")
+    model = ADAPTERS[info["kind"]].empty_model(folder)
     model = build_skeleton(model, info["modules"])
     weights = folder / "model.safetensors"
     try:
@@ -351,29 +274,6 @@ def frontier_threshold(frontier_csv, mode: str, tolerance: float) -> float:
     return float(row.threshold)
 
 
-def _with_weights(target, factors: dict[str, Factor], fn):
-    """``fn()`` with every factored matrix of ``target.model`` replaced by its dense reconstruction."""
-    originals = {}
-    with torch.no_grad():
-        for i in range(target.n_layers):
-            originals[("qkv", i)] = target.get_qkv(i)
-            target.set_qkv(i, {n: factors[f"{i}.{n}"].dense() for n in "qkv"})
-        for name, f in factors.items():
-            if name.split(".", 1)[1] not in ("q", "k", "v"):
-                w = target.model.get_submodule(factor_path(target, name)).weight
-                originals[name] = w.detach().clone()
-                w.copy_(torch.as_tensor(f.dense()).to(w.device, w.dtype))
-    try:
-        return fn()
-    finally:
-        with torch.no_grad():
-            for key, w in originals.items():
-                if isinstance(key, tuple):
-                    target.set_qkv(key[1], w)
-                else:
-                    target.model.get_submodule(factor_path(target, key)).weight.copy_(w)
-
-
 def dense_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s weights as one safetensors file, written the way compressed models are."""
     import tempfile
@@ -384,27 +284,28 @@ def dense_bytes(model: nn.Module) -> int:
         return (Path(tmp) / "dense.safetensors").stat().st_size
 
 
-def export_point(target, kind: str, mode: str, threshold: float, groups, val, calib, window: int, folder,
-                 model_config: dict, progress=print) -> dict:
+def export_point(target, mode: str, threshold: float, groups, val, calib, window: int, folder,
+                 model_config: dict, prompt: str, progress=print) -> dict:
     """Factor ``target`` at one operating point, save it, reload it and check it against the dense path.
 
-    Returns the record: perplexity of the unmodified model, of the dense
-    reconstruction (the surgery's measurement) and of the reloaded factored
-    model, which must agree with the reconstruction to a relative 1e-3;
-    parameters and bytes of both; ranks; a greedy continuation of the
-    reloaded model.
+    ``groups``: the matrix groups to factor (``[qkv]`` plus any of ``o``, ``mlp``), every one of them
+    by ``mode`` (``weightpca.plan.mode_groups``) at one ``threshold``. Returns the record: perplexity
+    of the unmodified model, of the dense reconstruction (the surgery's measurement) and of the
+    reloaded factored model, which must agree with the reconstruction to a relative 1e-3; parameters
+    and bytes of both; ranks; a greedy continuation of ``prompt`` by the reloaded model.
     """
-    from .targets import GPTTarget, HFTarget, perplexity
+    from .targets import perplexity
 
+    if "qkv" not in groups:
+        raise ValueError(f"matrices {list(groups)}: choose [qkv] plus any of o, mlp")
     base_ppl = perplexity(target, val, window)
-    factors = plan_factors(target, mode, threshold, groups, calib, window)
-    ppl_reconstructed = _with_weights(target, factors, lambda: perplexity(target, val, window))
-    model, spec = factorize_model(target, factors)
-    save_compressed(model, spec, folder, kind, model_config)
+    plan = model_plan(target, mode, target.roles(groups), calib, window)
+    with target.patched(plan.weights(threshold)):
+        ppl_reconstructed = perplexity(target, val, window)
+    model, spec = factorize_model(target, plan.factors(threshold))
+    save_compressed(model, spec, folder, target.family, model_config)
     del model
-    reloaded = load_compressed(folder, str(target.device))
-    wrap = GPTTarget if kind == "gpt" else HFTarget
-    loaded = wrap(reloaded, target.tokenizer)
+    loaded = adapter_for(load_compressed(folder, str(target.device)), target.tokenizer)
     ppl_loaded = perplexity(loaded, val, window)
     agreement = abs(ppl_loaded / ppl_reconstructed - 1)
     progress(f"{mode} t={threshold:.6g}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, "
@@ -412,16 +313,16 @@ def export_point(target, kind: str, mode: str, threshold: float, groups, val, ca
     if agreement > 1e-3:
         raise AssertionError(f"{folder}: the reloaded factored model's perplexity {ppl_loaded} differs from the "
                              f"dense reconstruction's {ppl_reconstructed} by more than 1e-3 (relative)")
-    prompt = target.encode("ROMEO.\n") or [0]
+    prompt_ids = target.encode(prompt) or [0]
     factored_parts = [p for e in spec for p in e["parts"] if p["kind"] == "lowrank"]
     return dict(
         mode=mode, threshold=threshold, matrices=list(groups),
         base_ppl=base_ppl, ppl_reconstructed=ppl_reconstructed, ppl_loaded=ppl_loaded,
         ppl_ratio=ppl_loaded / base_ppl, loaded_vs_reconstructed=agreement,
-        params_dense=count_parameters(target.model), params_factored=count_parameters(reloaded),
+        params_dense=count_parameters(target.model), params_factored=count_parameters(loaded.model),
         bytes_dense=dense_bytes(target.model), bytes_factored=(Path(folder) / "model.safetensors").stat().st_size,
         matrices_factored=len(factored_parts), matrices_dense_kept=sum(len(e["parts"]) for e in spec)
         - len(factored_parts), mean_rank=float(np.mean([p["rank"] for p in factored_parts])) if factored_parts
         else float("nan"),
-        continuation=loaded.decode(loaded.greedy(prompt, 12)),
+        continuation=loaded.decode(loaded.greedy(prompt_ids, 12)),
     )

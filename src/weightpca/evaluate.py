@@ -1,4 +1,4 @@
-"""The one place models are scored: device choice, loading a trained GPT, perplexity.
+"""The one place models are scored: device choice, perplexity (models load through weightpca.adapters).
 
 Every stage that evaluates a model (training's periodic and final
 evaluation, surgery, the low-rank truncation sweep) calls
@@ -18,8 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .io import check_state_dict, load_tensors, read_json
-from .model import GPT, GPTConfig
+from .model import GPT
 
 
 def resolve_device(requested: str) -> str:
@@ -29,16 +28,6 @@ def resolve_device(requested: str) -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device '{requested}' requested but CUDA is not available; use 'auto' or 'cpu'")
     return requested
-
-
-def load_model(model_path, config_path, device: str = "cpu") -> GPT:
-    """A trained model from its safetensors weights and config.json; refuses mismatched tensors."""
-    cfg = read_json(config_path)
-    model = GPT(GPTConfig.from_dict(cfg["model"]))
-    weights = load_tensors(model_path)
-    check_state_dict(weights, model.state_dict(), model_path)
-    model.load_state_dict(weights)
-    return model.to(device)
 
 
 @torch.no_grad()
@@ -63,26 +52,32 @@ def mean_loss(forward, windows: np.ndarray, batch_size: int, device,
     return total / count, stat_total / count
 
 
-def evaluate(model: GPT, windows: np.ndarray, batch_size: int, device,
+def evaluate(model: torch.nn.Module, windows: np.ndarray, batch_size: int, device,
              autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(mean next-token cross-entropy, mean cos_target) of our GPT over fixed [N, T+1] windows.
+    """(mean next-token cross-entropy, mean cos_target) of a model over fixed [N, T+1] windows.
 
-    cos_target is the seed experiments' ln_f diagnostic: the cosine between
-    the final hidden state mapped into token space (``h @ scale_down`` for a
-    factorised model, ``h`` otherwise) and the target token's embedding row.
+    cos_target is the seed experiments' ln_f diagnostic of our GPT: the
+    cosine between the final hidden state mapped into token space (``h @
+    scale_down`` for a factorised model, ``h`` otherwise) and the target
+    token's embedding row. Any other model (``model(x) -> (logits, _)``, the
+    training loop's contract) has no such diagnostic: NaN.
     """
-    wte = model.transformer.wte.weight
+    if not isinstance(model, GPT):
+        forward = lambda x, y: (model(x)[0], None)  # noqa: E731
+    else:
+        wte = model.transformer.wte.weight
 
-    def forward(x, y):
-        z = model.token_space(model.hidden_states(x))
-        with torch.autocast(z.device.type, enabled=False):  # the diagnostic in float32
-            cos = torch.nn.functional.cosine_similarity(z.float(), wte[y].float(), dim=-1).sum()
-        return torch.nn.functional.linear(z, wte), cos
+        def forward(x, y):
+            z = model.token_space(model.hidden_states(x))
+            with torch.autocast(z.device.type, enabled=False):  # the diagnostic in float32
+                cos = torch.nn.functional.cosine_similarity(z.float(), wte[y].float(), dim=-1).sum()
+            return torch.nn.functional.linear(z, wte), cos
 
     was_training = model.training
     model.eval()
     try:
-        return mean_loss(forward, windows, batch_size, device, autocast)
+        loss, cos = mean_loss(forward, windows, batch_size, device, autocast)
+        return loss, cos if isinstance(model, GPT) else float("nan")
     finally:
         model.train(was_training)
 

@@ -1,37 +1,26 @@
 """Extract the matrices later stages analyse from a trained GPT checkpoint.
 
-``c_attn.weight`` is the fused ``[3d, d]`` projection of nn.Linear
-(``y = x Wᵀ``); its row blocks are W_q = rows ``[0, d)``, W_k = ``[d, 2d)``,
-W_v = ``[2d, 3d)``, each ``[d_out = d, d_in = d]``, so ``q = x W_qᵀ``.
+The token embedding ``wte [V, k_or_d]`` and every layer's W_q, W_k, W_v
+(``[d_out = d, d_in = d]``, ``nn.Linear`` convention: ``q = x W_qᵀ``), read
+through the model's adapter (``weightpca.adapters``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from .adapters import GPTAdapter
 from .io import save_npy, save_tensors, write_json
 from .model import GPT
-
-
-def split_qkv(c_attn_weight: torch.Tensor, n_embd: int) -> dict[str, torch.Tensor]:
-    if tuple(c_attn_weight.shape) != (3 * n_embd, n_embd):
-        raise ValueError(f"c_attn.weight has shape {tuple(c_attn_weight.shape)}, "
-                         f"expected (3*{n_embd}, {n_embd})")
-    q, k, v = c_attn_weight.split(n_embd, dim=0)
-    return {"q": q, "k": k, "v": v}
 
 
 def extract_weights(model: GPT, wte_path, attention_path, manifest_path) -> dict:
     """Write the token embedding [V, k_or_d] (.npy), the attention matrices (safetensors,
     ``layer{i}.{q,k,v}``) and a manifest (JSON) naming both files with their shapes."""
-    d = model.config.n_embd
+    adapter = GPTAdapter(model)
     wte = model.transformer.wte.weight.detach().float().cpu()
-    tensors = {}
-    for i, block in enumerate(model.transformer.h):
-        for name, w in split_qkv(block.attn.c_attn.weight.detach().float().cpu(), d).items():
-            tensors[f"layer{i}.{name}"] = w
+    tensors = {f"layer{m.layer}.{m.role}": adapter.weight_view(m).detach().float().cpu().contiguous()
+               for m in adapter.matrices(GPTAdapter.GROUPS["qkv"])}
     save_npy(wte_path, wte.numpy())
     save_tensors(attention_path, tensors)
     manifest = {

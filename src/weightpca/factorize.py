@@ -1,10 +1,11 @@
 """Rank-k factorisation of a token embedding by SVD / PCA.
 
 For ``W = wte [V, d]`` with thin SVD ``W = U S Vh`` (``U [V, r]``, ``S [r]``,
-``Vh [r, d]``, ``r = min(V, d)``, singular values descending), the best rank-k
-approximation in Frobenius (and spectral) norm is ``W_k = U_k S_k Vh_k``
-(Eckart & Young, 1936, "The approximation of one matrix by another of lower
-rank", Psychometrika 1(3)), with error
+``Vh [r, d]``, ``r = min(V, d)``, singular values descending; LAPACK's, by
+``weightpca.linalg.exact_svd``), the best rank-k approximation in Frobenius
+(and spectral) norm is ``W_k = U_k S_k Vh_k`` (Eckart & Young, 1936, "The
+approximation of one matrix by another of lower rank", Psychometrika 1(3)),
+with error
 
     ||W - W_k||_F = sqrt(sum_{i > k} s_i^2).
 
@@ -26,15 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def embedding_svd(wte: np.ndarray, centered: bool = False):
-    """(mean [d] or None, U [V, r], S [r], Vh [r, d]) in float64."""
-    w = np.asarray(wte, dtype=np.float64)
-    if w.ndim != 2:
-        raise ValueError(f"embedding must be a [V, d] matrix, got shape {w.shape}")
-    mean = w.mean(axis=0) if centered else None
-    u, s, vh = np.linalg.svd(w - mean if centered else w, full_matrices=False)
-    return mean, u, s, vh
+from .linalg import exact_svd, relative_error
 
 
 def truncate(u: np.ndarray, s: np.ndarray, vh: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -48,14 +41,9 @@ def truncate(u: np.ndarray, s: np.ndarray, vh: np.ndarray, k: int) -> dict[str, 
     }
 
 
-def relative_error(s: np.ndarray, k: int, total_norm: float) -> float:
-    """||W - Ŵ_k||_F / ||W||_F from the tail singular values (Eckart–Young)."""
-    return float(np.sqrt(np.sum(s[k:] ** 2)) / total_norm)
-
-
 def spectrum_report(wte: np.ndarray, ranks: list[int], centered: bool) -> dict:
     """Singular values, cumulative energy and the relative error at every rank in ``ranks``."""
-    mean, _, s, _ = embedding_svd(wte, centered)
+    mean, _, s, _ = exact_svd(wte, centered)
     total = float(np.linalg.norm(np.asarray(wte, dtype=np.float64)))
     energy = np.cumsum(s**2) / np.sum(s**2)
     return {
@@ -70,7 +58,7 @@ def spectrum_report(wte: np.ndarray, ranks: list[int], centered: bool) -> dict:
 
 def factorize_embedding(wte: np.ndarray, k: int, centered: bool = False):
     """(tensors for the factorised model, info) for one rank k."""
-    mean, u, s, vh = embedding_svd(wte, centered)
+    mean, u, s, vh = exact_svd(wte, centered)
     tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).float()
                for name, a in truncate(u, s, vh, k).items()}
     if centered:

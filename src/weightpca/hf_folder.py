@@ -4,11 +4,11 @@
 length + JSON) and the names of the tokenizer files, never the weights, and
 refuses what a surgery job would otherwise fail on hours later:
 
-- an architecture whose attention is not Llama-style ``self_attn.{q,k,v}_proj``;
+- an architecture weightpca has no adapter for (``adapters.LLAMA_MODEL_TYPES``);
 - ``auto_map`` (custom model code: weightpca never passes ``trust_remote_code``);
-- a safetensors file that is truncated, unreadable, or lacks q/k/v tensors of
-  the shapes the config implies (``[heads · head_dim, hidden]`` for q,
-  ``[kv_heads · head_dim, hidden]`` for k and v, every layer);
+- a safetensors file that is truncated, unreadable, or lacks a linear matrix
+  of the shape the config implies (every layer's, as the adapter's
+  ``expected_shapes`` lists them: attention q/k/v/o and the MLP);
 - no tokenizer files.
 
 It returns the files that define the model, so the workflow can track them
@@ -23,11 +23,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from .adapters import LLAMA_MODEL_TYPES, LlamaAdapter
 from .io import safetensors_header
 
-# model_type values whose transformers class has model.layers[i].self_attn.{q,k,v}_proj
-# (checked against transformers' own classes in tests/test_hf_folder.py)
-LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -39,18 +37,6 @@ class HFFolderError(ValueError):
 
 def _fail(folder: Path, file: str, what: str, fix: str):
     raise HFFolderError(f"{folder / file}: {what}. {fix}")
-
-
-def expected_qkv_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """Tensor name -> shape of every layer's q/k/v projection, from config.json."""
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    shapes = {}
-    for i in range(cfg["num_hidden_layers"]):
-        for name, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
-            shapes[f"model.layers.{i}.self_attn.{name}_proj.weight"] = (rows, hidden)
-    return shapes
 
 
 def check_hf_folder(folder) -> list[Path]:
@@ -68,11 +54,11 @@ def check_hf_folder(folder) -> list[Path]:
     if cfg.get("auto_map"):
         _fail(folder, "config.json", f"has auto_map {sorted(cfg['auto_map'])}: the model needs custom code, "
               "which weightpca never runs (trust_remote_code stays off)",
-              f"Use a model whose model_type transformers implements itself ({', '.join(LLAMA_STYLE)})")
-    if cfg.get("model_type") not in LLAMA_STYLE:
+              f"Use a model whose model_type transformers implements itself ({', '.join(LLAMA_MODEL_TYPES)})")
+    if cfg.get("model_type") not in LLAMA_MODEL_TYPES:
         _fail(folder, "config.json", f"model_type '{cfg.get('model_type')}' "
-              f"({', '.join(cfg.get('architectures') or ['no architectures'])}) has no Llama-style "
-              "self_attn.{q,k,v}_proj", f"Surgery supports model_type {', '.join(LLAMA_STYLE)}")
+              f"({', '.join(cfg.get('architectures') or ['no architectures'])}) has no weightpca adapter "
+              "(a Llama-style layout is needed)", f"Surgery supports model_type {', '.join(LLAMA_MODEL_TYPES)}")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         what = "only PyTorch .bin weights, which weightpca does not unpickle" if list(folder.glob("*.bin")) \
@@ -86,7 +72,7 @@ def check_hf_folder(folder) -> list[Path]:
             _fail(folder, path.name, f"not a readable safetensors file ({e})",
                   "Copy the file again or re-save the model")
         found.update({k: (tuple(v["shape"]), path.name) for k, v in header.items()})
-    for name, shape in expected_qkv_shapes(cfg).items():
+    for name, shape in LlamaAdapter.expected_shapes(cfg).items():
         if name not in found:
             _fail(folder, weights[0].name if len(weights) == 1 else "*.safetensors",
                   f"no tensor '{name}', which config.json's {cfg['num_hidden_layers']} layers imply",

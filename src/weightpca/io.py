@@ -81,6 +81,12 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_csv(path, table) -> None:
+    """A pandas DataFrame as CSV without its index, written atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():

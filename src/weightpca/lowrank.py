@@ -17,9 +17,9 @@ applications"), which needs the singular values (one SVD per matrix and step).
 
 Training adds ``−λ · mean ratio`` (concentrate the spectrum) or
 ``+λ · mean nuclear`` (shrink it) over the targeted matrices to the loss
-(``train.lowrank_reg``). Targets: ``attn`` = W_q, W_k, W_v (row blocks of
-each block's fused ``c_attn``) and the attention output ``c_proj``; ``mlp`` =
-``c_fc`` and the MLP's ``c_proj``.
+(``train.lowrank_reg``). Targets, by the GPT adapter's roles: ``attn`` =
+W_q, W_k, W_v and the attention output (q, k, v, o); ``mlp`` = the MLP's
+two matrices (fc, proj).
 
 The judge is :func:`truncate`: every targeted matrix replaced by its best
 rank-r approximation (Eckart–Young), r = max(1, round(f · min(m, n))) for a
@@ -34,11 +34,14 @@ import math
 import numpy as np
 import torch
 
+from .adapters import GPTAdapter
 from .evaluate import evaluate
+from .linalg import best_rank_approximation, factored_params, rank_for_fraction
 from .model import GPT
 
 KINDS = ("ratio", "nuclear")
 TARGETS = ("attn", "mlp")
+TARGET_GROUPS = {"qkv": "attn", "o": "attn", "mlp": "mlp"}  # the adapter's matrix groups of each target
 
 
 def spectral_ratio(a: torch.Tensor) -> torch.Tensor:
@@ -60,18 +63,9 @@ def target_matrices(model: GPT, targets) -> dict[str, torch.Tensor]:
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"lowrank_reg.targets: unknown {sorted(unknown)}; choose from {list(TARGETS)}")
-    d = model.config.n_embd
-    mats = {}
-    for i, block in enumerate(model.transformer.h):
-        if "attn" in targets:
-            w = block.attn.c_attn.weight
-            for j, name in enumerate("qkv"):
-                mats[f"h{i}.attn.{name}"] = w[j * d:(j + 1) * d]
-            mats[f"h{i}.attn.c_proj"] = block.attn.c_proj.weight
-        if "mlp" in targets:
-            mats[f"h{i}.mlp.c_fc"] = block.mlp.c_fc.weight
-            mats[f"h{i}.mlp.c_proj"] = block.mlp.c_proj.weight
-    return mats
+    adapter = GPTAdapter(model)
+    groups = [g for g in ("qkv", "o", "mlp") if TARGET_GROUPS[g] in targets]
+    return {f"h{m.layer}.{m.role}": adapter.weight_view(m) for m in adapter.matrices(adapter.roles(groups))}
 
 
 def mean_statistic(model: GPT, kind: str, targets) -> torch.Tensor:
@@ -96,10 +90,6 @@ def active(reg: dict | None) -> bool:
 
 # ---------------------------------------------------------------- truncation
 
-def truncation_rank(shape: tuple[int, int], fraction: float) -> int:
-    return max(1, round(fraction * min(shape)))
-
-
 @torch.no_grad()
 def truncate(model: GPT, targets, fraction: float) -> dict:
     """Replace every targeted matrix by its rank-r SVD truncation in place; returns parameter counts.
@@ -111,11 +101,10 @@ def truncate(model: GPT, targets, fraction: float) -> dict:
     kept = full = 0
     for w in target_matrices(model, targets).values():
         m, n = w.shape
-        r = truncation_rank((m, n), fraction)
+        r = rank_for_fraction((m, n), fraction)
         if r < min(m, n):
-            u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-            w.copy_(((u[:, :r] * s[:r]) @ vh[:r]).to(w.dtype))
-        kept += min(r * (m + n), m * n)
+            w.copy_(best_rank_approximation(w, r))
+        kept += min(factored_params(m, n, r), m * n)
         full += m * n
     total = model.num_params()
     return {"params_kept": total - full + kept, "params_total": total,

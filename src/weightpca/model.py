@@ -78,7 +78,7 @@ def padded_vocab(vocab_size: int, multiple: int = 1) -> int:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        # rows [0:d] are W_q, [d:2d] W_k, [2d:3d] W_v (see weightpca.extract)
+        # rows [0:d] are W_q, [d:2d] W_k, [2d:3d] W_v (weightpca.adapters.gpt maps them)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)

@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .io import atomic_path, write_text  # noqa: E402
+from .io import atomic_path, write_csv, write_text  # noqa: E402
 from .tables import difference_verdict  # noqa: E402
 
 SURGERY_TIE = 0.01  # perplexities within 1 % of the best count as tied
@@ -61,11 +61,6 @@ def _save(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
-
-
-def _write_csv(table: pd.DataFrame, path) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
 
 
 def _not_run(path, title: str, why: str) -> None:
@@ -569,7 +564,7 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path,
     for stage, why in not_run.items():
         table.loc[len(table)] = dict(stage=stage, subject="", question="", numbers="", spread="",
                                      verdict=f"not run: {why}")
-    _write_csv(table, csv_path)
+    write_csv(table, csv_path)
     md = ["# weightpca summary", "",
           "Every verdict below is computed from the numbers beside it (src/weightpca/report.py).", ""]
     for stage, group in table.groupby("stage", sort=False):
@@ -585,10 +580,6 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path,
     write_text(md_path, "\n".join(md))
 
 
-FIGURES = ("training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "surgery_sensitivity",
-           "sketch_error", "lowrank", "wall_times")
-
-
 def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[str, str] | None = None,
                  run_names: list[str] | None = None) -> pd.DataFrame:
     """Write every figure plus the summary tables to ``outputs``; returns the summary table.
@@ -599,10 +590,11 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
     of sensitivity.csv), compress (list of compress.json), sketch (list of errors.json), lowrank (list of
     sweep.csv), benchmarks (list of Snakemake benchmark files under
     ``bench_root``); absent keys mean the stage was not run. ``outputs`` maps
-    each name in ``FIGURES`` to its .png path, and summary_csv, summary_md and
-    lowrank_csv to theirs.
+    each figure's name (as the report rule names its outputs, the one list of
+    them) to its .png path, and summary_csv, summary_md and lowrank_csv to
+    theirs.
     """
-    fig = {name: outputs[name] for name in FIGURES}
+    fig = outputs
     lines, not_run, preambles = [], {}, {}
 
     if inputs.get("runs"):
@@ -651,12 +643,12 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
 
     if inputs.get("lowrank"):
         table = lowrank_table(inputs["lowrank"])
-        _write_csv(lowrank_stats(table), outputs["lowrank_csv"])
+        write_csv(lowrank_stats(table), outputs["lowrank_csv"])
         plot_lowrank(table, fig["lowrank"])
         lines += lowrank_verdicts(table)
     else:
         not_run["low-rank regulariser"] = "lowrank.enabled is false"
-        _write_csv(pd.DataFrame(), outputs["lowrank_csv"])
+        write_csv(pd.DataFrame(), outputs["lowrank_csv"])
         _not_run(fig["lowrank"], "low-rank regulariser", not_run["low-rank regulariser"])
 
     bench = read_benchmarks(inputs.get("benchmarks", []), bench_root)

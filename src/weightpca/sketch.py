@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from .io import safetensors_header, write_json
+from .resources import peak_rss_mb, sync
 
 METHODS = ("exact", "seed_srht", "srht", "gaussian")
 
@@ -465,12 +465,6 @@ def _f32(a: np.ndarray, device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)
 
 
-def _sync(device) -> None:
-    """Wait for queued device work, so that wall times measure it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def fit_exact(src: Samples, k: int, out_path, centered: bool, block: int, device, store) -> Fit:
     t0, nbytes = time.perf_counter(), 0
 
@@ -496,7 +490,7 @@ def fit_exact(src: Samples, k: int, out_path, centered: bool, block: int, device
         xb = shifted(xb)  # (A − x_1 1ᵀ) P = A P
         W.write(b0, xb.T @ proj)
         nbytes += xb.numel() * 4
-    _sync(device)
+    sync(device)
     return Fit("exact", W, time.perf_counter() - t0, nbytes, None)
 
 
@@ -537,7 +531,7 @@ def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block:
         placed[:, idx[sel] - b0] = scale * u_r[sel].T
         W.write(b0, (fwht(placed) * signs(bi))[:, : b1 - b0].T)  # Rᵀ = D_b Hᵀ Pᵀ, H symmetric
     orthonormalise(W, block, device)
-    _sync(device)
+    sync(device)
     return Fit("seed_srht", W, time.perf_counter() - t0, nbytes, r)
 
 
@@ -646,7 +640,7 @@ def fit_range(src: Samples, k: int, r: int, out_path, centered: bool, block: int
         W = new_matrix(out_path, D, k, device, store)
         for b0 in range(0, D, block):
             W.write(b0, _on(Y.rows(b0, b0 + block), device) @ c)
-        _sync(device)
+        sync(device)
     finally:
         Y.close()
         Path(out_path).with_suffix(".range.npy").unlink(missing_ok=True)
@@ -697,22 +691,6 @@ def reconstruction_errors(src: Samples, W, centered: bool, block: int, device="c
     norms2 = np.clip(np.diag(p @ gram @ p), 0.0, None)
     err2 = norms2 - 2 * np.einsum("ij,ij->i", proj, proj) + np.einsum("ij,jk,ik->i", proj, wtw, proj)
     return np.sqrt(np.clip(err2, 0.0, None)), np.sqrt(norms2)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set in MB.
-
-    Linux's VmHWM belongs to the address space, so it starts afresh at exec;
-    ``ru_maxrss`` is carried over from the forking parent and would report the
-    parent's peak for a small child.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_method(method: str, src: Samples, k: int, r: int, W_path, errors_path, centered: bool, block: int,

@@ -22,10 +22,12 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import adapters
+from .resources import peak_rss_mb, reset_peak_rss, sync
 
 
 def device_name(device: str) -> str:
@@ -34,94 +36,45 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _load(kind: str, path: str, config: str | None, device: str):
-    if kind == "compressed":
-        from .compress import load_compressed
-
-        return load_compressed(path, device)
-    if kind == "gpt":
-        from .evaluate import load_model
-
-        return load_model(path, config, device).eval()
-    from .targets import load_hf_model
-
-    model, _ = load_hf_model(path)
-    return model.to(device).eval()
-
-
-def _reset_peak_rss() -> None:
-    """Start VmHWM afresh at the current resident set (Linux: clear_refs 5), so loading is not counted."""
-    import gc
-
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # the peak then includes loading; the record says which (peak_includes_loading)
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def measure(kind: str, path: str, config: str | None = None, device: str = "cpu", context: int = 512,
             new_tokens: int = 64, repeats: int = 3) -> dict:
     """Parameters, peak memory, prefill and decode tokens/s of one model (run in its own process)."""
-    model = _load(kind, path, config, device)
+    loaded = adapters.load(kind, path, config, device)
+    model = loaded.model
     params = sum(p.numel() for p in model.parameters())
-    is_gpt = hasattr(model, "transformer")
-    vocab = model.config.vocab_size
-    limit = model.config.block_size if is_gpt else getattr(model.config, "max_position_embeddings", context)
-    context = min(context, limit)
+    context = min(context, loaded.max_len)
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.integers(0, vocab, (1, context))).to(device)
-
-    def forward(ids):
-        return model(ids)[0] if is_gpt else model(input_ids=ids, use_cache=False).logits
-
-    forward(x)  # warm-up (allocations, kernel choice)
-    _sync(device)
+    x = torch.from_numpy(rng.integers(0, model.config.vocab_size, (1, context))).to(device)
+    loaded.logits(x)  # warm-up (allocations, kernel choice)
+    sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        peak_includes_loading = False
     else:
-        _reset_peak_rss()
+        peak_includes_loading = not reset_peak_rss()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        forward(x)
-        _sync(device)
+        loaded.logits(x)
+        sync(device)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_rss_mb()
-    prompt = x[:, :16]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
+    prompt = x[0, :16].tolist()
 
     def decode() -> int:
-        """New tokens generated greedily (our GPT: the surgery target's loop, which has no KV cache)."""
-        if is_gpt:
-            from .targets import GPTTarget
-
-            return len(GPTTarget(model, None).greedy(prompt[0].tolist(), new_tokens))
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0)
-        return out.shape[1] - prompt.shape[1]
+        """New tokens generated greedily (our GPT recomputes its window; HF models use their KV cache)."""
+        return len(loaded.greedy(prompt, new_tokens, stop_at_eos=False))
 
     decode()
     decode_times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         generated = decode()
-        _sync(device)
+        sync(device)
         decode_times.append(time.perf_counter() - t0)
     assert generated == new_tokens
-    return dict(params=params, peak_memory_mb=peak, context=context,
+    return dict(params=params, peak_memory_mb=peak, peak_includes_loading=peak_includes_loading, context=context,
                 prefill_tokens_per_s=context / float(np.median(times)),
                 decode_tokens_per_s=new_tokens / float(np.median(decode_times)), new_tokens=new_tokens,
                 prefill_s=times, decode_s=decode_times, device=device_name(device),

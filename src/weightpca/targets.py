@@ -1,9 +1,10 @@
-"""Models that attention surgery operates on: our GPT and Hugging Face Llama-family LMs.
+"""What the surgery and compress stages operate on: a model (through its adapter) and its tokens.
 
-A target exposes, per layer, W_q, W_k, W_v as ``[d_out, d_in]`` float arrays
-(``nn.Linear`` convention), lets them be replaced, and computes next-token
-logits, calibration input moments and greedy continuations. Hugging Face
-models load with ``trust_remote_code`` off, always.
+A target is a ``weightpca.adapters.ModelAdapter``: our GPT or a Hugging Face
+Llama-style LM, loaded by :func:`load_target` with the evaluation and
+calibration tokens of the surgery settings. Hugging Face models load with
+``trust_remote_code`` off, always. Calibration statistics
+(:func:`input_moments`) and perplexity are measured here for every stage.
 """
 
 from __future__ import annotations
@@ -13,122 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import evaluate
-from .extract import split_qkv
+from . import adapters, evaluate
+from .adapters import AdapterError, LlamaAdapter
 from .io import apply_umask
 from .tokens import eval_windows
 
-
-class TargetError(ValueError):
-    """A model the surgery stage cannot operate on."""
-
-
-class GPTTarget:
-    """Our GPT: q/k/v are row blocks of each block's fused c_attn weight."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.d = model.config.n_embd
-        self.n_layers = model.config.n_layer
-        self.max_len = model.config.block_size
-
-    def get_qkv(self, i: int) -> dict[str, np.ndarray]:
-        w = self.model.transformer.h[i].attn.c_attn.weight.detach()
-        return {k: v.double().cpu().numpy() for k, v in split_qkv(w, self.d).items()}
-
-    def set_qkv(self, i: int, qkv: dict[str, np.ndarray]) -> None:
-        w = self.model.transformer.h[i].attn.c_attn.weight
-        with torch.no_grad():
-            for j, name in enumerate(("q", "k", "v")):
-                w[j * self.d:(j + 1) * self.d].copy_(torch.from_numpy(qkv[name]).to(w.device))
-
-    def attention_inputs(self) -> list[torch.nn.Module]:
-        return [b.attn.c_attn for b in self.model.transformer.h]
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.device))[0]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    @torch.no_grad()
-    def greedy(self, prompt_ids: list[int], n_new: int) -> list[int]:
-        ids = torch.tensor([prompt_ids], device=self.device)
-        for _ in range(n_new):
-            nxt = self.logits(ids[:, -self.max_len:])[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-        return ids[0, len(prompt_ids):].tolist()
-
-
-class HFTarget:
-    """A Hugging Face causal LM with Llama-style ``self_attn.{q,k,v}_proj`` per layer."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        try:
-            self.layers = list(model.model.layers)
-            for layer in self.layers:
-                for p in ("q_proj", "k_proj", "v_proj"):
-                    getattr(layer.self_attn, p)
-        except AttributeError as e:
-            raise TargetError(
-                f"{type(model).__name__} has no model.layers[i].self_attn.{{q,k,v}}_proj "
-                f"(a Llama-family attention is needed): {e}"
-            ) from e
-        self.n_layers = len(self.layers)
-        self.max_len = getattr(model.config, "max_position_embeddings", 2048)
-
-    def _proj(self, i: int, name: str) -> torch.nn.Linear:
-        return getattr(self.layers[i].self_attn, f"{name}_proj")
-
-    def get_qkv(self, i: int) -> dict[str, np.ndarray]:
-        return {n: self._proj(i, n).weight.detach().double().cpu().numpy() for n in "qkv"}
-
-    def set_qkv(self, i: int, qkv: dict[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            for n in "qkv":
-                w = self._proj(i, n).weight
-                w.copy_(torch.from_numpy(qkv[n]).to(w.device, w.dtype))
-
-    def attention_inputs(self) -> list[torch.nn.Module]:
-        return [self._proj(i, "q") for i in range(self.n_layers)]
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=x.to(self.device), use_cache=False).logits
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    @torch.no_grad()
-    def greedy(self, prompt_ids: list[int], n_new: int) -> list[int]:
-        out = self.model.generate(torch.tensor([prompt_ids], device=self.device), max_new_tokens=n_new, do_sample=False,
-                                  pad_token_id=self.tokenizer.eos_token_id)
-        return out[0, len(prompt_ids):].tolist()
-
-
-def load_hf_model(path_or_id: str, gguf_file: str | None = None):
-    """(model, tokenizer) in float32 from a local folder, a GGUF file in it, or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local = Path(path_or_id)
-    if local.exists() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")) \
-            and not (gguf_file and (local / gguf_file).is_file()):
-        raise TargetError(f"{local}: no model weights (*.safetensors, *.bin or the GGUF file) in this folder")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32,
-                                                 trust_remote_code=False, **kwargs)
-    return model, tokenizer
+TargetError = AdapterError  # a model the surgery stage cannot operate on
 
 
 def perplexity(target, tokens: np.ndarray, window: int, batch_size: int = 4) -> float:
@@ -142,7 +33,9 @@ def input_moments(target, tokens: np.ndarray, window: int, modules=None) -> list
 
     ``modules`` default: each layer's attention projections (which share one input).
     """
-    mods = target.attention_inputs() if modules is None else list(modules)
+    if modules is None:
+        modules = [target.input_module(target.layer_matrices(i)["q"]) for i in range(target.n_layers)]
+    mods = list(modules)
     sums = [None] * len(mods)
     counts = [0] * len(mods)
 
@@ -201,17 +94,15 @@ def load_target(kind: str, paths: dict, eval_tokens: int, calib_tokens: int, win
     decompositions stay on the CPU in float64.
     """
     from .io import read_json
-    from .tokens import load_tokenizer, open_tokens
+    from .tokens import open_tokens
 
     if kind == "gpt":
-        model = evaluate.load_model(paths["model"], paths["model_config"], device)
-        target = GPTTarget(model, load_tokenizer(paths["tokenizer"]))
+        target = adapters.load("gpt", paths["model"], paths["model_config"], device, paths["tokenizer"])
         meta = read_json(paths["meta"])
         val = np.asarray(open_tokens(paths["val"], meta)[: eval_tokens + 1], dtype=np.int64)
         calib = np.asarray(open_tokens(paths["train"], meta)[: calib_tokens + 1], dtype=np.int64)
-        return target, val, calib, model.config.block_size
-    model, tokenizer = load_hf_model(str(Path(paths["model_config"]).parent))
-    target = HFTarget(model.to(device), tokenizer)
+        return target, val, calib, target.max_len
+    target = adapters.load("hf", Path(paths["model_config"]).parent, device=device)
     val = text_tokens(target, paths["val_text"], eval_tokens)
     calib = text_tokens(target, paths["train_text"], calib_tokens)
     return target, val, calib, min(window, target.max_len)
@@ -249,10 +140,10 @@ def prepare_hf_model(source: str, out_dir) -> dict:
     if source_path.suffix == ".gguf":
         if not source_path.is_file():
             raise TargetError(f"{source}: GGUF file not found")
-        model, tokenizer = load_hf_model(str(source_path.parent), gguf_file=source_path.name)
+        loaded = LlamaAdapter.load(str(source_path.parent), gguf_file=source_path.name)
     else:
-        model, tokenizer = load_hf_model(source)
-    HFTarget(model, tokenizer)  # refuse models without Llama-style q/k/v projections now
+        loaded = LlamaAdapter.load(source)  # refuses models without the Llama-style layout now
+    model, tokenizer = loaded.model, loaded.tokenizer
     dropped = getattr(model.config, "auto_map", None)
     if dropped:
         # loaded with the native class (remote code is never trusted); the saved

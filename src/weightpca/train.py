@@ -20,6 +20,12 @@ writes files. A run is a dict of plain values (see
     run = {"name", "seed", "model": {...GPTConfig}, "train": {...TrainSettings},
            "init": {...}, "freeze": {...}, "wandb": {...}}
 
+The model is our GPT built from ``run['model']`` (:func:`build_model`), or
+any ``nn.Module`` handed to :func:`train` that follows the same contract:
+``model(x [B, T], y [B, T]) -> (anything, mean loss)`` for training and
+``model(x) -> (logits [B, T, V], anything)`` for evaluation (a compressed
+Hugging Face model wrapped by ``weightpca.adapters.CausalLM``, for
+recovery); ``run['model']['block_size']`` is then the training window.
 Inputs and outputs are explicit paths (:class:`TokenFiles`,
 :class:`TrainOutputs`), as the workflow's rules declare them. In-progress
 state lives in ``work_dir`` (checkpoints, metrics so far) and is removed once
@@ -219,8 +225,8 @@ class GraphedStep:
 
     Even compiled, a GPT-2 small step is ~540 kernels launched one by one
     from Python; a replay launches the recorded sequence at once and the
-    GPU stops waiting between them (H100, B 12, T 1024: see README "GPU
-    scale"). What a graph reads must live at fixed addresses: each step's
+    GPU stops waiting between them (H100, B 12, T 1024: see docs/gpu.md).
+    What a graph reads must live at fixed addresses: each step's
     micro-batches are copied into static buffers, the learning rate is one
     device tensor shared by every parameter group (filled before each
     replay) and the optimizer is ``capturable``. The first ``warmup`` calls
@@ -302,7 +308,7 @@ def setup_precision(device: str, t: TrainSettings):
     return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-def training_forward(model: GPT, opt, t: TrainSettings, device: str, world: int = 1, local_rank: int = 0):
+def training_forward(model: torch.nn.Module, opt, t: TrainSettings, device: str, world: int = 1, local_rank: int = 0):
     """(forward, no_sync) for :func:`optimizer_step`: the model, DDP-wrapped across ranks and
     compiled on CUDA when ``t.compile`` (CPU runs stay eager: compiling costs more than it saves
     at laptop scale); with a :class:`FlatAdamW` ``opt``, the model run on its flat weights and bf16
@@ -442,8 +448,8 @@ class Session:
     meta: dict
     train_tokens: np.ndarray
     val_windows: np.ndarray
-    model: GPT
-    opt: torch.optim.AdamW
+    model: torch.nn.Module  # our GPT, or any model with its forward contract (module docstring)
+    opt: torch.optim.Optimizer  # torch's AdamW or FlatAdamW (make_optimizer)
     sampler: BatchSampler
     chash: str
     work_dir: Path
@@ -462,8 +468,10 @@ class Session:
         return self.work_dir / "ckpt"
 
 
-def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: int = 1) -> Session:
-    """Device, process group, data, seeded model, optimizer and batch sampler of one run."""
+def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: int = 1,
+          model: torch.nn.Module | None = None) -> Session:
+    """Device, process group, data, seeded model (``model``, else :func:`build_model`), optimizer and
+    batch sampler of one run."""
     t = TrainSettings.from_dict(run["train"])
     device = resolve_device(device)
     rank, world, local_rank = distributed_env()
@@ -479,7 +487,8 @@ def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: 
     train_tokens = open_tokens(data.train, meta)
     block = run["model"]["block_size"]
     val_windows = eval_windows(open_tokens(data.val, meta), block, t.eval_tokens)
-    model = build_model(run, meta["vocab_size"]).to(device)
+    torch.manual_seed(run["seed"])
+    model = (build_model(run, meta["vocab_size"]) if model is None else model).to(device)
     opt = make_optimizer(model, t, world)
     sampler = BatchSampler(train_tokens, t.batch_size, block, run["seed"], device, rank, world)
     return Session(run, t, device, threads, rank, world, local_rank, autocast, meta, train_tokens,
@@ -570,8 +579,10 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
     final_val, final_cos = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
     if not math.isfinite(final_val):
         raise TrainingDiverged(f"{s.run['name']}: final validation loss is {final_val}; no outputs written")
-    with uniform_attention(s.model):  # the same evaluation with attention ablated: does the model use it?
-        ablated_val, _ = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
+    ablated_val = float("nan")
+    if isinstance(s.model, GPT):
+        with uniform_attention(s.model):  # the same evaluation with attention ablated: does the model use it?
+            ablated_val, _ = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
     targets = s.val_windows[:, 1:]
     summary = dict(
         name=s.run["name"], seed=s.run["seed"], steps=progress.step,
@@ -582,7 +593,8 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
         final_lowrank_value=lowrank_value(s.model, t),
         unigram_val_ppl=unigram_perplexity(s.train_tokens, targets, s.meta["vocab_size"]),
         val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
-        params=s.model.num_params(), embedding_params=s.model.embedding_params(),
+        params=sum(p.numel() for p in s.model.parameters()),
+        embedding_params=s.model.embedding_params() if isinstance(s.model, GPT) else None,
         device=s.device, threads=s.threads, world_size=s.world, config_hash=s.chash,
     )
     if wb is not None:
@@ -600,7 +612,8 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
         shutil.copytree(snapshots, outputs.snapshots)
     with atomic_path(outputs.metrics) as tmp:
         shutil.copyfile(s.work_dir / "metrics.csv", tmp)
-    write_json(outputs.config, dict(s.run, model=s.model.config.to_dict()))
+    model_config = s.model.config.to_dict() if isinstance(s.model, GPT) else s.run["model"]
+    write_json(outputs.config, dict(s.run, model=model_config))
     write_json(outputs.summary, summary)
     save_tensors(outputs.model, s.model.state_dict())
     shutil.rmtree(s.work_dir, ignore_errors=True)
@@ -608,9 +621,11 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
 
 
 def train(run: dict, data: TokenFiles, outputs: TrainOutputs, work_dir, device: str = "auto",
-          threads: int = 1) -> dict:
-    """Train one run from its last checkpoint (or from scratch) to ``outputs``; returns its summary."""
-    s = setup(run, data, work_dir, device, threads)
+          threads: int = 1, model: torch.nn.Module | None = None) -> dict:
+    """Train one run from its last checkpoint (or from scratch) to ``outputs``; returns its summary.
+
+    ``model``: train this module instead of the GPT ``run['model']`` describes (module docstring)."""
+    s = setup(run, data, work_dir, device, threads, model)
     progress = resume(s)
     wb = start_wandb(run, s.chash) if s.is_main else None
     run_steps(s, progress, wb)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_run, train_to
-from weightpca.evaluate import load_model
+from weightpca.adapters import GPTAdapter
 from weightpca.io import WeightFileError, load_npy, load_tensors, save_tensors
 
 
@@ -32,7 +32,7 @@ def test_truncated_safetensors(trained, tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes((trained / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(WeightFileError, match=r"model\.safetensors: not a readable safetensors file"):
-        load_model(bad, trained / "config.json")
+        GPTAdapter.load(bad, trained / "config.json").model
 
 
 def test_right_name_wrong_shapes(trained, tmp_path):
@@ -40,7 +40,7 @@ def test_right_name_wrong_shapes(trained, tmp_path):
     w["transformer.wpe.weight"] = torch.zeros(8, 16)
     save_tensors(tmp_path / "model.safetensors", w)
     with pytest.raises(WeightFileError, match=r"'transformer\.wpe\.weight' has shape \(8, 16\), the model expects \(16, 16\)"):
-        load_model(tmp_path / "model.safetensors", trained / "config.json")
+        GPTAdapter.load(tmp_path / "model.safetensors", trained / "config.json").model
 
 
 def test_pickle_disguised_as_weights_never_unpickled(trained, tmp_path):
@@ -48,7 +48,7 @@ def test_pickle_disguised_as_weights_never_unpickled(trained, tmp_path):
     fake = tmp_path / "model.safetensors"
     fake.write_bytes(pickle.dumps(CreatesMarker(marker)))
     with pytest.raises(WeightFileError, match="model.safetensors"):
-        load_model(fake, trained / "config.json")
+        GPTAdapter.load(fake, trained / "config.json").model
     assert not marker.exists()
 
 

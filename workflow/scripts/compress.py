@@ -21,8 +21,8 @@ with job_log(snakemake.log[0]):
     threshold = point.get("threshold") or frontier_threshold(inputs["frontier"], point["mode"], point["tolerance"])
     folder = Path(snakemake.output.record).parent
     model_config = read_json(inputs["model_config"])
-    record = export_point(target, "gpt" if kind == "gpt" else "hf", point["mode"], threshold,
-                          point.get("matrices", ["qkv"]), val, calib, window, folder, model_config)
+    record = export_point(target, point["mode"], threshold, point.get("matrices", ["qkv"]), val, calib, window,
+                          folder, model_config, s["prompt"])
     del target
     # dense original and factored model, each timed in a fresh process on this job's device
     dense = (dict(kind="gpt", path=inputs["model"], config=inputs["model_config"]) if kind == "gpt"

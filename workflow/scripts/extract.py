@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from weightpca.evaluate import load_model
+from weightpca.adapters import GPTAdapter
 from weightpca.extract import extract_weights
 from weightpca.logs import job_log
 
 with job_log(snakemake.log[0]):
-    model = load_model(snakemake.input.model, snakemake.input.config)
+    model = GPTAdapter.load(snakemake.input.model, snakemake.input.config).model
     out = snakemake.output
     manifest = extract_weights(model, out.wte, out.attention, out.manifest)
     print(manifest[Path(out.attention).name])

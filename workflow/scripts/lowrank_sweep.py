@@ -3,8 +3,9 @@
 import pandas as pd
 import torch
 
-from weightpca.evaluate import load_model, resolve_device
-from weightpca.io import atomic_path, read_json
+from weightpca import adapters
+from weightpca.evaluate import resolve_device
+from weightpca.io import read_json, write_csv
 from weightpca.logs import job_log
 from weightpca.lowrank import rank_sweep
 from weightpca.tokens import eval_windows, open_tokens
@@ -12,7 +13,7 @@ from weightpca.tokens import eval_windows, open_tokens
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.config["threads"]["train"])  # snakemake.threads: cores reserved (cpu_slots)
     device = resolve_device(snakemake.config["device"])
-    model = load_model(snakemake.input.model, snakemake.input.config, device)
+    model = adapters.load("gpt", snakemake.input.model, snakemake.input.config, device).model
     meta = read_json(snakemake.input.meta)
     windows = eval_windows(open_tokens(snakemake.input.val, meta), model.config.block_size,
                            snakemake.params.eval_tokens)
@@ -21,6 +22,5 @@ with job_log(snakemake.log[0]):
     table = pd.DataFrame(rows)
     table.insert(0, "seed", p.seed)
     table.insert(0, "lambda", float(p.lam))
-    with atomic_path(snakemake.output.sweep) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(snakemake.output.sweep, table)
     print(table.to_string(index=False))

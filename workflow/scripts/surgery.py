@@ -4,7 +4,7 @@ import pandas as pd
 import torch
 
 from weightpca.evaluate import resolve_device
-from weightpca.io import atomic_path, write_json
+from weightpca.io import write_csv, write_json
 from weightpca.logs import job_log
 from weightpca.surgery import run_sweep
 from weightpca.targets import load_target
@@ -23,8 +23,7 @@ with job_log(snakemake.log[0]):
     table = pd.DataFrame(rows)
     table.insert(0, "mode", snakemake.wildcards.mode)
     table.insert(0, "target", snakemake.wildcards.target)
-    with atomic_path(snakemake.output.table) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(snakemake.output.table, table)
     write_json(snakemake.output.timing, dict(timing, target=snakemake.wildcards.target,
                                              mode=snakemake.wildcards.mode, note=snakemake.params.note,
                                              eval_tokens=int(len(val) - 1), window=window,

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from weightpca.io import atomic_path
+from weightpca.io import write_csv
 from weightpca.logs import job_log
 from weightpca.surgery import frontier_row
 
@@ -13,6 +13,5 @@ with job_log(snakemake.log[0]):
         rows += [dict(target=snakemake.wildcards.target, mode=mode, **frontier_row(points, tol))
                  for tol in snakemake.params.tolerances]
     table = pd.DataFrame(rows)
-    with atomic_path(snakemake.output[0]) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(snakemake.output[0], table)
     print(table.to_string(index=False))

@@ -4,7 +4,7 @@ import pandas as pd
 import torch
 
 from weightpca.evaluate import resolve_device
-from weightpca.io import atomic_path
+from weightpca.io import write_csv
 from weightpca.logs import job_log
 from weightpca.surgery import run_sensitivity
 from weightpca.targets import load_target
@@ -20,5 +20,4 @@ with job_log(snakemake.log[0]):
                            layer_tokens=s["sensitivity"]["layer_tokens"])
     table = pd.DataFrame(rows)
     table.insert(0, "target", snakemake.wildcards.target)
-    with atomic_path(snakemake.output[0]) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(snakemake.output[0], table)

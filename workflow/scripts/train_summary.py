@@ -1,6 +1,6 @@
 """One row per training run, and the A/B/C/D comparisons per rank."""
 
-from weightpca.io import atomic_path
+from weightpca.io import write_csv
 from weightpca.logs import job_log
 from weightpca.tables import compare_variants, run_table
 
@@ -8,7 +8,6 @@ with job_log(snakemake.log[0]):
     runs = run_table(snakemake.input)
     comparisons = compare_variants(runs)
     for table, path in ((runs, snakemake.output.runs), (comparisons, snakemake.output.comparisons)):
-        with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
+        write_csv(path, table)
     print(runs.to_string(index=False))
     print(comparisons.to_string(index=False))

@@ -10,7 +10,7 @@ def compress_point(target, name):
 def compress_settings(target):
     """The surgery settings an export uses (so that other sweep settings rerun nothing here)."""
     s = surgery_settings(target)
-    return {k: s[k] for k in ("eval_tokens", "calib_tokens", "window")}
+    return {k: s[k] for k in ("eval_tokens", "calib_tokens", "window", "prompt")}
 
 
 def compress_inputs(wildcards):

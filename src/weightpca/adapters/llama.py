@@ -1,0 +1,106 @@
+"""Hugging Face Llama-style causal LMs: ``model.layers[i].self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``.
+
+Loaded with ``trust_remote_code`` off, always: only architectures that
+transformers implements itself (``MODEL_TYPES``, checked against its classes
+in tests/test_hf_folder.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import AdapterError, Matrix, ModelAdapter
+
+# model_type values whose transformers class has this layout
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+_ATTN = ("q", "k", "v", "o")
+_MLP = ("gate", "up", "down")
+
+
+class LlamaAdapter(ModelAdapter):
+    family = "hf"
+    ROLES = _ATTN + _MLP
+    SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
+    GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "mlp": _MLP}
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        try:
+            for i, layer in enumerate(model.model.layers):
+                for role in self.ROLES:
+                    model.get_submodule(self._path(i, role))
+        except AttributeError as e:
+            raise AdapterError(
+                f"{type(model).__name__} has no model.layers[i].self_attn.{{q,k,v,o}}_proj and "
+                f"mlp.{{gate,up,down}}_proj (a Llama-style model is needed): {e}"
+            ) from e
+        super().__init__(model, tokenizer)
+
+    @staticmethod
+    def _path(i: int, role: str) -> str:
+        return f"model.layers.{i}.{'self_attn' if role in _ATTN else 'mlp'}.{role}_proj"
+
+    @staticmethod
+    def count_layers(model: nn.Module) -> int:
+        return len(model.model.layers)
+
+    @staticmethod
+    def context_length(model: nn.Module) -> int:
+        return getattr(model.config, "max_position_embeddings", 2048)
+
+    def layer_matrices(self, i: int) -> dict[str, Matrix]:
+        return {r: Matrix(i, r, self._path(i, r)) for r in self.ROLES}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x.to(self.device), use_cache=False).logits
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
+        """``generate`` with its KV cache; ``stop_at_eos=False`` always makes ``n_new`` tokens (timing)."""
+        pad = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
+        out = self.model.generate(torch.tensor([prompt_ids], device=self.device), max_new_tokens=n_new,
+                                  do_sample=False, pad_token_id=pad,
+                                  **({} if stop_at_eos else {"min_new_tokens": n_new}))
+        return out[0, len(prompt_ids):].tolist()
+
+    @classmethod
+    def load(cls, path_or_id: str, gguf_file: str | None = None, device: str = "cpu") -> "LlamaAdapter":
+        """The model in float32 with its tokenizer, from a local folder, a GGUF file in it, or a hub id."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        local = Path(path_or_id)
+        if local.exists() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")) \
+                and not (gguf_file and (local / gguf_file).is_file()):
+            raise AdapterError(f"{local}: no model weights (*.safetensors, *.bin or the GGUF file) in this folder")
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32,
+                                                     trust_remote_code=False, **kwargs)
+        return cls(model.to(device).eval(), tokenizer)
+
+    @staticmethod
+    def empty_model(folder) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+
+    @staticmethod
+    def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        inner = cfg["intermediate_size"]
+        rows = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden),
+                "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim),
+                "gate": (inner, hidden), "up": (inner, hidden), "down": (hidden, inner)}
+        return {f"{LlamaAdapter._path(i, r)}.weight": shape
+                for i in range(cfg["num_hidden_layers"]) for r, shape in rows.items()}
