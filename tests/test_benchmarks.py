@@ -9,10 +9,35 @@ from conftest import REPO
 
 def test_train_bench_profile_splits_the_step_by_kind(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks/train_bench.py"), "--config", "config/ci.yaml",
-                           "--batch", "2", "--block", "16", "--vocab", "512", "--paths", "eager", "--steps", "2",
-                           "--warmup", "1", "--device", "cpu", "--profile", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/train_bench.py"),
+            "--config",
+            "config/ci.yaml",
+            "--batch",
+            "2",
+            "--block",
+            "16",
+            "--vocab",
+            "512",
+            "--paths",
+            "eager",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--profile",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (result,) = json.loads(out.read_text())
     kinds = result["profile"]["ms_per_step"]

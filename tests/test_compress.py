@@ -7,16 +7,23 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from test_surgery import decaying, tiny_llama
-from test_surgery import qkv_plan
 from weightpca.adapters import GPTAdapter, LlamaAdapter
 from weightpca.compress import (
-    CompressedModelError, LowRankLinear, count_parameters, export_point, factorize_model, frontier_threshold,
-    load_compressed, save_compressed, unique_tensors,
+    CompressedModelError,
+    LowRankLinear,
+    count_parameters,
+    export_point,
+    factorize_model,
+    frontier_threshold,
+    load_compressed,
+    save_compressed,
+    unique_tensors,
 )
 from weightpca.linalg import PCABasis, WhitenedBasis, input_cholesky
 from weightpca.plan import MODES, model_plan
 from weightpca.targets import perplexity
+
+from test_surgery import decaying, qkv_plan, tiny_llama
 
 TOKENS = np.random.default_rng(0).integers(0, 27, 300)
 
@@ -64,14 +71,15 @@ def test_activation_aware_factors_fold_the_whitening():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_factors_of_every_mode_equal_the_surgery_reconstruction(mode):
-    lw = [{"q": decaying(24, 24, 3 * i), "k": decaying(8, 24, 3 * i + 1), "v": decaying(8, 24, 3 * i + 2)}
-          for i in range(3)]
+    lw = [
+        {"q": decaying(24, 24, 3 * i), "k": decaying(8, 24, 3 * i + 1), "v": decaying(8, 24, 3 * i + 2)}
+        for i in range(3)
+    ]
     moments = [np.cov(np.random.default_rng(i).standard_normal((200, 24)), rowvar=False) for i in range(3)]
     plan = qkv_plan(mode, lw, moments)
     weights = plan.weights(0.7)
     for name, f in plan.factors(0.7).items():
-        np.testing.assert_allclose(f.coef @ f.basis + (f.mean if f.mean is not None else 0), weights[name],
-                                   atol=1e-10)
+        np.testing.assert_allclose(f.coef @ f.basis + (f.mean if f.mean is not None else 0), weights[name], atol=1e-10)
     keys = {f.key for f in plan.factors(0.7).values()}
     assert len(keys) == {"separate": 9, "shared_kv": 6, "cross_layer": 4, "activation_aware": 9}[mode]
 
@@ -90,9 +98,13 @@ def test_shared_basis_is_stored_and_counted_once(tmp_path):
     rank, width = kv[0].basis.weight.shape
     own = sum(m.coef.weight.numel() for m in kv)
     dense_kv = sum(m.out_features * width for m in kv)
-    q_diff = sum(target.model.model.layers[i].self_attn.q_proj.weight.numel()
-                 - model.model.layers[i].self_attn.q_proj.coef.weight.numel()
-                 - model.model.layers[i].self_attn.q_proj.basis.weight.numel() - width for i in range(2))
+    q_diff = sum(
+        target.model.model.layers[i].self_attn.q_proj.weight.numel()
+        - model.model.layers[i].self_attn.q_proj.coef.weight.numel()
+        - model.model.layers[i].self_attn.q_proj.basis.weight.numel()
+        - width
+        for i in range(2)
+    )
     assert count_parameters(model) == count_parameters(target.model) - dense_kv + own + rank * width + width - q_diff
     tensors, aliases = unique_tensors(model)
     assert sum(name.endswith("basis.weight") and ("k_proj" in name or "v_proj" in name) for name in tensors) == 1
@@ -119,12 +131,14 @@ def test_tiny_llama_round_trip_same_logits_and_generate(tmp_path, groups):
 
 
 def test_gpt_round_trip_with_fused_qkv(tmp_path, tiny_data):
-    from conftest import tiny_run, train_to
     from weightpca.io import read_json
 
+    from conftest import tiny_run, train_to
+
     train_to(tiny_run(max_steps=6), tiny_data, tmp_path / "d", tmp_path / "w")
-    target = GPTAdapter.load(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json",
-                             tiny_data / "tokenizer.json")
+    target = GPTAdapter.load(
+        tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json", tiny_data / "tokenizer.json"
+    )
     tokens = np.asarray(TOKENS % 300)
     factors = plan_factors(target, "activation_aware", 0.5, ["qkv", "o", "mlp"], tokens, 16)
     compressed, spec = factorize_model(target, factors)
@@ -169,8 +183,19 @@ def test_malformed_folders_are_refused_naming_the_file(tmp_path):
 def test_export_point_agrees_with_the_reconstruction_and_is_smaller(tmp_path):
     target = tiny_target()
     before = perplexity(target, TOKENS, 32)
-    record = export_point(target, "activation_aware", 0.6, ["qkv", "o", "mlp"], TOKENS, TOKENS, 32,
-                          tmp_path, target.model.config.to_dict(), "abc", progress=lambda *_: None)
+    record = export_point(
+        target,
+        "activation_aware",
+        0.6,
+        ["qkv", "o", "mlp"],
+        TOKENS,
+        TOKENS,
+        32,
+        tmp_path,
+        target.model.config.to_dict(),
+        "abc",
+        progress=lambda *_: None,
+    )
     assert record["loaded_vs_reconstructed"] <= 1e-3 and record["ppl_reconstructed"] != pytest.approx(before)
     assert record["bytes_factored"] < record["bytes_dense"] and record["params_factored"] < record["params_dense"]
     assert perplexity(target, TOKENS, 32) == pytest.approx(before, rel=1e-6)  # the target is restored
@@ -190,10 +215,19 @@ def test_frontier_threshold_refuses_a_mode_without_a_point(tmp_path):
     import pandas as pd
 
     csv = tmp_path / "frontier.csv"
-    pd.DataFrame([dict(mode="separate", tolerance=0.05, within=False, threshold=0.9, params_fraction=0.7,
-                       ppl_ratio=30.0),
-                  dict(mode="activation_aware", tolerance=0.05, within=True, threshold=0.997, params_fraction=0.9,
-                       ppl_ratio=1.04)]).to_csv(csv, index=False)
+    pd.DataFrame(
+        [
+            dict(mode="separate", tolerance=0.05, within=False, threshold=0.9, params_fraction=0.7, ppl_ratio=30.0),
+            dict(
+                mode="activation_aware",
+                tolerance=0.05,
+                within=True,
+                threshold=0.997,
+                params_fraction=0.9,
+                ppl_ratio=1.04,
+            ),
+        ]
+    ).to_csv(csv, index=False)
     assert frontier_threshold(csv, "activation_aware", 0.05) == 0.997
     with pytest.raises(ValueError, match="separate has no compressed point within 5%.*larger tolerance"):
         frontier_threshold(csv, "separate", 0.05)

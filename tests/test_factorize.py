@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run
 from weightpca.factorize import factorize_embedding, spectrum_report
-from weightpca.linalg import exact_svd
 from weightpca.io import save_tensors
+from weightpca.linalg import exact_svd
 from weightpca.model import GPT, GPTConfig
 from weightpca.tables import compare_variants, param_table, run_table
 from weightpca.train import build_model, load_embedding
+
+from conftest import tiny_run
 
 
 def matrix_with_spectrum(V, d, s, seed=0):
@@ -59,8 +60,9 @@ def test_centered_pca_keeps_mean_row():
 
 
 def _trained_d(tiny_data, tmp_path):
-    from conftest import train_to
     from weightpca.adapters import GPTAdapter
+
+    from conftest import train_to
 
     train_to(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "wd")
     return GPTAdapter.load(tmp_path / "d" / "model.safetensors", tmp_path / "d" / "config.json").model
@@ -74,8 +76,7 @@ def test_pca_init_at_k_equal_d_reproduces_d(tiny_data, tmp_path, centered):
     save_tensors(tmp_path / "emb.safetensors", tensors)
     run = tiny_run()
     run["model"] = dict(run["model"], n_embd_wte=16, embd_bias=centered)
-    run["init"] = {"model": str(tmp_path / "d" / "model.safetensors"),
-                   "embedding": str(tmp_path / "emb.safetensors")}
+    run["init"] = {"model": str(tmp_path / "d" / "model.safetensors"), "embedding": str(tmp_path / "emb.safetensors")}
     fact = build_model(run, 384).eval()
     idx = torch.randint(384, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -95,8 +96,9 @@ def test_pca_init_at_k_below_d_computes_truncated_embedding(tiny_data, tmp_path)
     plain.load_state_dict(dict(d_model.state_dict(), **{"transformer.wte.weight": w4}))
     fact = GPT(GPTConfig(vocab_size=384, block_size=16, n_layer=2, n_head=2, n_embd=16, n_embd_wte=4))
     own = fact.state_dict()
-    fact.load_state_dict({**own, **{k: v for k, v in d_model.state_dict().items() if k in own
-                                    and k != "transformer.wte.weight"}})
+    fact.load_state_dict(
+        {**own, **{k: v for k, v in d_model.state_dict().items() if k in own and k != "transformer.wte.weight"}}
+    )
     save_tensors(tmp_path / "e.safetensors", tensors)
     load_embedding(fact, tmp_path / "e.safetensors")
     idx = torch.randint(384, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -121,12 +123,10 @@ def test_freeze_flags_really_freeze(tiny_data, tmp_path):
     for name in ("transformer.wte.weight", "scale_up", "scale_down"):
         assert torch.equal(out[name], tensors[name]), name
     before = build_model(dict(run, freeze={}), 384).state_dict()
-    assert not torch.equal(out["transformer.h.0.attn.c_attn.weight"],
-                           before["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(out["transformer.h.0.attn.c_attn.weight"], before["transformer.h.0.attn.c_attn.weight"])
     # the same run without freezing moves the embedding
     train_to(dict(run, freeze={}), tiny_data, tmp_path / "out2", tmp_path / "work2")
-    assert not torch.equal(load_tensors(tmp_path / "out2" / "model.safetensors")["scale_up"],
-                           tensors["scale_up"])
+    assert not torch.equal(load_tensors(tmp_path / "out2" / "model.safetensors")["scale_up"], tensors["scale_up"])
 
 
 def test_param_table_counts():
@@ -145,15 +145,31 @@ def test_compare_variants_verdicts(tmp_path):
 
     def summary(name, seed, ppl):
         p = tmp_path / f"{name.replace('/', '_')}.json"
-        p.write_text(json.dumps(dict(name=name, seed=seed, final_val_loss=np.log(ppl), final_val_ppl=ppl,
-                                     best_val_ppl=ppl, tokens_seen=1, steps=1, params=1,
-                                     embedding_params=1, wall_s=1.0)))
+        p.write_text(
+            json.dumps(
+                dict(
+                    name=name,
+                    seed=seed,
+                    final_val_loss=np.log(ppl),
+                    final_val_ppl=ppl,
+                    best_val_ppl=ppl,
+                    tokens_seen=1,
+                    steps=1,
+                    params=1,
+                    embedding_params=1,
+                    wall_s=1.0,
+                )
+            )
+        )
         return p
 
     paths = [summary("D/seed1", 1, 100.0)]
     for seed, (a, b, c) in {1: (110, 101, 150), 2: (112, 99, 160), 3: (111, 100, 155)}.items():
-        paths += [summary(f"k8/A/seed{seed}", seed, a), summary(f"k8/B/seed{seed}", seed, b),
-                  summary(f"k8/C/seed{seed}", seed, c)]
+        paths += [
+            summary(f"k8/A/seed{seed}", seed, a),
+            summary(f"k8/B/seed{seed}", seed, b),
+            summary(f"k8/C/seed{seed}", seed, c),
+        ]
     cmp = compare_variants(run_table(paths)).set_index("comparison")
     # A − C = −40, −48, −44: mean −44, s = 4, t(0.975, 2) = 4.3027 -> ±9.94
     assert cmp.loc["A vs C", "diff_mean"] == pytest.approx(-44.0)

@@ -27,9 +27,15 @@ def tiny_gpt(bias: bool = True) -> GPT:
 def torch_adamw(model: GPT) -> torch.optim.AdamW:
     """train.make_optimizer's groups, torch's reference (for-loop) implementation."""
     params = list(model.parameters())
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=LR, betas=BETAS, foreach=False)
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        betas=BETAS,
+        foreach=False,
+    )
 
 
 def give_gradients(opt: FlatAdamW, model: GPT, ref: GPT, scale: float, gen: torch.Generator) -> None:
@@ -70,8 +76,12 @@ def synthetic_steps(max_norm: float) -> dict:
                 want = p.detach().to(torch.bfloat16).float()
                 ulp = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-30)
                 copy_ulps = max(copy_ulps, ((c.float() - want).abs() / ulp).max().item())
-    return {"weight_err": weight_err, "unclipped_gap": unclipped_gap, "copy_ulps": copy_ulps,
-            "step": float(opt.state[next(model.parameters())]["step"])}
+    return {
+        "weight_err": weight_err,
+        "unclipped_gap": unclipped_gap,
+        "copy_ulps": copy_ulps,
+        "step": float(opt.state[next(model.parameters())]["step"]),
+    }
 
 
 @pytest.mark.parametrize("max_norm", [2.0, 0.0])
@@ -136,7 +146,8 @@ def test_forward_on_copies_gives_autocasts_loss_and_gradients(grad_accum):
             assert grad.dtype == (torch.bfloat16 if buf.copy is not None and grad_accum == 1 else torch.float32)
             assert torch.equal(grad.float(), want), name
     assert {n for b in opt.buffers if b.copy is not None for n in b.names} == {
-        n for n, _ in ref.named_parameters() if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+        n for n, _ in ref.named_parameters() if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+    }
 
 
 def test_state_moves_between_torch_adamw_and_flat_adamw(tmp_path):
@@ -152,8 +163,10 @@ def test_state_moves_between_torch_adamw_and_flat_adamw(tmp_path):
         give_gradients(opt, flat_model, ref, scale, gen)
         ref_opt.step()
         opt.step()
-    for source, target_model, target in ((ref_opt, copy.deepcopy(flat_model), "flat"),
-                                         (opt, copy.deepcopy(ref), "torch")):
+    for source, target_model, target in (
+        (ref_opt, copy.deepcopy(flat_model), "flat"),
+        (opt, copy.deepcopy(ref), "torch"),
+    ):
         save_tensors(tmp_path / f"{target}.safetensors", _optimizer_tensors(source))
         if target == "flat":
             loaded = FlatAdamW(target_model, LR, BETAS, WD, max_norm=0.0)
@@ -164,8 +177,10 @@ def test_state_moves_between_torch_adamw_and_flat_adamw(tmp_path):
         mirror_opt = torch_adamw(mirror)
         mirror_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (loading aliases the tensors)
         # one more step of the same gradient from the loaded state, against the uninterrupted reference
-        g = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(3)).bfloat16().float()
-             for n, p in mirror.named_parameters()}
+        g = {
+            n: torch.randn(p.shape, generator=torch.Generator().manual_seed(3)).bfloat16().float()
+            for n, p in mirror.named_parameters()
+        }
         for n, p in mirror.named_parameters():
             p.grad = g[n].clone()
         mirror_opt.step()
@@ -211,15 +226,20 @@ def test_errors_name_the_fix():
 
 
 def test_only_compiled_bf16_single_process_cuda_training_uses_it():
-    from conftest import tiny_run
     from weightpca.train import TrainSettings, make_optimizer, uses_flat_adamw
+
+    from conftest import tiny_run
 
     on = TrainSettings.from_dict(dict(tiny_run()["train"], flat_adamw=True, compile=True))
     assert uses_flat_adamw(on, "cuda")
     assert not uses_flat_adamw(on, "cpu")
     assert not uses_flat_adamw(on, "cuda", world=2)
-    for change in ({"flat_adamw": False}, {"compile": False}, {"dtype": "float32"},
-                   {"lowrank_reg": {"kind": "nuclear", "lambda": 0.1}}):
+    for change in (
+        {"flat_adamw": False},
+        {"compile": False},
+        {"dtype": "float32"},
+        {"lowrank_reg": {"kind": "nuclear", "lambda": 0.1}},
+    ):
         settings = dict(tiny_run()["train"], **{"flat_adamw": True, "compile": True, **change})
         assert not uses_flat_adamw(TrainSettings.from_dict(settings), "cuda"), change
     assert type(make_optimizer(tiny_gpt(), on)) is torch.optim.AdamW  # a CPU model

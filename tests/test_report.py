@@ -11,8 +11,17 @@ from conftest import snakemake
 
 pytestmark = pytest.mark.workflow
 
-FIGURES = ["training_curves", "ppl_vs_k", "spectrum", "params_vs_k", "surgery", "surgery_sensitivity",
-           "sketch_error", "lowrank", "wall_times"]
+FIGURES = [
+    "training_curves",
+    "ppl_vs_k",
+    "spectrum",
+    "params_vs_k",
+    "surgery",
+    "surgery_sensitivity",
+    "sketch_error",
+    "lowrank",
+    "wall_times",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +84,9 @@ def test_summary_answers_every_question(dag):
         claimed = table[table.within]
         assert (claimed.ppl_ratio <= 1 + claimed.tolerance).all() and (claimed.params_fraction < 1).all()
         for r in table.itertuples():  # the verdict line quotes each mode's frontier point
-            line = frontier[(frontier.subject == target)
-                            & frontier.question.str.contains(f"within {r.tolerance:.0%}")].numbers.iloc[0]
+            line = frontier[
+                (frontier.subject == target) & frontier.question.str.contains(f"within {r.tolerance:.0%}")
+            ].numbers.iloc[0]
             assert (f"{r.mode} {r.params_fraction:.1%}" if r.within else f"{r.mode} none") in line
         sens = pd.read_csv(work / f"results/surgery/{target}/sensitivity.csv")
         assert set(sens.scope) == {"type", "layer"} and set(sens[sens.scope == "type"].matrices) == set("qkv")
@@ -99,9 +109,22 @@ def test_summary_answers_every_question(dag):
 def surgery_points(mode, points, base=10.0):
     import pandas as pd
 
-    return pd.DataFrame([dict(target="m", mode=mode, threshold=t, ppl=base * ratio, ppl_ratio=ratio,
-                              base_ppl=base, params_fraction=min(f, 1.0), params_factored=f, params_dense=1)
-                         for t, f, ratio in points])
+    return pd.DataFrame(
+        [
+            dict(
+                target="m",
+                mode=mode,
+                threshold=t,
+                ppl=base * ratio,
+                ppl_ratio=ratio,
+                base_ppl=base,
+                params_fraction=min(f, 1.0),
+                params_factored=f,
+                params_dense=1,
+            )
+            for t, f, ratio in points
+        ]
+    )
 
 
 def test_no_verdict_uses_a_broken_point():
@@ -131,12 +154,18 @@ def test_disabled_surgery_is_reported_as_not_run(dag, tmp_path):
     work, _ = dag
     r = work / "results"
     metrics = sorted(r.glob("train/**/metrics.csv"))
-    inputs = {"runs": r / "train/summary.csv", "comparisons": r / "train/comparisons.csv",
-              "spectrum": r / "pca/spectrum.json", "params": r / "pca/params.csv",
-              "metrics": metrics, "benchmarks": []}
+    inputs = {
+        "runs": r / "train/summary.csv",
+        "comparisons": r / "train/comparisons.csv",
+        "spectrum": r / "pca/spectrum.json",
+        "params": r / "pca/params.csv",
+        "metrics": metrics,
+        "benchmarks": [],
+    }
     outputs = {name: tmp_path / "figures" / f"{name}.png" for name in FIGURES}
-    outputs.update(summary_csv=tmp_path / "summary.csv", summary_md=tmp_path / "summary.md",
-                   lowrank_csv=tmp_path / "lowrank.csv")
+    outputs.update(
+        summary_csv=tmp_path / "summary.csv", summary_md=tmp_path / "summary.md", lowrank_csv=tmp_path / "lowrank.csv"
+    )
     names = [str(p.parent.relative_to(r / "train")) for p in metrics]
     summary = build_report(inputs, outputs, r / "benchmarks", run_names=names)
     line = summary[summary.stage == "surgery"]
@@ -155,9 +184,18 @@ def chromium():
 
 
 def headless(exe, tmp_path, *args):
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
     return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -186,12 +224,13 @@ def test_baseline_verdict_follows_the_ablation_ratio():
 
     from weightpca.report import baseline_verdicts
 
-    runs = pd.DataFrame([dict(variant="D", seed=1, final_val_ppl=100.0, attention_ablated_val_ppl=130.0,
-                              unigram_val_ppl=400.0),
-                         dict(variant="D", seed=2, final_val_ppl=100.0, attention_ablated_val_ppl=110.0,
-                              unigram_val_ppl=400.0),
-                         dict(variant="A", seed=1, final_val_ppl=90.0, attention_ablated_val_ppl=200.0,
-                              unigram_val_ppl=400.0)])
+    runs = pd.DataFrame(
+        [
+            dict(variant="D", seed=1, final_val_ppl=100.0, attention_ablated_val_ppl=130.0, unigram_val_ppl=400.0),
+            dict(variant="D", seed=2, final_val_ppl=100.0, attention_ablated_val_ppl=110.0, unigram_val_ppl=400.0),
+            dict(variant="A", seed=1, final_val_ppl=90.0, attention_ablated_val_ppl=200.0, unigram_val_ppl=400.0),
+        ]
+    )
     lines = baseline_verdicts(runs)
     assert [line["subject"] for line in lines] == ["D seed 1", "D seed 2"]
     assert lines[0]["verdict"].startswith("uses its attention") and "(ratio 1.30)" in lines[0]["numbers"]
@@ -205,8 +244,15 @@ def test_frontier_verdict_respects_the_bisection_resolution():
     from weightpca.report import frontier_verdicts
 
     def row(mode, pf, bracket, within=True):
-        return dict(target="m", tolerance=0.05, mode=mode, within=within, params_fraction=pf, ppl_ratio=1.04,
-                    bracket_params_fraction=bracket)
+        return dict(
+            target="m",
+            tolerance=0.05,
+            mode=mode,
+            within=within,
+            params_fraction=pf,
+            ppl_ratio=1.04,
+            bracket_params_fraction=bracket,
+        )
 
     apart = pd.DataFrame([row("a", 0.20, 0.15), row("b", 0.40, 0.30), row("c", 0.9, 0.5, within=False)])
     (line,) = frontier_verdicts(apart)

@@ -2,8 +2,9 @@
 
 import yaml
 
-from conftest import REPO
 from weightpca import runs
+
+from conftest import REPO
 
 
 def config(**changes):
@@ -52,6 +53,7 @@ def test_lowrank_runs_share_init_and_label_lambda_as_written_in_paths():
     assert penalised["train"]["lowrank_reg"] == {"kind": "ratio", "lambda": 0.3, "targets": ["attn", "mlp"]}
     # the control differs only in λ: same seed, model and schedule
     assert zero["seed"] == penalised["seed"] and zero["model"] == penalised["model"]
-    assert {k: v for k, v in zero["train"].items() if k != "lowrank_reg"} == \
-        {k: v for k, v in penalised["train"].items() if k != "lowrank_reg"}
+    assert {k: v for k, v in zero["train"].items() if k != "lowrank_reg"} == {
+        k: v for k, v in penalised["train"].items() if k != "lowrank_reg"
+    }
     assert zero["train"]["max_steps"] == cfg["lowrank"]["train"]["max_steps"]

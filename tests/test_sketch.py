@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from weightpca.sketch import (
-    METHODS, NpySamples, SketchError, SyntheticSamples, TensorSamples, centering_matrix, fwht, hadamard_rows,
-    run_method, range_test_matrix,
+    METHODS,
+    NpySamples,
+    SketchError,
+    SyntheticSamples,
+    TensorSamples,
+    centering_matrix,
+    fwht,
+    hadamard_rows,
+    range_test_matrix,
+    run_method,
 )
 
 
@@ -62,8 +70,9 @@ def synthetic_results(tmp_path_factory):
     for m in ("seed_srht", "srht", "gaussian"):
         src.reads[:] = 0
         t0 = time.perf_counter()
-        res[m] = run_method(m, src, 8, 32, out / m / "W.npy", out / m / "errors.json", True, 1024, 0,
-                            optimum=opt, pilot_blocks=1)
+        res[m] = run_method(
+            m, src, 8, 32, out / m / "W.npy", out / m / "errors.json", True, 1024, 0, optimum=opt, pilot_blocks=1
+        )
         elapsed[m] = time.perf_counter() - t0
         reads[m] = src.reads.copy()
     res["elapsed"] = elapsed
@@ -104,8 +113,22 @@ def test_range_finder_without_pilot_is_rayleigh_ritz_in_its_range(tmp_path, kind
     """With pilot_blocks=0 the estimate is the best rank-k approximation inside span(A Ω), computed
     here with a dense QR and SVD; the data-oblivious Ω alone stays well above 1.05x exact PCA."""
     src = SyntheticSamples(64, 16384, rank=8, noise=0.05, seed=0)
-    opt = run_method("exact", src, 8, 32, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", True, 1024, 0)
-    rep = run_method(kind, src, 8, 32, tmp_path / kind / "W.npy", tmp_path / kind / "errors.json", True, 1024, 0, optimum=opt, pilot_blocks=0)
+    opt = run_method(
+        "exact", src, 8, 32, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", True, 1024, 0
+    )
+    rep = run_method(
+        kind,
+        src,
+        8,
+        32,
+        tmp_path / kind / "W.npy",
+        tmp_path / kind / "errors.json",
+        True,
+        1024,
+        0,
+        optimum=opt,
+        pilot_blocks=0,
+    )
     a = src.block(0, src.D).T.astype(np.float64) @ centering_matrix(src.n, True)
     q, _ = np.linalg.qr(a @ range_test_matrix(kind, src.n, 32, 0))
     u, _, _ = np.linalg.svd(q.T @ a, full_matrices=False)
@@ -121,9 +144,23 @@ def test_range_finder_with_r_above_the_rank_is_exact(tmp_path, kind, centered):
     """6 samples, r = 8: the range sketch holds every direction (after centring, 5), so the estimate is
     exact PCA; surplus test-matrix columns must not inject rounding noise into W."""
     src = SyntheticSamples(6, 5000, rank=3, seed=4)
-    opt = run_method("exact", src, 2, 8, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", centered, 1024, 0)
+    opt = run_method(
+        "exact", src, 2, 8, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", centered, 1024, 0
+    )
     for pilot in (0, 2):
-        rep = run_method(kind, src, 2, 8, tmp_path / kind / "W.npy", tmp_path / kind / "errors.json", centered, 1024, 0, optimum=opt, pilot_blocks=pilot)
+        rep = run_method(
+            kind,
+            src,
+            2,
+            8,
+            tmp_path / kind / "W.npy",
+            tmp_path / kind / "errors.json",
+            centered,
+            1024,
+            0,
+            optimum=opt,
+            pilot_blocks=pilot,
+        )
         np.testing.assert_allclose(rep["l2_error"], opt["l2_error"], rtol=1e-4)
         W = np.load(tmp_path / kind / "W.npy")
         np.testing.assert_allclose(W.T @ W, np.eye(2), atol=1e-5)
@@ -142,10 +179,18 @@ def test_errors_exact_for_samples_close_to_their_mean(tmp_path):
     ac = src.data.numpy().T.astype(np.float64) @ centering_matrix(n, True)
     u, _, _ = np.linalg.svd(ac, full_matrices=False)
     best = np.linalg.norm(ac - u[:, :2] @ (u[:, :2].T @ ac), axis=0)
-    opt = run_method("exact", src, 2, 8, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", True, 4096, 0)
+    opt = run_method(
+        "exact", src, 2, 8, tmp_path / "exact" / "W.npy", tmp_path / "exact" / "errors.json", True, 4096, 0
+    )
     np.testing.assert_allclose(opt["l2_error"], best, rtol=1e-4)
     for m in ("exact", "srht", "gaussian"):
-        rep = opt if m == "exact" else run_method(m, src, 2, 8, tmp_path / m / "W.npy", tmp_path / m / "errors.json", True, 4096, 0, optimum=opt)
+        rep = (
+            opt
+            if m == "exact"
+            else run_method(
+                m, src, 2, 8, tmp_path / m / "W.npy", tmp_path / m / "errors.json", True, 4096, 0, optimum=opt
+            )
+        )
         w = np.load(tmp_path / m / "W.npy").astype(np.float64)
         np.testing.assert_allclose(rep["l2_error"], np.linalg.norm(ac - w @ (w.T @ ac), axis=0), rtol=1e-5, err_msg=m)
     assert rep["mean_error_ratio_to_optimum"] < 1.01
@@ -171,14 +216,46 @@ def test_tensor_samples_and_device_store_match_files(tmp_path):
     """Samples given as a tensor with W kept in (device) memory give the same W as files on disk."""
     src = SyntheticSamples(12, 5000, rank=3, seed=2)
     data = torch.from_numpy(src.block(0, src.D))
-    a = run_method("srht", src, 3, 12, tmp_path / "disk" / "W.npy", tmp_path / "disk" / "errors.json", True, 1024, 0, pilot_blocks=1)
-    b = run_method("srht", TensorSamples(data), 3, 12, tmp_path / "mem" / "W.npy", tmp_path / "mem" / "errors.json", True, 1024, 0, pilot_blocks=1,
-                   store="device")
+    a = run_method(
+        "srht",
+        src,
+        3,
+        12,
+        tmp_path / "disk" / "W.npy",
+        tmp_path / "disk" / "errors.json",
+        True,
+        1024,
+        0,
+        pilot_blocks=1,
+    )
+    b = run_method(
+        "srht",
+        TensorSamples(data),
+        3,
+        12,
+        tmp_path / "mem" / "W.npy",
+        tmp_path / "mem" / "errors.json",
+        True,
+        1024,
+        0,
+        pilot_blocks=1,
+        store="device",
+    )
     np.testing.assert_allclose(np.load(tmp_path / "mem" / "W.npy"), np.load(tmp_path / "disk" / "W.npy"), atol=1e-5)
     np.testing.assert_allclose(a["l2_error"], b["l2_error"], rtol=1e-5)
     data[4, 77] = float("inf")
     with pytest.raises(SketchError, match="sample_004: non-finite"):
-        run_method("gaussian", TensorSamples(data), 3, 12, tmp_path / "bad" / "W.npy", tmp_path / "bad" / "errors.json", True, 1024, 0)
+        run_method(
+            "gaussian",
+            TensorSamples(data),
+            3,
+            12,
+            tmp_path / "bad" / "W.npy",
+            tmp_path / "bad" / "errors.json",
+            True,
+            1024,
+            0,
+        )
     assert not (tmp_path / "bad" / "errors.json").exists()
 
 
@@ -243,8 +320,14 @@ def test_safetensors_samples_flatten_in_name_order(tmp_path):
     from weightpca.sketch import SafetensorsSamples, flat_layout, flatten_state
 
     g = torch.Generator().manual_seed(0)
-    states = [{"b.weight": torch.randn(3, 4, generator=g), "a.bias": torch.randn(5, generator=g),
-               "c": torch.randn(2, 2, 2, generator=g)} for _ in range(3)]
+    states = [
+        {
+            "b.weight": torch.randn(3, 4, generator=g),
+            "a.bias": torch.randn(5, generator=g),
+            "c": torch.randn(2, 2, 2, generator=g),
+        }
+        for _ in range(3)
+    ]
     for i, st in enumerate(states):
         save_file(st, str(tmp_path / f"step_{i:08d}.safetensors"))
     with SafetensorsSamples(sorted(tmp_path.glob("*.safetensors"))) as src:
@@ -282,8 +365,19 @@ def test_methods_on_cuda_match_cpu(tmp_path):
     on_gpu = TensorSamples(torch.from_numpy(synth.block(0, synth.D)).cuda())
 
     def fit(src, where, m, **kw):
-        return run_method(m, src, 4, 16, tmp_path / where / m / "W.npy", tmp_path / where / m / "errors.json", True,
-                          4096, 0, pilot_blocks=1, **kw)
+        return run_method(
+            m,
+            src,
+            4,
+            16,
+            tmp_path / where / m / "W.npy",
+            tmp_path / where / m / "errors.json",
+            True,
+            4096,
+            0,
+            pilot_blocks=1,
+            **kw,
+        )
 
     with NpySamples(paths) as files:
         for m in METHODS:

@@ -41,13 +41,25 @@ def slurm_env():
 
 
 def slurm_snakemake(workdir, env, *args, configfile, popen=False, squeue=True):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--profile", str(REPO / "profiles" / "slurm"),
-           # a cluster without accounting (the test cluster's case)
-           *(["--slurm-status-command", "squeue", "--slurm-no-account"] if squeue else []),
-           # poll often: the test's jobs take seconds, not hours
-           "--slurm-init-seconds-before-status-checks", "2",
-           *args, "--configfile", str(configfile)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        # a cluster without accounting (the test cluster's case)
+        *(["--slurm-status-command", "squeue", "--slurm-no-account"] if squeue else []),
+        # poll often: the test's jobs take seconds, not hours
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        *args,
+        "--configfile",
+        str(configfile),
+    ]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
@@ -64,15 +76,17 @@ def submitted(log: str) -> dict[str, list[str]]:
 
 
 def squeue_ids(env) -> set[str]:
-    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], capture_output=True, text=True,
-                         env=env, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i"], capture_output=True, text=True, env=env, check=True
+    ).stdout
     return set(out.split())
 
 
 def scontrol_job(job_id: str, env) -> str:
     """The TRES a finished job was given, as scontrol reports it (gres/gpu=1 for a GPU job)."""
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env,
-                         check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env, check=True
+    ).stdout
     return " ".join(re.findall(r"(?:AllocTRES|TresPerJob|TresPerNode)=(\S*)", out))
 
 
@@ -108,8 +122,7 @@ def test_whole_dag_runs_as_slurm_jobs_and_matches_a_local_run(slurm_env, ci_dag,
         assert (local_results / rel).read_text() == (slurm_results / rel).read_text(), rel
 
 
-def test_failing_job_is_reported_with_its_slurm_log_retried_and_leaves_no_output(slurm_env, ci_dag,
-                                                                              tmp_path):
+def test_failing_job_is_reported_with_its_slurm_log_retried_and_leaves_no_output(slurm_env, ci_dag, tmp_path):
     _, cfg = ci_dag
     data = tmp_path / "results" / "data" / "shakespeare"
     done = slurm_snakemake(tmp_path, slurm_env, "results/data/shakespeare/train.bin", configfile=cfg)
@@ -132,8 +145,7 @@ def test_failing_job_is_reported_with_its_slurm_log_retried_and_leaves_no_output
 
 def test_cancelled_job_is_resubmitted_and_completes(slurm_env, ci_dag, tmp_path):
     _, base = ci_dag
-    cfg = write_config(tmp_path / "ci.yaml", base=str(base), **{"train.max_steps": 3000,
-                                                                "train.checkpoint_every": 50})
+    cfg = write_config(tmp_path / "ci.yaml", base=str(base), **{"train.max_steps": 3000, "train.checkpoint_every": 50})
     target = tmp_path / "results" / "train" / "D" / "seed7" / "summary.json"
     proc = slurm_snakemake(tmp_path, slurm_env, str(target.relative_to(tmp_path)), configfile=cfg, popen=True)
     try:
@@ -142,8 +154,9 @@ def test_cancelled_job_is_resubmitted_and_completes(slurm_env, ci_dag, tmp_path)
         while not ckpt.exists():  # the training job is running on the cluster
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.5)
-        running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"], capture_output=True,
-                                 text=True, env=slurm_env, check=True).stdout.splitlines()
+        running = subprocess.run(
+            ["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"], capture_output=True, text=True, env=slurm_env, check=True
+        ).stdout.splitlines()
         victim = next(line.split()[0] for line in running if "train_baseline" in line)
         subprocess.run(["scancel", victim], env=slurm_env, check=True)
         log, _ = proc.communicate(timeout=900)
@@ -164,8 +177,7 @@ def test_without_accounting_the_run_stops_before_submitting(slurm_env, ci_dag, t
     """The profile's sacct status on a cluster without accounting: a message naming the fix, no job."""
     _, cfg = ci_dag
     started = time.perf_counter()
-    done = slurm_snakemake(tmp_path, slurm_env, "results/data/shakespeare/split.json", configfile=cfg,
-                           squeue=False)
+    done = slurm_snakemake(tmp_path, slurm_env, "results/data/shakespeare/split.json", configfile=cfg, squeue=False)
     log = done.stdout + done.stderr
     assert done.returncode != 0
     assert "sacct cannot answer" in log and "--slurm-status-command squeue --slurm-no-account" in log
@@ -174,8 +186,9 @@ def test_without_accounting_the_run_stops_before_submitting(slurm_env, ci_dag, t
 
 
 def test_start_after_stop_lists_no_earlier_jobs(slurm_env):
-    job = subprocess.run(["sbatch", "--parsable", "--wrap", "true"], capture_output=True, text=True,
-                         env=slurm_env, check=True).stdout.strip()
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--wrap", "true"], capture_output=True, text=True, env=slurm_env, check=True
+    ).stdout.strip()
     assert job in squeue_ids(slurm_env)
     for step in ("stop", "start"):
         done = subprocess.run([str(SCRIPT), step], capture_output=True, text=True, timeout=180)

@@ -15,8 +15,14 @@ def decaying(n, m, seed):
 
 
 def layers(n_layers=3, d=24, kv=8, seed=0):
-    return [{"q": decaying(d, d, seed + 3 * i), "k": decaying(kv, d, seed + 3 * i + 1),
-             "v": decaying(kv, d, seed + 3 * i + 2)} for i in range(n_layers)]
+    return [
+        {
+            "q": decaying(d, d, seed + 3 * i),
+            "k": decaying(kv, d, seed + 3 * i + 1),
+            "v": decaying(kv, d, seed + 3 * i + 2),
+        }
+        for i in range(n_layers)
+    ]
 
 
 def qkv_plan(mode, lw, moments=None, dtype=np.float64) -> Plan:
@@ -59,12 +65,19 @@ def test_unknown_mode_refused():
 
 
 def tiny_llama(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -83,8 +96,17 @@ def test_tiny_llama_sweep_and_export_reload(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 27, 400)
     before = perplexity(target, tokens, 32)
     for mode in MODES:
-        rows, timing = run_sweep(target, mode, [1.0, 0.8, 0.5], tokens, 32, calib_tokens=tokens,
-                                 prompt="abc", gen_tokens=3, progress=lambda *_: None)
+        rows, timing = run_sweep(
+            target,
+            mode,
+            [1.0, 0.8, 0.5],
+            tokens,
+            32,
+            calib_tokens=tokens,
+            prompt="abc",
+            gen_tokens=3,
+            progress=lambda *_: None,
+        )
         assert rows[0]["ppl"] == pytest.approx(before, rel=1e-4)
         assert rows[2]["params_kept"] < rows[0]["params_kept"]
         assert timing["sweep_cost_ratio"] >= 1.0
@@ -129,8 +151,9 @@ def test_shared_and_cross_layer_match_sklearn_on_stacked_rows():
         out, info = weights_at(qkv_plan("shared_kv", lw), t, 2)
         stacked = np.vstack([lw[1]["k"], lw[1]["v"]])
         ref = PCA(n_components=t, svd_solver="full").fit(stacked)
-        np.testing.assert_allclose(np.vstack([out[1]["k"], out[1]["v"]]),
-                                   ref.inverse_transform(ref.transform(stacked)), atol=1e-10)
+        np.testing.assert_allclose(
+            np.vstack([out[1]["k"], out[1]["v"]]), ref.inverse_transform(ref.transform(stacked)), atol=1e-10
+        )
         out, info = weights_at(qkv_plan("cross_layer", lw), t, 2)
         every = np.vstack([np.vstack([x["k"], x["v"]]) for x in lw])
         ref = PCA(n_components=t, svd_solver="full").fit(every)
@@ -210,8 +233,9 @@ class RankTarget(ModelAdapter):
         self.weights[m.layer][m.role] = np.array(value, dtype=np.float64)
 
     def ppl(self):
-        return 10.0 * np.exp(sum(a * (self.full[i][n] - self.rank(self.weights[i][n]))
-                                 for (i, n), a in self.costs.items()))
+        return 10.0 * np.exp(
+            sum(a * (self.full[i][n] - self.rank(self.weights[i][n])) for (i, n), a in self.costs.items())
+        )
 
 
 def test_bisection_finds_a_planted_frontier(monkeypatch):
@@ -226,16 +250,18 @@ def test_bisection_finds_a_planted_frontier(monkeypatch):
     for t in grid:
         info = qkv_info(plan, float(t), 1)
         missing = sum(target.full[0][n] - info["ranks"][n][0] for n in "qkv")
-        reachable[info["params_kept"]] = dict(ratio=float(np.exp(0.001 * missing)),
-                                              fraction=min(info["params_kept"] / info["params_dense"], 1.0))
+        reachable[info["params_kept"]] = dict(
+            ratio=float(np.exp(0.001 * missing)), fraction=min(info["params_kept"] / info["params_dense"], 1.0)
+        )
     # compressed (r ≤ 15 of 32 per matrix) costs 1.05-1.10x: tolerances inside that range
     for tolerance in (0.06, 0.075, 0.09):
         # the planted answer: fewest parameters within tolerance, and the next reachable model below it
         ok = [v for v in reachable.values() if v["ratio"] <= 1 + tolerance and v["fraction"] < 1]
         best = min(ok, key=lambda v: v["fraction"])
         below = max((v for v in reachable.values() if v["fraction"] < best["fraction"]), key=lambda v: v["fraction"])
-        rows, timing = run_sweep(target, "separate", [1.0, 0.3], np.zeros(2), 1, tolerances=[tolerance],
-                                 refine=12, progress=lambda *_: None)
+        rows, timing = run_sweep(
+            target, "separate", [1.0, 0.3], np.zeros(2), 1, tolerances=[tolerance], refine=12, progress=lambda *_: None
+        )
         row = surgery.frontier_row(rows, tolerance)
         assert row["within"] and row["ppl_ratio"] <= 1 + tolerance
         assert row["params_fraction"] == pytest.approx(best["fraction"])
@@ -274,8 +300,9 @@ def test_sensitivity_reproduces_the_separate_sweep():
     before = perplexity(target, tokens, 32)
     thresholds = [1.0, 0.9, 0.5]
     sweep, _ = run_sweep(target, "separate", thresholds, tokens, 32, progress=lambda *_: None)
-    rows = run_sensitivity(target, thresholds, tokens, 32, tolerance=0.01, combined=True, layer_tokens=64,
-                           progress=lambda *_: None)
+    rows = run_sensitivity(
+        target, thresholds, tokens, 32, tolerance=0.01, combined=True, layer_tokens=64, progress=lambda *_: None
+    )
     assert perplexity(target, tokens, 32) == pytest.approx(before, rel=1e-6)  # restored
     layer_rows = [r for r in rows if r["scope"] == "layer"]
     assert {r["eval_tokens"] for r in layer_rows} == {64} and {r["eval_tokens"] for r in rows[:3]} == {299}
@@ -295,8 +322,9 @@ def test_sensitivity_localises_the_damaging_matrix_and_layer(monkeypatch):
     # only layer 2's v costs anything, and it costs 1 % per component dropped
     target = RankTarget(n_layers=3, costs={(2, "v"): 0.01, (0, "q"): 0.0001})
     monkeypatch.setattr(surgery, "perplexity", lambda tgt, *_: tgt.ppl())
-    rows = surgery.run_sensitivity(target, [1.0, 0.99, 0.9, 0.5], np.zeros(2), 1, tolerance=0.1,
-                                   progress=lambda *_: None)
+    rows = surgery.run_sensitivity(
+        target, [1.0, 0.99, 0.9, 0.5], np.zeros(2), 1, tolerance=0.1, progress=lambda *_: None
+    )
     types = {(r["matrices"], r["threshold"]): r["ppl_ratio"] for r in rows if r["scope"] == "type"}
     assert all(types["k", t] == 1.0 for t in (0.99, 0.9, 0.5)) and types["v", 0.5] > types["q", 0.5] > 1.0
     layer_rows = [r for r in rows if r["scope"] == "layer"]

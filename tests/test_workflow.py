@@ -135,10 +135,25 @@ def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
     row = frontier[(frontier["mode"] == "activation_aware") & (frontier.tolerance == 0.05)].iloc[0]
     assert gpt["threshold"] == row.threshold and gpt["matrices"] == ["qkv", "o", "mlp"]
     # the benchmark script re-measures an export from its folder
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks/compress_bench.py"),
-                           str(results / "compress/gpt/aa_tol5"),
-                           "--context", "16", "--new-tokens", "2", "--repeats", "1", "--device", "cpu"],
-                          cwd=results.parent, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/compress_bench.py"),
+            str(results / "compress/gpt/aa_tol5"),
+            "--context",
+            "16",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=results.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "factored / dense: params" in done.stdout
 
@@ -147,8 +162,10 @@ def test_sketch_on_snapshots(ci_results):
     results, _ = ci_results
     snapshots = sorted((results / "train/D/seed7/snapshots").glob("*.safetensors"))
     assert [p.name for p in snapshots] == [f"step_{s:08d}.safetensors" for s in (5, 10, 15, 20, 25, 30)]
-    errors = {m: json.loads((results / f"sketch/{m}/k2_r8_centered/errors.json").read_text())
-              for m in ("exact", "seed_srht", "srht", "gaussian")}
+    errors = {
+        m: json.loads((results / f"sketch/{m}/k2_r8_centered/errors.json").read_text())
+        for m in ("exact", "seed_srht", "srht", "gaussian")
+    }
     n_params = sum(v.numel() for v in load_file(str(snapshots[0])).values())
     assert errors["exact"]["D"] == n_params and errors["exact"]["n_samples"] == 6
     # r = 8 >= 6 samples: the range sketch holds every direction, so the correct sketch is optimal
@@ -175,7 +192,8 @@ def test_lowrank_branch(ci_results):
         assert sweep.params_kept.is_monotonic_decreasing and sweep.params_kept.iloc[0] == sweep.params_total.iloc[0]
         # the untruncated point is the trained model's own validation loss
         assert sweep.val_loss.iloc[0] == pytest.approx(
-            json.loads((results / f"lowrank/lambda{lam}/seed7/summary.json").read_text())["final_val_loss"], rel=1e-5)
+            json.loads((results / f"lowrank/lambda{lam}/seed7/summary.json").read_text())["final_val_loss"], rel=1e-5
+        )
 
 
 def test_jobs_reserve_cores_per_real_cpu(tmp_path):
@@ -200,16 +218,17 @@ def test_readme_slurm_command_keeps_every_gpu_request(tmp_path):
     """The README's Slurm command, with only the site names changed, gives every GPU rule its GPU and
     every rule the profile's memory (resolved resources of a dry run)."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Run on a Slurm cluster"):]
-    block = section[section.index("```sh") + 5:section.index("```", section.index("```sh") + 5)]
+    section = readme[readme.index("## Run on a Slurm cluster") :]
+    block = section[section.index("```sh") + 5 : section.index("```", section.index("```sh") + 5)]
     lines = [line for line in block.strip().splitlines() if line.startswith(("export ", "snakemake "))]
     assert [line.split()[0] for line in lines] == ["export", "snakemake"], block
     site = {"cpu": "cpu-test", "gpu": "gpu-test", "myproject": "acct-test"}
     export = " ".join(re.sub(r"=(\S+)", lambda m: "=" + site[m.group(1)], word) for word in lines[0].split())
     assert export.count("-test") == 3, export
     command = lines[1].replace("snakemake ", f"{sys.executable} -m snakemake --directory {tmp_path} ", 1)
-    done = subprocess.run(["bash", "-c", f"{export} && {command} -n"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        ["bash", "-c", f"{export} && {command} -n"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     jobs = re.findall(r"^(?:local)?rule (\w+):\n(?:.*\n)*?\s+resources: (.*)$", done.stdout, re.M)
     assert jobs, done.stdout[-3000:]

@@ -30,7 +30,6 @@ from safetensors import safe_open
 
 from .io import WeightFileError, check_state_dict, load_tensors, save_tensors, write_text
 
-
 FORMAT = 2  # 1: before tokens and loss_steps were derived from the step
 
 
@@ -61,8 +60,9 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict(sd)
 
 
-def save_checkpoint(ckpt_root, model, opt, sampler_gen: torch.Generator, progress: Progress,
-                    config_hash: str, keep: int = 1) -> Path:
+def save_checkpoint(
+    ckpt_root, model, opt, sampler_gen: torch.Generator, progress: Progress, config_hash: str, keep: int = 1
+) -> Path:
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{progress.step:08d}"
     tmp = ckpt_root / f".tmp_step_{progress.step:08d}"
@@ -74,8 +74,14 @@ def save_checkpoint(ckpt_root, model, opt, sampler_gen: torch.Generator, progres
     state["rng.sampler"] = sampler_gen.get_state()
     if torch.cuda.is_available():
         state["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = dict(step=progress.step, elapsed_s=progress.elapsed_s, best_val_loss=progress.best_val_loss,
-                loss_sum=progress.loss_sum, format=FORMAT, config_hash=config_hash)
+    meta = dict(
+        step=progress.step,
+        elapsed_s=progress.elapsed_s,
+        best_val_loss=progress.best_val_loss,
+        loss_sum=progress.loss_sum,
+        format=FORMAT,
+        config_hash=config_hash,
+    )
     save_tensors(tmp / "state.safetensors", state, metadata={"progress": json.dumps(meta)})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -118,5 +124,6 @@ def load_checkpoint(path, model, opt, sampler_gen: torch.Generator) -> Progress:
         torch.cuda.set_rng_state(state["rng.cuda"])
     with safe_open(str(path / "state.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["progress"])
-    return Progress(step=meta["step"], elapsed_s=meta["elapsed_s"], best_val_loss=meta["best_val_loss"],
-                    loss_sum=meta["loss_sum"])
+    return Progress(
+        step=meta["step"], elapsed_s=meta["elapsed_s"], best_val_loss=meta["best_val_loss"], loss_sum=meta["loss_sum"]
+    )

@@ -2,7 +2,7 @@
 
 A weight ``W [n, m]`` (``nn.Linear``: y = x Wᵀ + b) compressed at rank r is
 stored as ``coef [n, r]``, ``basis [r, m]`` and, for weight-only PCA, the
-mean row ``μ [m]`` (``weightpca.surgery``):
+mean row ``μ [m]`` (the factors of a ``weightpca.plan.Plan``):
 
     W ≈ coef @ basis + 1 μᵀ,   so   y = (x basisᵀ) coefᵀ + (x · μ) 1 + b.
 
@@ -10,8 +10,8 @@ A factored matrix is a :class:`LowRankLinear`: two ``nn.Linear`` (``basis``
 [r, m] without bias, then ``coef`` [n, r] with the original bias) plus the
 mean term, so tools that look for ``nn.Linear`` (peft, torch.compile, ONNX
 export, quantisers) see both factors. The mean is a rank-one term, not a
-bias: every output gets ``x · μ``. For
-``activation_aware`` ``coef = (W L)_r``'s ``U S`` and ``basis = Vt_r L⁻¹``
+bias: every output gets ``x · μ``. For ``activation_aware``
+``coef = (W L)_r``'s ``U S`` and ``basis = Vt_r L⁻¹``
 (no mean). ``shared_kv`` and ``cross_layer`` give K and V (of a layer, or of
 every layer) one ``basis`` and ``μ``: one module and parameter referenced
 by several modules, saved once. A matrix group whose factors are not smaller
@@ -110,6 +110,7 @@ def _saves(members: list[Factor]) -> bool:
 
 # ------------------------------------------------------------- building the factored model
 
+
 def factorize_model(target, factors: dict[str, Factor], trainable: bool = False) -> tuple[nn.Module, list[dict]]:
     """A copy of ``target.model`` with every matrix of ``factors`` factored (or dense-reconstructed).
 
@@ -140,13 +141,19 @@ def factorize_model(target, factors: dict[str, Factor], trainable: bool = False)
             bias = (dense.bias if m.rows is None else dense.bias[m.rows]).detach() if has_bias else None
             if f.key in factored_keys:
                 if f.key not in shared:
-                    mean = nn.Parameter(torch.as_tensor(np.ascontiguousarray(f.mean)).to(like.device, like.dtype)) \
-                        if f.mean is not None else None
+                    mean = (
+                        nn.Parameter(torch.as_tensor(np.ascontiguousarray(f.mean)).to(like.device, like.dtype))
+                        if f.mean is not None
+                        else None
+                    )
                     shared[f.key] = (_linear(n_in, f.basis.shape[0], False, like, f.basis), mean)
                 basis, mean = shared[f.key]
                 module = LowRankLinear(basis, _linear(f.basis.shape[0], n, has_bias, like, f.coef, bias), mean)
-                part_specs.append(dict(kind="lowrank", out=n, rank=f.basis.shape[0], key=f.key,
-                                       mean=f.mean is not None, bias=has_bias))
+                part_specs.append(
+                    dict(
+                        kind="lowrank", out=n, rank=f.basis.shape[0], key=f.key, mean=f.mean is not None, bias=has_bias
+                    )
+                )
             else:
                 module = _linear(n_in, n, has_bias, like, f.dense(), bias)
                 part_specs.append(dict(kind="dense", out=n, bias=has_bias))
@@ -183,6 +190,7 @@ def build_skeleton(model: nn.Module, spec: list[dict]) -> nn.Module:
 
 # ------------------------------------------------------------- saving and loading
 
+
 def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, aliases): every state-dict tensor once; a name sharing another's storage is an alias."""
     tensors, aliases, seen = {}, {}, {}
@@ -201,8 +209,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_compressed(model: nn.Module, spec: list[dict], folder, kind: str, model_config: dict,
-                    record: dict | None = None) -> dict:
+def save_compressed(
+    model: nn.Module, spec: list[dict], folder, kind: str, model_config: dict, record: dict | None = None
+) -> dict:
     """Write ``model.safetensors``, ``config.json`` and ``compress.json``; returns compress.json's content."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,11 +239,14 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
             raise CompressedModelError(f"{p}: pickled weight files are refused (weightpca loads safetensors only)")
     info = read_json(folder / "compress.json")
     if info.get("format") != FORMAT:
-        raise CompressedModelError(f"{folder / 'compress.json'}: format {info.get('format')!r}, expected {FORMAT!r}; "
-                                   f"export the model again with this weightpca (rerun its compress job)")
+        raise CompressedModelError(
+            f"{folder / 'compress.json'}: format {info.get('format')!r}, expected {FORMAT!r}; "
+            f"export the model again with this weightpca (rerun its compress job)"
+        )
     if info["kind"] not in ADAPTERS:
-        raise CompressedModelError(f"{folder / 'compress.json'}: kind {info['kind']!r}, expected one of "
-                                   f"{sorted(ADAPTERS)}")
+        raise CompressedModelError(
+            f"{folder / 'compress.json'}: kind {info['kind']!r}, expected one of {sorted(ADAPTERS)}"
+        )
     model = ADAPTERS[info["kind"]].empty_model(folder)
     model = build_skeleton(model, info["modules"])
     weights = folder / "model.safetensors"
@@ -255,6 +267,7 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
 
 
 # ------------------------------------------------------------- one operating point, end to end
+
 
 def frontier_threshold(frontier_csv, mode: str, tolerance: float) -> float:
     """The threshold of ``mode``'s frontier point at ``tolerance`` (frontier.csv), refused if it has none."""
@@ -284,8 +297,19 @@ def dense_bytes(model: nn.Module) -> int:
         return (Path(tmp) / "dense.safetensors").stat().st_size
 
 
-def export_point(target, mode: str, threshold: float, groups, val, calib, window: int, folder,
-                 model_config: dict, prompt: str, progress=print) -> dict:
+def export_point(
+    target,
+    mode: str,
+    threshold: float,
+    groups,
+    val,
+    calib,
+    window: int,
+    folder,
+    model_config: dict,
+    prompt: str,
+    progress=print,
+) -> dict:
     """Factor ``target`` at one operating point, save it, reload it and check it against the dense path.
 
     ``groups``: the matrix groups to factor (``[qkv]`` plus any of ``o``, ``mlp``), every one of them
@@ -308,21 +332,32 @@ def export_point(target, mode: str, threshold: float, groups, val, calib, window
     loaded = adapter_for(load_compressed(folder, str(target.device)), target.tokenizer)
     ppl_loaded = perplexity(loaded, val, window)
     agreement = abs(ppl_loaded / ppl_reconstructed - 1)
-    progress(f"{mode} t={threshold:.6g}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, "
-             f"reloaded factored {ppl_loaded:.4f} (|ratio - 1| = {agreement:.2e})")
+    progress(
+        f"{mode} t={threshold:.6g}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, "
+        f"reloaded factored {ppl_loaded:.4f} (|ratio - 1| = {agreement:.2e})"
+    )
     if agreement > 1e-3:
-        raise AssertionError(f"{folder}: the reloaded factored model's perplexity {ppl_loaded} differs from the "
-                             f"dense reconstruction's {ppl_reconstructed} by more than 1e-3 (relative)")
+        raise AssertionError(
+            f"{folder}: the reloaded factored model's perplexity {ppl_loaded} differs from the "
+            f"dense reconstruction's {ppl_reconstructed} by more than 1e-3 (relative)"
+        )
     prompt_ids = target.encode(prompt) or [0]
     factored_parts = [p for e in spec for p in e["parts"] if p["kind"] == "lowrank"]
     return dict(
-        mode=mode, threshold=threshold, matrices=list(groups),
-        base_ppl=base_ppl, ppl_reconstructed=ppl_reconstructed, ppl_loaded=ppl_loaded,
-        ppl_ratio=ppl_loaded / base_ppl, loaded_vs_reconstructed=agreement,
-        params_dense=count_parameters(target.model), params_factored=count_parameters(loaded.model),
-        bytes_dense=dense_bytes(target.model), bytes_factored=(Path(folder) / "model.safetensors").stat().st_size,
-        matrices_factored=len(factored_parts), matrices_dense_kept=sum(len(e["parts"]) for e in spec)
-        - len(factored_parts), mean_rank=float(np.mean([p["rank"] for p in factored_parts])) if factored_parts
-        else float("nan"),
+        mode=mode,
+        threshold=threshold,
+        matrices=list(groups),
+        base_ppl=base_ppl,
+        ppl_reconstructed=ppl_reconstructed,
+        ppl_loaded=ppl_loaded,
+        ppl_ratio=ppl_loaded / base_ppl,
+        loaded_vs_reconstructed=agreement,
+        params_dense=count_parameters(target.model),
+        params_factored=count_parameters(loaded.model),
+        bytes_dense=dense_bytes(target.model),
+        bytes_factored=(Path(folder) / "model.safetensors").stat().st_size,
+        matrices_factored=len(factored_parts),
+        matrices_dense_kept=sum(len(e["parts"]) for e in spec) - len(factored_parts),
+        mean_rank=float(np.mean([p["rank"] for p in factored_parts])) if factored_parts else float("nan"),
         continuation=loaded.decode(loaded.greedy(prompt_ids, 12)),
     )

@@ -74,16 +74,22 @@ def check_config(config: dict) -> None:
         for i, point in enumerate(compress["points"]):
             where = f"compress.points[{i}] ({point['name']})"
             if not surgery or point["target"] not in surgery["targets"]:
-                raise ConfigError(f"{where}: target '{point['target']}' is not in surgery.targets; remove the "
-                                  f"point from compress.points or set compress.enabled: false")
+                raise ConfigError(
+                    f"{where}: target '{point['target']}' is not in surgery.targets; remove the "
+                    f"point from compress.points or set compress.enabled: false"
+                )
             if "tolerance" in point:
                 if not surgery["enabled"]:
-                    raise ConfigError(f"{where}: a tolerance is read from the surgery frontier, but "
-                                      f"surgery.enabled is false; give a threshold instead, or set "
-                                      f"compress.enabled: false")
+                    raise ConfigError(
+                        f"{where}: a tolerance is read from the surgery frontier, but "
+                        f"surgery.enabled is false; give a threshold instead, or set "
+                        f"compress.enabled: false"
+                    )
                 if point["tolerance"] not in surgery["tolerances"]:
-                    raise ConfigError(f"{where}: tolerance {point['tolerance']} is not one of surgery.tolerances "
-                                      f"{surgery['tolerances']}")
+                    raise ConfigError(
+                        f"{where}: tolerance {point['tolerance']} is not one of surgery.tolerances "
+                        f"{surgery['tolerances']}"
+                    )
     sketch = config.get("sketch")
     if sketch and sketch["enabled"]:
         n_snapshots = train["max_steps"] // sketch["snapshot_every"]

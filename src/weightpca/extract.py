@@ -19,8 +19,10 @@ def extract_weights(model: GPT, wte_path, attention_path, manifest_path) -> dict
     ``layer{i}.{q,k,v}``) and a manifest (JSON) naming both files with their shapes."""
     adapter = GPTAdapter(model)
     wte = model.transformer.wte.weight.detach().float().cpu()
-    tensors = {f"layer{m.layer}.{m.role}": adapter.weight_view(m).detach().float().cpu().contiguous()
-               for m in adapter.matrices(GPTAdapter.GROUPS["qkv"])}
+    tensors = {
+        f"layer{m.layer}.{m.role}": adapter.weight_view(m).detach().float().cpu().contiguous()
+        for m in adapter.matrices(GPTAdapter.GROUPS["qkv"])
+    }
     save_npy(wte_path, wte.numpy())
     save_tensors(attention_path, tensors)
     manifest = {

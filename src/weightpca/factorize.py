@@ -59,12 +59,15 @@ def spectrum_report(wte: np.ndarray, ranks: list[int], centered: bool) -> dict:
 def factorize_embedding(wte: np.ndarray, k: int, centered: bool = False):
     """(tensors for the factorised model, info) for one rank k."""
     mean, u, s, vh = exact_svd(wte, centered)
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).float()
-               for name, a in truncate(u, s, vh, k).items()}
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).float() for name, a in truncate(u, s, vh, k).items()}
     if centered:
         tensors["embd_bias"] = torch.from_numpy(mean).float()
     total = float(np.linalg.norm(np.asarray(wte, dtype=np.float64)))
-    info = {"k": k, "centered": centered, "shape": list(np.shape(wte)),
-            "relative_error": relative_error(s, k, total),
-            "energy_kept": float(np.sum(s[:k] ** 2) / np.sum(s**2))}
+    info = {
+        "k": k,
+        "centered": centered,
+        "shape": list(np.shape(wte)),
+        "relative_error": relative_error(s, k, total),
+        "energy_kept": float(np.sum(s[:k] ** 2) / np.sum(s**2)),
+    }
     return tensors, info

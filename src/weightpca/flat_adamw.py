@@ -65,8 +65,16 @@ ALIGN = 16
 if triton is not None:
 
     @triton.jit
-    def _chunk_grad(grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr,
-                    GRAD_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, EVEN: tl.constexpr):
+    def _chunk_grad(
+        grad_ptrs,
+        chunk_tensor_ptr,
+        chunk_index_ptr,
+        tensor_numel_ptr,
+        GRAD_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ALIGN: tl.constexpr,
+        EVEN: tl.constexpr,
+    ):
         # this program's chunk: elements [i·BLOCK, (i+1)·BLOCK) of tensor t, read through t's gradient address
         pid = tl.program_id(0)
         t = tl.load(chunk_tensor_ptr + pid)
@@ -86,20 +94,50 @@ if triton is not None:
         return t, local, mask, g
 
     @triton.jit
-    def _sum_squares_kernel(grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr, out_ptr,
-                            GRAD_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, EVEN: tl.constexpr):
-        _, _, _, g = _chunk_grad(grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr,
-                                 GRAD_BF16, BLOCK, ALIGN, EVEN)
+    def _sum_squares_kernel(
+        grad_ptrs,
+        chunk_tensor_ptr,
+        chunk_index_ptr,
+        tensor_numel_ptr,
+        out_ptr,
+        GRAD_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ALIGN: tl.constexpr,
+        EVEN: tl.constexpr,
+    ):
+        _, _, _, g = _chunk_grad(
+            grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr, GRAD_BF16, BLOCK, ALIGN, EVEN
+        )
         tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, 0))
 
     @triton.jit
-    def _adamw_kernel(grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr, tensor_start_ptr,
-                      param_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, n_decay,
-                      lr_ptr, step_ptr, clip_ptr, beta1, beta2, eps, weight_decay,
-                      GRAD_BF16: tl.constexpr, WRITE_COPY: tl.constexpr, BLOCK: tl.constexpr,
-                      ALIGN: tl.constexpr, EVEN: tl.constexpr):
-        t, local, mask, g = _chunk_grad(grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr,
-                                        GRAD_BF16, BLOCK, ALIGN, EVEN)
+    def _adamw_kernel(
+        grad_ptrs,
+        chunk_tensor_ptr,
+        chunk_index_ptr,
+        tensor_numel_ptr,
+        tensor_start_ptr,
+        param_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
+        copy_ptr,
+        n_decay,
+        lr_ptr,
+        step_ptr,
+        clip_ptr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        GRAD_BF16: tl.constexpr,
+        WRITE_COPY: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ALIGN: tl.constexpr,
+        EVEN: tl.constexpr,
+    ):
+        t, local, mask, g = _chunk_grad(
+            grad_ptrs, chunk_tensor_ptr, chunk_index_ptr, tensor_numel_ptr, GRAD_BF16, BLOCK, ALIGN, EVEN
+        )
         offs = tl.multiple_of(tl.load(tensor_start_ptr + t), ALIGN) + local
         g = g / tl.load(clip_ptr)
         lr = tl.load(lr_ptr)
@@ -155,15 +193,17 @@ class _FlatBuffer:
         self._ptrs_host = None  # kept alive: a captured graph copies from it on every replay
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        return [flat[s:s + n].view(p.shape) for s, n, p in zip(self.starts, self.numels, self.params)]
+        return [flat[s : s + n].view(p.shape) for s, n, p in zip(self.starts, self.numels, self.params)]
 
     def point_at(self, grads: list[Tensor]) -> None:
         """Make ``grad_ptrs`` hold the addresses of ``grads`` (one per parameter, contiguous)."""
         for g, p in zip(grads, self.params):
             if not (g.is_contiguous() and g.shape == p.shape and g.data_ptr() % ALIGN == 0):
-                raise RuntimeError(f"FlatAdamW: a gradient of shape {tuple(g.shape)}, strides {g.stride()}, at "
-                                   f"{g.data_ptr():#x} for a parameter of shape {tuple(p.shape)}; the kernel needs "
-                                   f"it contiguous and {ALIGN}-byte aligned")
+                raise RuntimeError(
+                    f"FlatAdamW: a gradient of shape {tuple(g.shape)}, strides {g.stride()}, at "
+                    f"{g.data_ptr():#x} for a parameter of shape {tuple(p.shape)}; the kernel needs "
+                    f"it contiguous and {ALIGN}-byte aligned"
+                )
         ptrs = [g.data_ptr() for g in grads]
         if ptrs != self._ptrs:
             host = torch.tensor(ptrs, dtype=torch.int64)
@@ -188,22 +228,46 @@ class FlatAdamW(torch.optim.Optimizer):
     weights into the model in place (``load_state_dict``, ``copy_``), then :meth:`refresh_copies`.
     """
 
-    def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                 max_norm: float, grad_accum: int = 1, eps: float = 1e-8):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        max_norm: float,
+        grad_accum: int = 1,
+        eps: float = 1e-8,
+    ):
         every = list(model.named_parameters(remove_duplicate=False))
         if len({id(p) for _, p in every}) != len(every):
-            raise ValueError("FlatAdamW: the model ties a parameter to two names; a tied weight cannot be "
-                             "both a bf16 copy and an fp32 input (use train.flat_adamw: false)")
+            raise ValueError(
+                "FlatAdamW: the model ties a parameter to two names; a tied weight cannot be "
+                "both a bf16 copy and an fp32 input (use train.flat_adamw: false)"
+            )
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         linear = _linear_weights(model)
-        parts = [([(n, p) for n, p in named if n in linear], True),
-                 ([(n, p) for n, p in named if n not in linear], False)]
-        groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+        parts = [
+            ([(n, p) for n, p in named if n in linear], True),
+            ([(n, p) for n, p in named if n not in linear], False),
+        ]
+        groups = [
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+        ]
         # torch.optim.AdamW's hyperparameter keys: a checkpoint of ours loaded by it keeps its meaning
         # (a group without decoupled_weight_decay would load as Adam with L2 decay)
-        defaults = dict(lr=lr, betas=betas, eps=eps, amsgrad=False, maximize=False, foreach=None,
-                        capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+            foreach=None,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            decoupled_weight_decay=True,
+        )
         super().__init__([g for g in groups if g["params"]], defaults)
         self.buffers = [_FlatBuffer(part, bf16_copy) for part, bf16_copy in parts if part]
         self.max_norm, self.grad_accum, self.weight_decay = max_norm, grad_accum, weight_decay
@@ -230,6 +294,7 @@ class FlatAdamW(torch.optim.Optimizer):
                 sum_view.copy_(leaf.grad)
                 self._grad_sums[id(leaf)] = sum_view
             leaf.grad = None
+
         return hook
 
     def _bind_state(self) -> None:
@@ -245,6 +310,7 @@ class FlatAdamW(torch.optim.Optimizer):
         def forward(leaves, x, y):
             params = dict(zip(copied[0][0], leaves)) if copied else {}
             return torch.func.functional_call(model, params, (x, y))
+
         return forward
 
     def leaves(self) -> tuple[Tensor, ...]:
@@ -265,8 +331,10 @@ class FlatAdamW(torch.optim.Optimizer):
             grads = [leaf.grad for leaf in buf.leaves]
         missing = [n for n, g in zip(buf.names, grads) if g is None]
         if missing:
-            raise RuntimeError(f"FlatAdamW.step: no gradient for {missing[:3]}{' ...' if len(missing) > 3 else ''};"
-                               " run the forward from opt.forward_fn(model) and backward first")
+            raise RuntimeError(
+                f"FlatAdamW.step: no gradient for {missing[:3]}{' ...' if len(missing) > 3 else ''};"
+                " run the forward from opt.forward_fn(model) and backward first"
+            )
         return grads
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -298,32 +366,62 @@ class FlatAdamW(torch.optim.Optimizer):
             if triton_runs:
                 bf16 = g[0].dtype == torch.bfloat16
                 _adamw_kernel[(len(buf.chunk_tensor),)](
-                    buf.grad_ptrs, buf.chunk_tensor, buf.chunk_index, buf.tensor_numel, buf.tensor_start,
-                    buf.master, buf.exp_avg, buf.exp_avg_sq, buf.copy if buf.copy is not None else buf.master,
-                    buf.n_decay, self._lr, self._step, clip, beta1, beta2, group["eps"], self.weight_decay,
-                    GRAD_BF16=bf16, WRITE_COPY=buf.copy is not None, BLOCK=BLOCK, ALIGN=ALIGN,
-                    EVEN=buf.even, num_warps=WARPS)
+                    buf.grad_ptrs,
+                    buf.chunk_tensor,
+                    buf.chunk_index,
+                    buf.tensor_numel,
+                    buf.tensor_start,
+                    buf.master,
+                    buf.exp_avg,
+                    buf.exp_avg_sq,
+                    buf.copy if buf.copy is not None else buf.master,
+                    buf.n_decay,
+                    self._lr,
+                    self._step,
+                    clip,
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    self.weight_decay,
+                    GRAD_BF16=bf16,
+                    WRITE_COPY=buf.copy is not None,
+                    BLOCK=BLOCK,
+                    ALIGN=ALIGN,
+                    EVEN=buf.even,
+                    num_warps=WARPS,
+                )
             else:
                 self._update_torch(buf, g, clip, beta1, beta2, group["eps"])
 
     def _grad_norm(self, grads: list[list[Tensor]], triton_runs: bool) -> Tensor:
         if not triton_runs:
-            return torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g, dtype=torch.float32) for gs in grads for g in gs]))
+            return torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for gs in grads for g in gs])
+            )
         start = 0
         for buf, g in zip(self.buffers, grads):
             n = len(buf.chunk_tensor)
-            _sum_squares_kernel[(n,)](buf.grad_ptrs, buf.chunk_tensor, buf.chunk_index, buf.tensor_numel,
-                                      self._sum_squares[start:start + n], GRAD_BF16=g[0].dtype == torch.bfloat16,
-                                      BLOCK=BLOCK, ALIGN=ALIGN, EVEN=buf.even, num_warps=WARPS)
+            _sum_squares_kernel[(n,)](
+                buf.grad_ptrs,
+                buf.chunk_tensor,
+                buf.chunk_index,
+                buf.tensor_numel,
+                self._sum_squares[start : start + n],
+                GRAD_BF16=g[0].dtype == torch.bfloat16,
+                BLOCK=BLOCK,
+                ALIGN=ALIGN,
+                EVEN=buf.even,
+                num_warps=WARPS,
+            )
             start += n
         return self._sum_squares.sum().sqrt()
 
-    def _update_torch(self, buf: _FlatBuffer, grads: list[Tensor], clip: Tensor, beta1: float, beta2: float,
-                      eps: float) -> None:
+    def _update_torch(
+        self, buf: _FlatBuffer, grads: list[Tensor], clip: Tensor, beta1: float, beta2: float, eps: float
+    ) -> None:
         """The kernel's update in torch operations (CPU tensors)."""
-        bias_correction1 = 1.0 - beta1 ** self._step
-        bias_correction2_sqrt = (1.0 - beta2 ** self._step).sqrt()
+        bias_correction1 = 1.0 - beta1**self._step
+        bias_correction2_sqrt = (1.0 - beta2**self._step).sqrt()
         views = zip(buf.params, grads, buf.views(buf.master), buf.views(buf.exp_avg), buf.views(buf.exp_avg_sq))
         for param, grad, p, m, v in views:
             g = grad.float() / clip

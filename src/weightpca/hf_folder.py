@@ -26,8 +26,16 @@ from pathlib import Path
 from .adapters import LLAMA_MODEL_TYPES, LlamaAdapter
 from .io import safetensors_header
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 CONFIG_FILES = ("config.json", "generation_config.json")
 
 
@@ -43,8 +51,9 @@ def check_hf_folder(folder) -> list[Path]:
     """Refuse a folder a surgery job could not use (see the module docstring); return its model files."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise HFFolderError(f"{folder}: folder does not exist. Set surgery.targets.<name>.path to a "
-                            f"folder written by save_pretrained")
+        raise HFFolderError(
+            f"{folder}: folder does not exist. Set surgery.targets.<name>.path to a folder written by save_pretrained"
+        )
     if not (folder / "config.json").is_file():
         _fail(folder, "config.json", "missing", "Save the model with save_pretrained, which writes it")
     try:
@@ -52,44 +61,71 @@ def check_hf_folder(folder) -> list[Path]:
     except ValueError as e:
         _fail(folder, "config.json", f"not valid JSON ({e})", "Restore the file written by save_pretrained")
     if cfg.get("auto_map"):
-        _fail(folder, "config.json", f"has auto_map {sorted(cfg['auto_map'])}: the model needs custom code, "
-              "which weightpca never runs (trust_remote_code stays off)",
-              f"Use a model whose model_type transformers implements itself ({', '.join(LLAMA_MODEL_TYPES)})")
+        _fail(
+            folder,
+            "config.json",
+            f"has auto_map {sorted(cfg['auto_map'])}: the model needs custom code, "
+            "which weightpca never runs (trust_remote_code stays off)",
+            f"Use a model whose model_type transformers implements itself ({', '.join(LLAMA_MODEL_TYPES)})",
+        )
     if cfg.get("model_type") not in LLAMA_MODEL_TYPES:
-        _fail(folder, "config.json", f"model_type '{cfg.get('model_type')}' "
-              f"({', '.join(cfg.get('architectures') or ['no architectures'])}) has no weightpca adapter "
-              "(a Llama-style layout is needed)", f"Surgery supports model_type {', '.join(LLAMA_MODEL_TYPES)}")
+        _fail(
+            folder,
+            "config.json",
+            f"model_type '{cfg.get('model_type')}' "
+            f"({', '.join(cfg.get('architectures') or ['no architectures'])}) has no weightpca adapter "
+            "(a Llama-style layout is needed)",
+            f"Surgery supports model_type {', '.join(LLAMA_MODEL_TYPES)}",
+        )
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
-        what = "only PyTorch .bin weights, which weightpca does not unpickle" if list(folder.glob("*.bin")) \
+        what = (
+            "only PyTorch .bin weights, which weightpca does not unpickle"
+            if list(folder.glob("*.bin"))
             else "no model weights"
+        )
         _fail(folder, "*.safetensors", what, "Save the model with save_pretrained(safe_serialization=True)")
     found = {}
     for path in weights:
         try:
             header, _, _ = safetensors_header(path)
         except (ValueError, KeyError, OSError) as e:
-            _fail(folder, path.name, f"not a readable safetensors file ({e})",
-                  "Copy the file again or re-save the model")
+            _fail(
+                folder, path.name, f"not a readable safetensors file ({e})", "Copy the file again or re-save the model"
+            )
         found.update({k: (tuple(v["shape"]), path.name) for k, v in header.items()})
     for name, shape in LlamaAdapter.expected_shapes(cfg).items():
         if name not in found:
-            _fail(folder, weights[0].name if len(weights) == 1 else "*.safetensors",
-                  f"no tensor '{name}', which config.json's {cfg['num_hidden_layers']} layers imply",
-                  "Use the weights saved together with this config.json")
+            _fail(
+                folder,
+                weights[0].name if len(weights) == 1 else "*.safetensors",
+                f"no tensor '{name}', which config.json's {cfg['num_hidden_layers']} layers imply",
+                "Use the weights saved together with this config.json",
+            )
         if found[name][0] != shape:
-            _fail(folder, found[name][1], f"tensor '{name}' has shape {list(found[name][0])}, config.json "
-                  f"implies {list(shape)}", "Use the weights saved together with this config.json")
+            _fail(
+                folder,
+                found[name][1],
+                f"tensor '{name}' has shape {list(found[name][0])}, config.json implies {list(shape)}",
+                "Use the weights saved together with this config.json",
+            )
     if (folder / "tokenizer.json").is_file():
         pass
     elif (folder / "tokenizer.model").is_file():
         if importlib.util.find_spec("sentencepiece") is None:
-            _fail(folder, "tokenizer.model", "a sentencepiece tokenizer without tokenizer.json, and the "
-                  "sentencepiece package is not installed", "pip install sentencepiece, or save the "
-                  "tokenizer with a fast tokenizer (tokenizer.json)")
+            _fail(
+                folder,
+                "tokenizer.model",
+                "a sentencepiece tokenizer without tokenizer.json, and the sentencepiece package is not installed",
+                "pip install sentencepiece, or save the tokenizer with a fast tokenizer (tokenizer.json)",
+            )
     else:
-        _fail(folder, "tokenizer.json", "missing (no tokenizer.json or tokenizer.model)",
-              "Save the tokenizer into the folder too: tokenizer.save_pretrained(folder)")
+        _fail(
+            folder,
+            "tokenizer.json",
+            "missing (no tokenizer.json or tokenizer.model)",
+            "Save the tokenizer into the folder too: tokenizer.save_pretrained(folder)",
+        )
     files = [folder / n for n in CONFIG_FILES + TOKENIZER_FILES if (folder / n).is_file()]
     return sorted(files + weights)
 

@@ -137,9 +137,7 @@ def safetensors_header(path) -> tuple[dict, int, int]:
     return header, 8 + n, size
 
 
-def check_state_dict(
-    loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source
-) -> None:
+def check_state_dict(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source) -> None:
     """Refuse ``loaded`` unless it has exactly ``expected``'s names and shapes."""
     missing = sorted(set(expected) - set(loaded))
     extra = sorted(set(loaded) - set(expected))
@@ -148,8 +146,7 @@ def check_state_dict(
     for name, ref in expected.items():
         if tuple(loaded[name].shape) != tuple(ref.shape):
             raise WeightFileError(
-                f"{source}: tensor '{name}' has shape {tuple(loaded[name].shape)}, "
-                f"the model expects {tuple(ref.shape)}"
+                f"{source}: tensor '{name}' has shape {tuple(loaded[name].shape)}, the model expects {tuple(ref.shape)}"
             )
 
 

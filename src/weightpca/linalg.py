@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 # ---------------------------------------------------------------- decompositions
+
 
 def exact_svd(x: np.ndarray, centered: bool = False):
     """(mean [m] or None, U [n, r], S [r], Vt [r, m]) of x [n, m] by LAPACK in float64, r = min(n, m).
@@ -153,6 +153,7 @@ def best_rank_approximation(w: torch.Tensor, r: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- rank rules and counts
+
 
 def rank_for_threshold(s: np.ndarray, threshold: float) -> int:
     """sklearn's rule for a float n_components; threshold >= 1 keeps every component.

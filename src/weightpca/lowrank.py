@@ -58,14 +58,20 @@ def nuclear_ratio(a: torch.Tensor) -> torch.Tensor:
 STATISTICS = {"ratio": spectral_ratio, "nuclear": nuclear_ratio}
 
 
-def target_matrices(model: GPT, targets) -> dict[str, torch.Tensor]:
-    """Name -> weight (a view into the parameter, so gradients flow) of every targeted matrix."""
+def _targeted(model: GPT, targets) -> tuple[GPTAdapter, list]:
+    """(adapter, targeted matrices) of our GPT: ``attn`` its q, k, v, o; ``mlp`` its fc, proj."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"lowrank_reg.targets: unknown {sorted(unknown)}; choose from {list(TARGETS)}")
     adapter = GPTAdapter(model)
     groups = [g for g in ("qkv", "o", "mlp") if TARGET_GROUPS[g] in targets]
-    return {f"h{m.layer}.{m.role}": adapter.weight_view(m) for m in adapter.matrices(adapter.roles(groups))}
+    return adapter, adapter.matrices(adapter.roles(groups))
+
+
+def target_matrices(model: GPT, targets) -> dict[str, torch.Tensor]:
+    """Name ("<layer>.<role>") -> weight (a view into the parameter, so gradients flow) of every targeted matrix."""
+    adapter, matrices = _targeted(model, targets)
+    return {m.name: adapter.weight_view(m) for m in matrices}
 
 
 def mean_statistic(model: GPT, kind: str, targets) -> torch.Tensor:
@@ -90,39 +96,59 @@ def active(reg: dict | None) -> bool:
 
 # ---------------------------------------------------------------- truncation
 
+
 @torch.no_grad()
-def truncate(model: GPT, targets, fraction: float) -> dict:
-    """Replace every targeted matrix by its rank-r SVD truncation in place; returns parameter counts.
+def truncated(model: GPT, targets, fraction: float) -> tuple[dict[str, torch.Tensor], dict]:
+    """(name -> rank-r SVD truncation of every targeted matrix that loses rank, parameter counts).
 
     ``params_kept`` counts the whole model with each truncated matrix stored
     factored, r(m + n), where that is smaller than m·n; ``target_params_kept``
-    and ``target_params_full`` the targeted matrices alone.
+    and ``target_params_full`` the targeted matrices alone. The model is not changed.
     """
-    kept = full = 0
-    for w in target_matrices(model, targets).values():
+    weights, kept, full = {}, 0, 0
+    for name, w in target_matrices(model, targets).items():
         m, n = w.shape
         r = rank_for_fraction((m, n), fraction)
         if r < min(m, n):
-            w.copy_(best_rank_approximation(w, r))
+            weights[name] = best_rank_approximation(w, r)
         kept += min(factored_params(m, n, r), m * n)
         full += m * n
     total = model.num_params()
-    return {"params_kept": total - full + kept, "params_total": total,
-            "target_params_kept": kept, "target_params_full": full}
+    return weights, {
+        "params_kept": total - full + kept,
+        "params_total": total,
+        "target_params_kept": kept,
+        "target_params_full": full,
+    }
 
 
 @torch.no_grad()
-def rank_sweep(model: GPT, windows: np.ndarray, fractions, targets, batch_size: int,
-               device: str = "cpu") -> list[dict]:
-    """Validation loss and parameters at each fraction of full rank; the model is restored after each."""
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = []
-    for fraction in sorted(fractions, reverse=True):
-        counts = truncate(model, targets, fraction)
-        loss, _ = evaluate(model, windows, batch_size, device)
-        stat = {kind: float(mean_statistic(model, kind, targets)) for kind in KINDS}
-        rows.append({"fraction": fraction, "val_loss": loss, "val_ppl": math.exp(loss), **counts,
-                     "spectral_ratio": stat["ratio"], "nuclear_ratio": stat["nuclear"]})
-        model.load_state_dict(original)
-    return rows
+def truncate(model: GPT, targets, fraction: float) -> dict:
+    """Replace every targeted matrix by its rank-r SVD truncation in place; returns :func:`truncated`'s counts."""
+    weights, counts = truncated(model, targets, fraction)
+    adapter = GPTAdapter(model)
+    for name, w in weights.items():
+        adapter.set_weight(adapter.matrix(name), w)
+    return counts
 
+
+@torch.no_grad()
+def rank_sweep(model: GPT, windows: np.ndarray, fractions, targets, batch_size: int, device: str = "cpu") -> list[dict]:
+    """Validation loss and parameters at each fraction of full rank; the model is restored after each."""
+    adapter, rows = GPTAdapter(model), []
+    for fraction in sorted(fractions, reverse=True):
+        weights, counts = truncated(model, targets, fraction)
+        with adapter.patched(weights):
+            loss, _ = evaluate(model, windows, batch_size, device)
+            stat = {kind: float(mean_statistic(model, kind, targets)) for kind in KINDS}
+        rows.append(
+            {
+                "fraction": fraction,
+                "val_loss": loss,
+                "val_ppl": math.exp(loss),
+                **counts,
+                "spectral_ratio": stat["ratio"],
+                "nuclear_ratio": stat["nuclear"],
+            }
+        )
+    return rows

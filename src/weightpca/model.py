@@ -46,13 +46,9 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
-            )
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_embd_wte is not None and not 0 < self.n_embd_wte <= self.n_embd:
-            raise ValueError(
-                f"model.n_embd_wte (k={self.n_embd_wte}) must be in 1..n_embd ({self.n_embd})"
-            )
+            raise ValueError(f"model.n_embd_wte (k={self.n_embd_wte}) must be in 1..n_embd ({self.n_embd})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -232,8 +228,9 @@ class GPT(nn.Module):
             return self.logits_from_hidden(h), None
         if torch.is_grad_enabled():
             h = self.token_space(h)
-            return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.transformer.wte.weight,
-                                              targets.reshape(-1))
+            return None, linear_cross_entropy(
+                h.reshape(-1, h.size(-1)), self.transformer.wte.weight, targets.reshape(-1)
+            )
         logits = self.logits_from_hidden(h)
         return None, F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 

@@ -102,8 +102,13 @@ class Plan:
     missed SmolLM2 by 1 % (256 calibration tokens).
     """
 
-    def __init__(self, groups: list[Group], weights: dict[str, np.ndarray],
-                 moments: dict[str, np.ndarray] | None = None, dtype=np.float64):
+    def __init__(
+        self,
+        groups: list[Group],
+        weights: dict[str, np.ndarray],
+        moments: dict[str, np.ndarray] | None = None,
+        dtype=np.float64,
+    ):
         self.groups = list(groups)
         self.shapes = {name: np.shape(weights[name]) for g in self.groups for name in g.members}
         self.bases: dict[str, PCABasis | WhitenedBasis] = {}
@@ -221,8 +226,15 @@ def calibration_moments(adapter, matrices, tokens, window: int) -> dict[str, np.
     return {name: by_module[module] for name, module in inputs.items()}
 
 
-def model_plan(adapter, mode: str, roles=None, calib_tokens=None, window: int = 0, dtype=np.float32,
-               timed=lambda key, fn, *args: fn(*args)) -> Plan:
+def model_plan(
+    adapter,
+    mode: str,
+    roles=None,
+    calib_tokens=None,
+    window: int = 0,
+    dtype=np.float32,
+    timed=lambda key, fn, *args: fn(*args),
+) -> Plan:
     """The plan of one mode over an adapter's matrices of ``roles`` (default all), calibrated if whitened.
 
     ``timed(key, fn, *args)`` runs the calibration ("calib_s") and the decompositions ("decompose_s")."""

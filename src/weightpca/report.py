@@ -72,6 +72,7 @@ def _not_run(path, title: str, why: str) -> None:
 
 # ---------------------------------------------------------------- training
 
+
 def plot_training_curves(metrics: dict[str, pd.DataFrame], ranks, path) -> None:
     """Validation perplexity vs tokens seen: one panel per k with A/B/C (every seed) and D."""
     fig, axes = plt.subplots(1, max(1, len(ranks)), figsize=(6 * max(1, len(ranks)), 5), squeeze=False)
@@ -103,8 +104,15 @@ def plot_ppl_vs_k(runs: pd.DataFrame, path) -> None:
             continue
         g = v.groupby("k").final_val_ppl
         mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
-        ax.errorbar(mean.index.astype(int), mean.values, yerr=std.values, marker="o", capsize=4,
-                    color=VARIANT_COLORS[variant], label=f"{variant} (mean ± std over seeds)")
+        ax.errorbar(
+            mean.index.astype(int),
+            mean.values,
+            yerr=std.values,
+            marker="o",
+            capsize=4,
+            color=VARIANT_COLORS[variant],
+            label=f"{variant} (mean ± std over seeds)",
+        )
     d = runs[runs.variant == "D"].final_val_ppl
     if not d.empty:
         ax.axhline(d.mean(), color="black", ls="--", label=f"D (full rank), {d.mean():.1f}")
@@ -129,8 +137,13 @@ def plot_spectrum(spectrum: dict, path) -> None:
     for k, err in spectrum["relative_error"].items():
         for ax in (a1, a2):
             ax.axvline(int(k), color="tab:red", ls=":", alpha=0.8)
-        a2.annotate(f"k={k}\nrel. err {err:.3f}", (int(k), energy[int(k) - 1]), fontsize=8,
-                    xytext=(5, -30), textcoords="offset points")
+        a2.annotate(
+            f"k={k}\nrel. err {err:.3f}",
+            (int(k), energy[int(k) - 1]),
+            fontsize=8,
+            xytext=(5, -30),
+            textcoords="offset points",
+        )
     centred = "centred PCA" if spectrum["centered"] else "SVD"
     a1.set_title(f"D's token embedding {spectrum['shape']} ({centred})")
     for ax in (a1, a2):
@@ -158,6 +171,7 @@ def plot_params(params: pd.DataFrame, path) -> None:
 
 # ---------------------------------------------------------------- surgery
 
+
 def plot_surgery(surgery: pd.DataFrame, frontier: pd.DataFrame, notes: dict[str, str], path) -> None:
     """Per target: perplexity ratio against q/k/v parameters (tolerance lines, frontier marked) and threshold."""
     targets = list(dict.fromkeys(surgery.target))
@@ -173,10 +187,18 @@ def plot_surgery(surgery: pd.DataFrame, frontier: pd.DataFrame, notes: dict[str,
             row[1].plot(1 - m.threshold.clip(upper=1 - 1e-6), m.ppl_ratio, "o-", ms=4, label=mode)
         f = frontier[(frontier.target == target) & frontier.within]
         for r in f.itertuples():
-            row[0].plot(r.params_fraction, r.ppl_ratio, "*", ms=14, color=colors.get(r.mode, "black"),
-                        markeredgecolor="black", zorder=5)
-        title = (f"{target}: unmodified perplexity {t.base_ppl.iloc[0]:.2f}"
-                 + ("\n" + textwrap.fill(notes[target], 70) if notes.get(target) else ""))
+            row[0].plot(
+                r.params_fraction,
+                r.ppl_ratio,
+                "*",
+                ms=14,
+                color=colors.get(r.mode, "black"),
+                markeredgecolor="black",
+                zorder=5,
+            )
+        title = f"{target}: unmodified perplexity {t.base_ppl.iloc[0]:.2f}" + (
+            "\n" + textwrap.fill(notes[target], 70) if notes.get(target) else ""
+        )
         for ax in row:
             for tol in sorted(set(frontier.tolerance)):
                 ax.axhline(1 + tol, color="grey", ls=":", lw=1)
@@ -186,8 +208,10 @@ def plot_surgery(surgery: pd.DataFrame, frontier: pd.DataFrame, notes: dict[str,
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
         row[0].axvline(1.0, color="black", lw=1)
-        row[0].set_xlabel("q/k/v parameters of the factored form / dense (> 1: no saving);\n"
-                          "stars: frontier per tolerance (dotted lines)")
+        row[0].set_xlabel(
+            "q/k/v parameters of the factored form / dense (> 1: no saving);\n"
+            "stars: frontier per tolerance (dotted lines)"
+        )
         row[1].set_xscale("log")
         row[1].set_xlabel("1 - threshold (fraction of variance dropped; 1.0 shown at 1e-6)")
         row[0].legend(fontsize=8)
@@ -209,8 +233,11 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
         layers = t[t.scope == "layer"]
         row[1].bar(layers.layer.astype(int), layers.ppl_ratio - 1, bottom=1, color="tab:red")
         if len(layers):
-            row[1].set_title(f"{target}: {layers.matrices.iloc[0]} of one layer at threshold "
-                             f"{layers.threshold.iloc[0]:g} ({layers.eval_tokens.iloc[0]} tokens)", fontsize=9)
+            row[1].set_title(
+                f"{target}: {layers.matrices.iloc[0]} of one layer at threshold "
+                f"{layers.threshold.iloc[0]:g} ({layers.eval_tokens.iloc[0]} tokens)",
+                fontsize=9,
+            )
         row[1].set_xlabel("layer")
         row[0].set_title(f"{target}: separate PCA of one matrix type at a time", fontsize=9)
         for ax in row:
@@ -233,12 +260,24 @@ def frontier_verdicts(frontier: pd.DataFrame) -> list[dict]:
     for (target, tol), f in frontier.groupby(["target", "tolerance"], sort=False):
         within = f[f.within].sort_values("params_fraction")
         outside = f[~f.within]
-        numbers = [f"{r.mode} {r.params_fraction:.1%} ({r.ppl_ratio:.3f}x"
-                   + (f"; frontier above {r.bracket_params_fraction:.1%})" if math.isfinite(r.bracket_params_fraction)
-                      else ")") for r in within.itertuples()]
-        numbers += [f"{r.mode} none" + (f" (best compressed point {r.ppl_ratio:.3g}x at {r.params_fraction:.1%})"
-                                        if math.isfinite(r.params_fraction) else "")
-                    for r in outside.itertuples()]
+        numbers = [
+            f"{r.mode} {r.params_fraction:.1%} ({r.ppl_ratio:.3f}x"
+            + (
+                f"; frontier above {r.bracket_params_fraction:.1%})"
+                if math.isfinite(r.bracket_params_fraction)
+                else ")"
+            )
+            for r in within.itertuples()
+        ]
+        numbers += [
+            f"{r.mode} none"
+            + (
+                f" (best compressed point {r.ppl_ratio:.3g}x at {r.params_fraction:.1%})"
+                if math.isfinite(r.params_fraction)
+                else ""
+            )
+            for r in outside.itertuples()
+        ]
         question = f"q/k/v parameters kept within {tol:.0%} of base perplexity"
         if within.empty:
             verdict = f"no mode compresses q/k/v within {tol:.0%}"
@@ -252,10 +291,20 @@ def frontier_verdicts(frontier: pd.DataFrame) -> list[dict]:
                 if len(within) > 1:
                     verdict += f" (next: {within.iloc[1]['mode']} {within.iloc[1].params_fraction:.1%})"
             else:
-                verdict = (f"{', '.join(tied)} not distinguishable at the bisection's resolution "
-                           f"(best point {best['mode']} {best.params_fraction:.1%})")
-        lines.append(dict(stage="surgery", subject=target, question=question, numbers="; ".join(numbers),
-                          spread="frontier between bracket and point (bisection resolution)", verdict=verdict))
+                verdict = (
+                    f"{', '.join(tied)} not distinguishable at the bisection's resolution "
+                    f"(best point {best['mode']} {best.params_fraction:.1%})"
+                )
+        lines.append(
+            dict(
+                stage="surgery",
+                subject=target,
+                question=question,
+                numbers="; ".join(numbers),
+                spread="frontier between bracket and point (bisection resolution)",
+                verdict=verdict,
+            )
+        )
     return lines
 
 
@@ -297,18 +346,23 @@ def surgery_verdicts(surgery: pd.DataFrame) -> list[dict]:
         fraction, inside = _common_budget(working)
         if len(inside) >= 2:
             values = {m: _interp_log_ppl(working[m], fraction) for m in inside}
-            line = _rank_line("surgery", target, f"{question} ({fraction:.2f} of dense)", values,
-                              "ppl (interpolated)")
+            line = _rank_line("surgery", target, f"{question} ({fraction:.2f} of dense)", values, "ppl (interpolated)")
             outside = [m for m in working if m not in inside]
             if outside:
                 line["numbers"] += f"; outside this budget: {', '.join(outside)}"
             line["numbers"] += note
             lines.append(line)
         else:
-            lines.append(dict(stage="surgery", subject=target, question=question,
-                              numbers=(f"working: {', '.join(working) or 'none'}" + note).lstrip("; "),
-                              spread="", verdict="fewer than two modes work at a common parameter budget: "
-                              "no comparison"))
+            lines.append(
+                dict(
+                    stage="surgery",
+                    subject=target,
+                    question=question,
+                    numbers=(f"working: {', '.join(working) or 'none'}" + note).lstrip("; "),
+                    spread="",
+                    verdict="fewer than two modes work at a common parameter budget: no comparison",
+                )
+            )
     return lines
 
 
@@ -324,11 +378,13 @@ def _rank_line(stage: str, subject: str, question: str, values: dict, unit: str)
     else:
         runner = sorted(finite.values())[1]
         verdict = f"{best} best, {runner / finite[best]:.2f}x lower {unit} than the next"
-    return dict(stage=stage, subject=subject, question=question, numbers=numbers, spread="0 (deterministic)",
-                verdict=verdict)
+    return dict(
+        stage=stage, subject=subject, question=question, numbers=numbers, spread="0 (deterministic)", verdict=verdict
+    )
 
 
 # ---------------------------------------------------------------- compress
+
 
 def compress_verdicts(paths) -> list[dict]:
     """Per exported point: bytes, parameters, peak memory, prefill and decode speed against the dense original."""
@@ -338,25 +394,38 @@ def compress_verdicts(paths) -> list[dict]:
     for p in paths:
         c = json.loads(Path(p).read_text())
         dense, fact = c["speed"]["dense"], c["speed"]["factored"]
-        at = (f"the {c['tolerance']:.0%} frontier (threshold {c['threshold']:.5g})" if c.get("tolerance")
-              else f"threshold {c['threshold']:g}")
+        at = (
+            f"the {c['tolerance']:.0%} frontier (threshold {c['threshold']:.5g})"
+            if c.get("tolerance")
+            else f"threshold {c['threshold']:g}"
+        )
         bytes_ratio = c["bytes_factored"] / c["bytes_dense"]
         prefill, decode = (fact[k] / dense[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s"))
-        numbers = (f"{bytes_ratio:.3f}x the bytes ({c['bytes_factored'] / 2**20:.1f} vs {c['bytes_dense'] / 2**20:.1f} "
-                   f"MiB), {c['params_factored'] / c['params_dense']:.3f}x the parameters, peak memory "
-                   f"{fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}x; prefill ({dense['context']} tokens) "
-                   f"{prefill:.2f}x ({fact['prefill_tokens_per_s']:.0f} vs {dense['prefill_tokens_per_s']:.0f} "
-                   f"tokens/s), decode {decode:.2f}x ({fact['decode_tokens_per_s']:.1f} vs "
-                   f"{dense['decode_tokens_per_s']:.1f} tokens/s) on {c['device']}; perplexity {c['ppl_ratio']:.3f}x "
-                   f"base (reloaded factored model = dense reconstruction within {c['loaded_vs_reconstructed']:.1e})")
+        numbers = (
+            f"{bytes_ratio:.3f}x the bytes ({c['bytes_factored'] / 2**20:.1f} vs {c['bytes_dense'] / 2**20:.1f} "
+            f"MiB), {c['params_factored'] / c['params_dense']:.3f}x the parameters, peak memory "
+            f"{fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}x; prefill ({dense['context']} tokens) "
+            f"{prefill:.2f}x ({fact['prefill_tokens_per_s']:.0f} vs {dense['prefill_tokens_per_s']:.0f} "
+            f"tokens/s), decode {decode:.2f}x ({fact['decode_tokens_per_s']:.1f} vs "
+            f"{dense['decode_tokens_per_s']:.1f} tokens/s) on {c['device']}; perplexity {c['ppl_ratio']:.3f}x "
+            f"base (reloaded factored model = dense reconstruction within {c['loaded_vs_reconstructed']:.1e})"
+        )
         size = "smaller" if bytes_ratio < 1 else "not smaller"
-        verdict = (f"{size}; prefill {speed_verdict(dense['prefill_s'], fact['prefill_s'])}, decode "
-                   f"{speed_verdict(dense['decode_s'], fact['decode_s'])}")
-        lines.append(dict(stage="compress", subject=f"{c['target']} {c['name']}",
-                          question=f"what {c['mode']} at {at} buys, {'+'.join(c['matrices'])} factored",
-                          numbers=numbers, spread=f"{len(fact['prefill_s'])} timed repeats each (speed: every "
-                          "repeat of one beats every repeat of the other, or not distinguishable)",
-                          verdict=verdict))
+        verdict = (
+            f"{size}; prefill {speed_verdict(dense['prefill_s'], fact['prefill_s'])}, decode "
+            f"{speed_verdict(dense['decode_s'], fact['decode_s'])}"
+        )
+        lines.append(
+            dict(
+                stage="compress",
+                subject=f"{c['target']} {c['name']}",
+                question=f"what {c['mode']} at {at} buys, {'+'.join(c['matrices'])} factored",
+                numbers=numbers,
+                spread=f"{len(fact['prefill_s'])} timed repeats each (speed: every "
+                "repeat of one beats every repeat of the other, or not distinguishable)",
+                verdict=verdict,
+            )
+        )
     return lines
 
 
@@ -372,12 +441,20 @@ def sketch_table(paths) -> pd.DataFrame:
         ratios = np.asarray(e.get("ratio_to_optimum", [1.0] * len(e["l2_error"])))
         # r: the sketch size used (fit_range may drop dependent test columns); exact PCA has none
         r = "none" if e["r"] is None else f"{e['r']} of {e['r_requested']}" if e["r"] != e["r_requested"] else e["r"]
-        rows.append(dict(method=e["method"], k=e["k"], r=r, centered=e["centered"],
-                         mean_relative_error=e["mean_relative_error"],
-                         median_relative_error=e["median_relative_error"],
-                         mean_error_ratio=e.get("mean_error_ratio_to_optimum", 1.0),
-                         ratio_std=float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0,
-                         wall_s=e["wall_s"], throughput_mb_s=e["throughput_bytes_per_s"] / 1e6))
+        rows.append(
+            dict(
+                method=e["method"],
+                k=e["k"],
+                r=r,
+                centered=e["centered"],
+                mean_relative_error=e["mean_relative_error"],
+                median_relative_error=e["median_relative_error"],
+                mean_error_ratio=e.get("mean_error_ratio_to_optimum", 1.0),
+                ratio_std=float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0,
+                wall_s=e["wall_s"],
+                throughput_mb_s=e["throughput_bytes_per_s"] / 1e6,
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -406,11 +483,17 @@ def sketch_verdicts(table: pd.DataFrame) -> list[dict]:
             verdict = f"near optimal (mean error within {SKETCH_TOLERANCE - 1:.0%} of exact PCA)"
         else:
             verdict = f"{r.mean_error_ratio:.2f}x the optimum's mean error"
-        lines.append(dict(
-            stage="sketch", subject=f"k={r.k}, r={r.r}", question=f"{r.method} vs exact PCA",
-            numbers=f"mean rel. error {r.mean_relative_error:.4f} vs optimum {opt_err:.4f} "
-                    f"(ratio {r.mean_error_ratio:.3f}); {r.throughput_mb_s:.0f} MB/s",
-            spread=f"per-sample ratio std {r.ratio_std:.3f}", verdict=verdict))
+        lines.append(
+            dict(
+                stage="sketch",
+                subject=f"k={r.k}, r={r.r}",
+                question=f"{r.method} vs exact PCA",
+                numbers=f"mean rel. error {r.mean_relative_error:.4f} vs optimum {opt_err:.4f} "
+                f"(ratio {r.mean_error_ratio:.3f}); {r.throughput_mb_s:.0f} MB/s",
+                spread=f"per-sample ratio std {r.ratio_std:.3f}",
+                verdict=verdict,
+            )
+        )
     return lines
 
 
@@ -436,7 +519,7 @@ def plot_lowrank(table: pd.DataFrame, path) -> None:
     stats = lowrank_stats(table)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     for lam, m in stats.groupby("lambda"):
-        line, = left.plot(m.fraction, m.ppl_mean, "o-", label=f"λ = {lam:g}" + (" (control)" if lam == 0 else ""))
+        (line,) = left.plot(m.fraction, m.ppl_mean, "o-", label=f"λ = {lam:g}" + (" (control)" if lam == 0 else ""))
         left.fill_between(m.fraction, m.ppl_min, m.ppl_max, color=line.get_color(), alpha=0.2)
     left.set_xscale("log", base=2)
     left.invert_xaxis()
@@ -461,8 +544,16 @@ def lowrank_verdicts(table: pd.DataFrame) -> list[dict]:
     lines = []
     control = table[table["lambda"] == 0].set_index(["fraction", "seed"]).val_ppl
     if control.empty:
-        return [dict(stage="low-rank regulariser", subject="", question="", numbers="", spread="",
-                     verdict="no λ = 0 control in lowrank.lambdas: nothing to compare against")]
+        return [
+            dict(
+                stage="low-rank regulariser",
+                subject="",
+                question="",
+                numbers="",
+                spread="",
+                verdict="no λ = 0 control in lowrank.lambdas: nothing to compare against",
+            )
+        ]
     for lam in sorted(x for x in table["lambda"].unique() if x != 0):
         runs = table[table["lambda"] == lam].set_index(["fraction", "seed"]).val_ppl
         for f in LOWRANK_VERDICT_FRACTIONS:
@@ -470,19 +561,24 @@ def lowrank_verdicts(table: pd.DataFrame) -> list[dict]:
                 continue
             a, b = runs.loc[f], control.loc[f]
             seeds = a.index.intersection(b.index)
-            mean, low, high, verdict = difference_verdict((a.loc[seeds] - b.loc[seeds]).to_numpy(),
-                                                          f"λ={lam:g}", "λ=0")
+            mean, low, high, verdict = difference_verdict((a.loc[seeds] - b.loc[seeds]).to_numpy(), f"λ={lam:g}", "λ=0")
             shown = interval_text(low, high)
-            lines.append(dict(
-                stage="low-rank regulariser", subject=f"{f:.0%} of rank",
-                question=f"λ={lam:g} vs λ=0 (same init per seed): perplexity after truncation",
-                numbers=f"{a.mean():.2f} vs {b.mean():.2f} ppl; difference {mean:+.2f}, {shown}, "
-                        f"over {len(seeds)} seed(s)",
-                spread=shown, verdict=verdict))
+            lines.append(
+                dict(
+                    stage="low-rank regulariser",
+                    subject=f"{f:.0%} of rank",
+                    question=f"λ={lam:g} vs λ=0 (same init per seed): perplexity after truncation",
+                    numbers=f"{a.mean():.2f} vs {b.mean():.2f} ppl; difference {mean:+.2f}, {shown}, "
+                    f"over {len(seeds)} seed(s)",
+                    spread=shown,
+                    verdict=verdict,
+                )
+            )
     return lines
 
 
 # ---------------------------------------------------------------- timing
+
 
 def plot_wall_times(bench: pd.DataFrame, path) -> None:
     """Wall time per rule (summed over that rule's jobs) from Snakemake's benchmark files."""
@@ -501,12 +597,19 @@ def read_benchmarks(paths, root) -> pd.DataFrame:
     for f in map(Path, paths):
         df = pd.read_csv(f, sep="\t")
         rel = f.relative_to(root)
-        rows.append(dict(rule=rel.parts[0].removesuffix(".tsv"), job=str(rel.with_suffix("")),
-                         s=float(df.s.iloc[-1]), max_rss_mb=float(df.max_rss.iloc[-1])))
+        rows.append(
+            dict(
+                rule=rel.parts[0].removesuffix(".tsv"),
+                job=str(rel.with_suffix("")),
+                s=float(df.s.iloc[-1]),
+                max_rss_mb=float(df.max_rss.iloc[-1]),
+            )
+        )
     return pd.DataFrame(rows, columns=["rule", "job", "s", "max_rss_mb"])
 
 
 # ---------------------------------------------------------------- summary
+
 
 def baseline_verdicts(runs: pd.DataFrame) -> list[dict]:
     """Per baseline D: does it use its attention (the ablation ratio) and how far below unigram is it?"""
@@ -516,15 +619,24 @@ def baseline_verdicts(runs: pd.DataFrame) -> list[dict]:
             continue
         ratio = r.attention_ablated_val_ppl / r.final_val_ppl
         uses = ratio >= ATTENTION_USE
-        verdict = (f"uses its attention (≥ {ATTENTION_USE}x): surgery results on this model are informative"
-                   if uses else f"barely uses its attention (< {ATTENTION_USE}x): surgery results on this "
-                                f"model say little about attention")
-        lines.append(dict(
-            stage="baseline", subject=f"D seed {r.seed}", question="does D use its attention?",
-            numbers=f"ppl {r.final_val_ppl:.2f}; every head uniform over its prefix {r.attention_ablated_val_ppl:.2f} "
-                    f"(ratio {ratio:.2f}); unigram {r.unigram_val_ppl:.1f} "
-                    f"(D at {r.final_val_ppl / r.unigram_val_ppl:.2f}x unigram)",
-            spread="", verdict=verdict))
+        verdict = (
+            f"uses its attention (≥ {ATTENTION_USE}x): surgery results on this model are informative"
+            if uses
+            else f"barely uses its attention (< {ATTENTION_USE}x): surgery results on this "
+            f"model say little about attention"
+        )
+        lines.append(
+            dict(
+                stage="baseline",
+                subject=f"D seed {r.seed}",
+                question="does D use its attention?",
+                numbers=f"ppl {r.final_val_ppl:.2f}; every head uniform over its prefix "
+                f"{r.attention_ablated_val_ppl:.2f} (ratio {ratio:.2f}); unigram {r.unigram_val_ppl:.1f} "
+                f"(D at {r.final_val_ppl / r.unigram_val_ppl:.2f}x unigram)",
+                spread="",
+                verdict=verdict,
+            )
+        )
     return lines
 
 
@@ -538,12 +650,18 @@ def training_verdicts(comparisons: pd.DataFrame) -> list[dict]:
     for r in comparisons.itertuples():
         shown = interval_text(r.ci95_low, r.ci95_high)
         d_note = " (D on one seed: its seed variation is not in the interval)" if r.d_seeds == 1 else ""
-        lines.append(dict(
-            stage="factorisation", subject=f"k={r.k}", question=f"{r.comparison}: {r.question}",
-            numbers=f"{r.comparison.split()[0]} {r.ppl_first:.2f} vs {r.comparison.split()[-1]} {r.ppl_second:.2f} ppl; "
-                    f"difference {r.diff_mean:+.2f}, {shown}, over {r.n_seeds} seed(s){d_note}",
-            spread=shown, verdict=r.verdict,
-        ))
+        lines.append(
+            dict(
+                stage="factorisation",
+                subject=f"k={r.k}",
+                question=f"{r.comparison}: {r.question}",
+                numbers=f"{r.comparison.split()[0]} {r.ppl_first:.2f} vs "
+                f"{r.comparison.split()[-1]} {r.ppl_second:.2f} ppl; "
+                f"difference {r.diff_mean:+.2f}, {shown}, over {r.n_seeds} seed(s){d_note}",
+                spread=shown,
+                verdict=r.verdict,
+            )
+        )
     return lines
 
 
@@ -552,21 +670,29 @@ def surgery_targets_measured(surgery: pd.DataFrame, notes: dict[str, str]) -> li
     out = []
     for target, t in surgery.groupby("target", sort=False):
         note = notes.get(target, "")
-        out.append(f"- **{target}**: unmodified perplexity {t.base_ppl.iloc[0]:.2f} on its validation tokens"
-                   + (f"; {note}" if note else ""))
+        out.append(
+            f"- **{target}**: unmodified perplexity {t.base_ppl.iloc[0]:.2f} on its validation tokens"
+            + (f"; {note}" if note else "")
+        )
     return out
 
 
-def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path,
-                  preambles: dict[str, list[str]] | None = None) -> None:
+def write_summary(
+    lines: list[dict], not_run: dict[str, str], csv_path, md_path, preambles: dict[str, list[str]] | None = None
+) -> None:
     """summary.csv and summary.md; ``preambles`` are markdown lines printed under a stage's heading."""
     table = pd.DataFrame(lines, columns=["stage", "subject", "question", "numbers", "spread", "verdict"])
     for stage, why in not_run.items():
-        table.loc[len(table)] = dict(stage=stage, subject="", question="", numbers="", spread="",
-                                     verdict=f"not run: {why}")
+        table.loc[len(table)] = dict(
+            stage=stage, subject="", question="", numbers="", spread="", verdict=f"not run: {why}"
+        )
     write_csv(table, csv_path)
-    md = ["# weightpca summary", "",
-          "Every verdict below is computed from the numbers beside it (src/weightpca/report.py).", ""]
+    md = [
+        "# weightpca summary",
+        "",
+        "Every verdict below is computed from the numbers beside it (src/weightpca/report.py).",
+        "",
+    ]
     for stage, group in table.groupby("stage", sort=False):
         md += [f"## {stage}", ""]
         if (preambles or {}).get(stage):
@@ -580,8 +706,13 @@ def write_summary(lines: list[dict], not_run: dict[str, str], csv_path, md_path,
     write_text(md_path, "\n".join(md))
 
 
-def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[str, str] | None = None,
-                 run_names: list[str] | None = None) -> pd.DataFrame:
+def build_report(
+    inputs: dict,
+    outputs: dict,
+    bench_root,
+    surgery_notes: dict[str, str] | None = None,
+    run_names: list[str] | None = None,
+) -> pd.DataFrame:
     """Write every figure plus the summary tables to ``outputs``; returns the summary table.
 
     ``inputs`` maps: runs (train/summary.csv), comparisons, spectrum, params,
@@ -623,8 +754,9 @@ def build_report(inputs: dict, outputs: dict, bench_root, surgery_notes: dict[st
         not_run["surgery"] = "surgery.enabled is false"
         _not_run(fig["surgery"], "attention surgery", "surgery.enabled is false")
     if inputs.get("sensitivity"):
-        plot_sensitivity(pd.concat([pd.read_csv(p) for p in inputs["sensitivity"]], ignore_index=True),
-                         fig["surgery_sensitivity"])
+        plot_sensitivity(
+            pd.concat([pd.read_csv(p) for p in inputs["sensitivity"]], ignore_index=True), fig["surgery_sensitivity"]
+        )
     else:
         _not_run(fig["surgery_sensitivity"], "surgery sensitivity", "surgery.sensitivity is false")
 

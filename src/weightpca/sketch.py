@@ -64,6 +64,7 @@ class SketchError(ValueError):
 
 # ---------------------------------------------------------------- Hadamard
 
+
 def fwht(a):
     """Orthonormal fast Walsh–Hadamard transform along the last axis (length a power of two).
 
@@ -91,7 +92,9 @@ def fwht(a):
 
 
 def hadamard_rows(rows: np.ndarray, n: int) -> np.ndarray:
-    """Rows ``rows`` of the orthonormal Sylvester Hadamard matrix of order n: H[i, j] = (-1)^popcount(i & j) / sqrt(n)."""
+    """Rows ``rows`` of the orthonormal Sylvester Hadamard matrix of order n.
+
+    H[i, j] = (-1)^popcount(i & j) / sqrt(n)."""
     j = np.arange(n, dtype=np.int64)
     bits = np.bitwise_and(np.asarray(rows, dtype=np.int64)[:, None], j[None, :])
     parity = np.zeros_like(bits)
@@ -107,6 +110,7 @@ def hadamard_rows(rows: np.ndarray, n: int) -> np.ndarray:
 # memory maps: pages of a mapped file count towards the process's resident
 # set, which would then grow with D even though no array of size D is held.
 
+
 def _pread_into(fd: int, offset: int, dst: np.ndarray) -> None:
     """Fill the contiguous float32 array ``dst`` from the file at ``offset`` (one copy, no temporary)."""
     got = os.preadv(fd, [dst], offset)
@@ -119,8 +123,9 @@ def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(f)
         except ValueError as e:
             raise SketchError(f"{path}: not a .npy file ({e})") from e
@@ -132,6 +137,7 @@ def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
 
 
 # ---------------------------------------------------------------- samples
+
 
 class Samples:
     """n samples of length D read in coordinate blocks: ``block(b0, b1)`` -> [n, b1 - b0] float32.
@@ -227,8 +233,16 @@ class SyntheticSamples(Samples):
     (seed, b) whenever it is read.
     """
 
-    def __init__(self, n: int, D: int, rank: int = 8, noise: float = 0.05, seed: int = 0,
-                 decay: float = 0.8, gen_block: int = 1 << 16):
+    def __init__(
+        self,
+        n: int,
+        D: int,
+        rank: int = 8,
+        noise: float = 0.05,
+        seed: int = 0,
+        decay: float = 0.8,
+        gen_block: int = 1 << 16,
+    ):
         self.n, self.D, self.rank, self.noise, self.seed = n, D, rank, noise, seed
         self.gen_block = gen_block
         rng = np.random.default_rng(seed)
@@ -248,7 +262,7 @@ class SyntheticSamples(Samples):
         for g in range(b0 // self.gen_block, (b1 - 1) // self.gen_block + 1):
             g0 = g * self.gen_block
             chunk = self._gen(g)
-            parts.append(chunk[:, max(b0, g0) - g0: min(b1, g0 + chunk.shape[1]) - g0])
+            parts.append(chunk[:, max(b0, g0) - g0 : min(b1, g0 + chunk.shape[1]) - g0])
         return np.concatenate(parts, axis=1)
 
 
@@ -300,7 +314,7 @@ class SafetensorsSamples(Samples):
             while pos < b1:
                 start = self.starts[seg]
                 take = min(b1, self.starts[seg + 1]) - pos
-                _pread_into(fd, offsets[seg] + 4 * (pos - start), out[i, pos - b0: pos - b0 + take])
+                _pread_into(fd, offsets[seg] + 4 * (pos - start), out[i, pos - b0 : pos - b0 + take])
                 pos += take
                 seg += 1
         return _check_finite(out, self.paths, b0, b1)
@@ -343,6 +357,7 @@ def flat_layout(tensors: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------- D-sized matrices
+
 
 def _on(block, device) -> torch.Tensor:
     """A block (numpy or torch) as a float32 tensor on ``device``; numpy blocks are wrapped without a copy."""
@@ -408,12 +423,12 @@ class DeviceMatrix:
         return self.t[b0:b1]
 
     def write(self, b0: int, value: torch.Tensor) -> None:
-        self.t[b0:b0 + value.shape[0]] = value
+        self.t[b0 : b0 + value.shape[0]] = value
 
     def finish(self, block: int = 1 << 20) -> None:
         with DiskMatrix(self.path, *self.shape) as disk:
             for b0 in range(0, self.shape[0], block):
-                disk.write(b0, self.t[b0:b0 + block])
+                disk.write(b0, self.t[b0 : b0 + block])
             disk.finish()
 
     def close(self):
@@ -455,6 +470,7 @@ class Fit:
 
 
 # ---------------------------------------------------------------- methods
+
 
 def centering_matrix(n: int, centered: bool) -> np.ndarray:
     """P = I − 11ᵀ/n (or I): the centred data are A P, so (AP)ᵀ(AP) = P G P and AP M = A (P M)."""
@@ -500,8 +516,7 @@ def _padded_blocks(D: int, block: int) -> tuple[int, int]:
     return bsize, n_blocks
 
 
-def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int,
-                  device, store) -> Fit:
+def fit_seed_srht(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int, device, store) -> Fit:
     t0, nbytes = time.perf_counter(), 0
     bsize, n_blocks = _padded_blocks(src.D, block)
     dpad = bsize * n_blocks
@@ -563,8 +578,19 @@ def pilot_starts(D: int, block: int, count: int, seed: int) -> list[int]:
     return sorted({int((i + phase) * n_blocks / count) * block for i in range(count)})
 
 
-def fit_range(src: Samples, k: int, r: int, out_path, centered: bool, block: int, seed: int, kind: str,
-              pilot_blocks: int, device, store) -> Fit:
+def fit_range(
+    src: Samples,
+    k: int,
+    r: int,
+    out_path,
+    centered: bool,
+    block: int,
+    seed: int,
+    kind: str,
+    pilot_blocks: int,
+    device,
+    store,
+) -> Fit:
     """Pilot-informed randomized range finder with exact Rayleigh–Ritz, in one pass over the data.
 
     Range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1 and §5.1): with a
@@ -647,8 +673,19 @@ def fit_range(src: Samples, k: int, r: int, out_path, centered: bool, block: int
     return Fit(kind, W, time.perf_counter() - t0, n * D * 4, r)
 
 
-def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = True,
-        block: int = 1 << 16, seed: int = 0, pilot_blocks: int = 4, device="cpu", store: str = "disk") -> Fit:
+def fit(
+    method: str,
+    src: Samples,
+    k: int,
+    r: int,
+    out_path,
+    centered: bool = True,
+    block: int = 1 << 16,
+    seed: int = 0,
+    pilot_blocks: int = 4,
+    device="cpu",
+    store: str = "disk",
+) -> Fit:
     if method not in METHODS:
         raise SketchError(f"unknown sketch method '{method}'; choose from {', '.join(METHODS)}")
     if r < k:
@@ -665,6 +702,7 @@ def fit(method: str, src: Samples, k: int, r: int, out_path, centered: bool = Tr
 
 
 # ---------------------------------------------------------------- errors
+
 
 def reconstruction_errors(src: Samples, W, centered: bool, block: int, device="cpu") -> tuple[np.ndarray, np.ndarray]:
     """(L2 error, norm) per sample of x_rec = W (Wᵀ x), x centred if asked.
@@ -693,9 +731,21 @@ def reconstruction_errors(src: Samples, W, centered: bool, block: int, device="c
     return np.sqrt(np.clip(err2, 0.0, None)), np.sqrt(norms2)
 
 
-def run_method(method: str, src: Samples, k: int, r: int, W_path, errors_path, centered: bool, block: int,
-               seed: int, optimum: dict | None = None, pilot_blocks: int = 4, device="cpu",
-               store: str = "disk") -> dict:
+def run_method(
+    method: str,
+    src: Samples,
+    k: int,
+    r: int,
+    W_path,
+    errors_path,
+    centered: bool,
+    block: int,
+    seed: int,
+    optimum: dict | None = None,
+    pilot_blocks: int = 4,
+    device="cpu",
+    store: str = "disk",
+) -> dict:
     """Fit one method, evaluate per-sample errors, write W (``W_path``, .npy) and ``errors_path`` atomically.
 
     ``errors.json`` states the sketch size requested (``r_requested``) and the
@@ -716,16 +766,27 @@ def run_method(method: str, src: Samples, k: int, r: int, W_path, errors_path, c
         raise
     rel = err / np.where(norm > 0, norm, 1.0)
     report = {
-        "method": method, "k": k, "r": result.r, "r_requested": r, "centered": centered,
-        "n_samples": src.n, "D": src.D,
+        "method": method,
+        "k": k,
+        "r": result.r,
+        "r_requested": r,
+        "centered": centered,
+        "n_samples": src.n,
+        "D": src.D,
         "pilot_blocks": pilot_blocks if method in ("srht", "gaussian") else None,
-        "device": str(device), "store": store,
-        "samples": src.names, "l2_error": err.tolist(), "relative_error": rel.tolist(),
-        "mean_relative_error": float(rel.mean()), "median_relative_error": float(np.median(rel)),
-        "mean_l2_error": float(err.mean()), "wall_s": result.seconds,
+        "device": str(device),
+        "store": store,
+        "samples": src.names,
+        "l2_error": err.tolist(),
+        "relative_error": rel.tolist(),
+        "mean_relative_error": float(rel.mean()),
+        "median_relative_error": float(np.median(rel)),
+        "mean_l2_error": float(err.mean()),
+        "wall_s": result.seconds,
         "bytes_streamed": result.bytes_streamed,
         "throughput_bytes_per_s": result.bytes_streamed / result.seconds,
-        "peak_rss_mb": peak_rss_mb(), "disk_bytes_W": src.D * k * 4,
+        "peak_rss_mb": peak_rss_mb(),
+        "disk_bytes_W": src.D * k * 4,
     }
     if optimum is not None:
         opt = np.asarray(optimum["l2_error"])

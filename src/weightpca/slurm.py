@@ -17,7 +17,11 @@ from __future__ import annotations
 import os
 import subprocess
 
-PARTITION, GPU_PARTITION, ACCOUNT = "WEIGHTPCA_SLURM_PARTITION", "WEIGHTPCA_SLURM_GPU_PARTITION", "WEIGHTPCA_SLURM_ACCOUNT"
+PARTITION, GPU_PARTITION, ACCOUNT = (
+    "WEIGHTPCA_SLURM_PARTITION",
+    "WEIGHTPCA_SLURM_GPU_PARTITION",
+    "WEIGHTPCA_SLURM_ACCOUNT",
+)
 SQUEUE_OPTIONS = "--slurm-status-command squeue --slurm-no-account"
 
 
@@ -48,8 +52,22 @@ def check_status_command(status_command: str | None, run=subprocess.run) -> None
         return
     why = ""
     try:
-        done = run(["sacct", "-X", "--noheader", "--parsable2", "--format=JobIdRaw,State",
-                    "--starttime", "now-1hours", "--endtime", "now"], capture_output=True, text=True, timeout=60)
+        done = run(
+            [
+                "sacct",
+                "-X",
+                "--noheader",
+                "--parsable2",
+                "--format=JobIdRaw,State",
+                "--starttime",
+                "now-1hours",
+                "--endtime",
+                "now",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if done.returncode != 0:
             why = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
     except FileNotFoundError:
@@ -60,5 +78,5 @@ def check_status_command(status_command: str | None, run=subprocess.run) -> None
         raise SlurmSetupError(
             f"Slurm job status is read with sacct, but sacct cannot answer on this cluster ({why}), so "
             f"finished jobs would never be noticed. On a cluster without Slurm accounting add "
-            f"{SQUEUE_OPTIONS} (README \"Run on a Slurm cluster\")."
+            f'{SQUEUE_OPTIONS} (README "Run on a Slurm cluster").'
         )

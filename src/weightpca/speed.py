@@ -37,8 +37,15 @@ def device_name(device: str) -> str:
 
 
 @torch.no_grad()
-def measure(kind: str, path: str, config: str | None = None, device: str = "cpu", context: int = 512,
-            new_tokens: int = 64, repeats: int = 3) -> dict:
+def measure(
+    kind: str,
+    path: str,
+    config: str | None = None,
+    device: str = "cpu",
+    context: int = 512,
+    new_tokens: int = 64,
+    repeats: int = 3,
+) -> dict:
     """Parameters, peak memory, prefill and decode tokens/s of one model (run in its own process)."""
     loaded = adapters.load(kind, path, config, device)
     model = loaded.model
@@ -74,15 +81,23 @@ def measure(kind: str, path: str, config: str | None = None, device: str = "cpu"
         sync(device)
         decode_times.append(time.perf_counter() - t0)
     assert generated == new_tokens
-    return dict(params=params, peak_memory_mb=peak, peak_includes_loading=peak_includes_loading, context=context,
-                prefill_tokens_per_s=context / float(np.median(times)),
-                decode_tokens_per_s=new_tokens / float(np.median(decode_times)), new_tokens=new_tokens,
-                prefill_s=times, decode_s=decode_times, device=device_name(device),
-                threads=torch.get_num_threads())
+    return dict(
+        params=params,
+        peak_memory_mb=peak,
+        peak_includes_loading=peak_includes_loading,
+        context=context,
+        prefill_tokens_per_s=context / float(np.median(times)),
+        decode_tokens_per_s=new_tokens / float(np.median(decode_times)),
+        new_tokens=new_tokens,
+        prefill_s=times,
+        decode_s=decode_times,
+        device=device_name(device),
+        threads=torch.get_num_threads(),
+    )
 
 
 def speed_verdict(dense_s: list[float], factored_s: list[float]) -> str:
-    """"faster" / "slower" only when every repeat of one beats every repeat of the other."""
+    """ "faster" / "slower" only when every repeat of one beats every repeat of the other."""
     if max(factored_s) < min(dense_s):
         return "faster"
     if min(factored_s) > max(dense_s):
@@ -90,15 +105,17 @@ def speed_verdict(dense_s: list[float], factored_s: list[float]) -> str:
     return "not distinguishable"
 
 
-def measure_in_subprocess(kind: str, path, config=None, device: str = "cpu", threads: int | None = None,
-                          **kwargs) -> dict:
+def measure_in_subprocess(
+    kind: str, path, config=None, device: str = "cpu", threads: int | None = None, **kwargs
+) -> dict:
     """``measure`` in a fresh interpreter (its peak memory is this model's alone)."""
     args = dict(kind=kind, path=str(path), config=str(config) if config else None, device=device, **kwargs)
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), WEIGHTPCA_THREADS=str(threads))
-    done = subprocess.run([sys.executable, "-m", "weightpca.speed", json.dumps(args)], capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "weightpca.speed", json.dumps(args)], capture_output=True, text=True, env=env
+    )
     if done.returncode:
         raise RuntimeError(f"measuring {path} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -58,9 +58,13 @@ def qkv_info(plan: Plan, threshold: float, n_layers: int) -> dict:
         for key in dict.fromkeys(group_of[f"{i}.{r}"] for r in QKV):
             ranks[_label(plan, key)].append(ranks_of[key])
     part = lambda counts, q: sum(v for k, v in counts.items() if (_label(plan, k) == "q") == q)  # noqa: E731
-    info = {"ranks": {k: v for k, v in ranks.items() if v},
-            "params_q": part(params, True), "params_kv": part(params, False),
-            "dense_q": part(dense, True), "dense_kv": part(dense, False)}
+    info = {
+        "ranks": {k: v for k, v in ranks.items() if v},
+        "params_q": part(params, True),
+        "params_kv": part(params, False),
+        "dense_q": part(dense, True),
+        "dense_kv": part(dense, False),
+    }
     info["params_kept"] = info["params_q"] + info["params_kv"]
     info["params_dense"] = info["dense_q"] + info["dense_kv"]
     return info
@@ -95,24 +99,42 @@ def frontier_row(points: list[dict], tolerance: float) -> dict:
     within = [p for p in compressed if p["ppl_ratio"] <= 1 + tolerance]
     if within:
         best = min(within, key=lambda p: (p["params_fraction"], p["ppl_ratio"]))
-        outside = [p for p in points if p["params_fraction"] < best["params_fraction"]
-                   and p["ppl_ratio"] > 1 + tolerance]
+        outside = [
+            p for p in points if p["params_fraction"] < best["params_fraction"] and p["ppl_ratio"] > 1 + tolerance
+        ]
         bracket = max(outside, key=lambda p: p["params_fraction"]) if outside else None
     else:
         best = min(compressed, key=lambda p: p["ppl_ratio"]) if compressed else None
         bracket = max(compressed, key=lambda p: p["params_fraction"]) if compressed else None
     pick = lambda p, key: p[key] if p is not None else nan  # noqa: E731
-    return dict(tolerance=tolerance, within=bool(within), threshold=pick(best, "threshold"),
-                params_fraction=pick(best, "params_fraction"), ppl=pick(best, "ppl"),
-                ppl_ratio=pick(best, "ppl_ratio"), bracket_threshold=pick(bracket, "threshold"),
-                bracket_params_fraction=pick(bracket, "params_fraction"),
-                bracket_ppl_ratio=pick(bracket, "ppl_ratio"), points=len(points))
+    return dict(
+        tolerance=tolerance,
+        within=bool(within),
+        threshold=pick(best, "threshold"),
+        params_fraction=pick(best, "params_fraction"),
+        ppl=pick(best, "ppl"),
+        ppl_ratio=pick(best, "ppl_ratio"),
+        bracket_threshold=pick(bracket, "threshold"),
+        bracket_params_fraction=pick(bracket, "params_fraction"),
+        bracket_ppl_ratio=pick(bracket, "ppl_ratio"),
+        points=len(points),
+    )
 
 
-def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: int,
-              calib_tokens: np.ndarray | None = None, prompt: str | None = None,
-              gen_tokens: int = 0, tolerances=(), refine: int = 0, progress=print,
-              dtype=np.float32) -> tuple[list[dict], dict]:
+def run_sweep(
+    target,
+    mode: str,
+    thresholds,
+    eval_tokens: np.ndarray,
+    window: int,
+    calib_tokens: np.ndarray | None = None,
+    prompt: str | None = None,
+    gen_tokens: int = 0,
+    tolerances=(),
+    refine: int = 0,
+    progress=print,
+    dtype=np.float32,
+) -> tuple[list[dict], dict]:
     """Perplexity at every threshold of one mode, then refined toward each tolerance's frontier.
 
     Returns (rows, timing); the model is restored after. One decomposition
@@ -164,19 +186,30 @@ def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: in
         kept = min(info["params_kept"], info["params_dense"])
         ranks_of = info["ranks"]
         row = dict(
-            threshold=t, source=source, ppl=ppl, ppl_ratio=ppl / base_ppl, base_ppl=base_ppl,
-            params_kept=kept, params_factored=info["params_kept"], params_dense=info["params_dense"],
+            threshold=t,
+            source=source,
+            ppl=ppl,
+            ppl_ratio=ppl / base_ppl,
+            base_ppl=base_ppl,
+            params_kept=kept,
+            params_factored=info["params_kept"],
+            params_dense=info["params_dense"],
             params_fraction=kept / info["params_dense"],
-            params_q=info["params_q"], params_kv=info["params_kv"],
-            dense_q=info["dense_q"], dense_kv=info["dense_kv"],
+            params_q=info["params_q"],
+            params_kv=info["params_kv"],
+            dense_q=info["dense_q"],
+            dense_kv=info["dense_kv"],
             mean_rank_q=float(np.mean(ranks_of["q"])),
             mean_rank_kv=float(np.mean(ranks_of["kv"] if "kv" in ranks_of else ranks_of["k"] + ranks_of["v"])),
-            ranks=ranks, continuation=text,
+            ranks=ranks,
+            continuation=text,
         )
         rows.append(row)
         by_ranks.setdefault(ranks, row)
-        progress(f"{mode} t={t:.6g} ({source}): ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
-                 f"params {row['params_fraction']:.3f} of dense")
+        progress(
+            f"{mode} t={t:.6g} ({source}): ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
+            f"params {row['params_fraction']:.3f} of dense"
+        )
         if t >= 1.0 and abs(ppl - base_ppl) / base_ppl >= 1e-4:
             raise AssertionError(
                 f"{mode}: the full-rank reconstruction (threshold 1.0) gave perplexity {ppl} but the "
@@ -196,15 +229,24 @@ def run_sweep(target, mode: str, thresholds, eval_tokens: np.ndarray, window: in
             if t is None:
                 break
             measure(t, "refine")
-    timing["sweep_cost_ratio"] = (timing["eval_s"] + timing["calib_s"] + timing["reconstruct_s"]
-                                  + timing["decompose_s"]) / timing["eval_s"]
+    timing["sweep_cost_ratio"] = (
+        timing["eval_s"] + timing["calib_s"] + timing["reconstruct_s"] + timing["decompose_s"]
+    ) / timing["eval_s"]
     timing["base_ppl"] = base_ppl
     return rows, timing
 
 
-def run_sensitivity(target, thresholds, eval_tokens: np.ndarray, window: int, tolerance: float,
-                    combined: bool = False, layer_tokens: int | None = None, progress=print,
-                    dtype=np.float32) -> list[dict]:
+def run_sensitivity(
+    target,
+    thresholds,
+    eval_tokens: np.ndarray,
+    window: int,
+    tolerance: float,
+    combined: bool = False,
+    layer_tokens: int | None = None,
+    progress=print,
+    dtype=np.float32,
+) -> list[dict]:
     """Which matrices and layers carry the loss of the ``separate`` mode (weight-only PCA per matrix).
 
     Rows (``scope``):
@@ -240,22 +282,37 @@ def run_sensitivity(target, thresholds, eval_tokens: np.ndarray, window: int, to
         with target.patched({name: weights[name] for name in names}):
             ppl = perplexity(target, tokens, window)
         ranks = [ranks_of[f"{i}.{n}"] for n in types for i in layers]
-        rows.append(dict(scope=scope, matrices=types, layer=layers[0] if scope == "layer" else "all",
-                         threshold=t, ppl=ppl, ppl_ratio=ppl / base_ppl, base_ppl=base_ppl,
-                         eval_tokens=len(tokens) - 1, mean_rank=float(np.mean(ranks))))
-        progress(f"sensitivity {scope} {types} layer {rows[-1]['layer']} t={t:g}: "
-                 f"ppl {ppl:.3f} ({ppl / base_ppl:.3f}x)")
+        rows.append(
+            dict(
+                scope=scope,
+                matrices=types,
+                layer=layers[0] if scope == "layer" else "all",
+                threshold=t,
+                ppl=ppl,
+                ppl_ratio=ppl / base_ppl,
+                base_ppl=base_ppl,
+                eval_tokens=len(tokens) - 1,
+                mean_rank=float(np.mean(ranks)),
+            )
+        )
+        progress(
+            f"sensitivity {scope} {types} layer {rows[-1]['layer']} t={t:g}: ppl {ppl:.3f} ({ppl / base_ppl:.3f}x)"
+        )
 
     for t in levels:
         for name in "qkv":
             measure("type", name, everywhere, t)
         if combined:
             measure("all", "qkv", everywhere, t)
-    damage = {n: sum(np.log(r["ppl_ratio"]) for r in rows if r["scope"] == "type" and r["matrices"] == n)
-              for n in "qkv"}
+    damage = {
+        n: sum(np.log(r["ppl_ratio"]) for r in rows if r["scope"] == "type" and r["matrices"] == n) for n in "qkv"
+    }
     worst = max(damage, key=damage.get)
-    leaving = [r["threshold"] for r in rows if r["scope"] == "type" and r["matrices"] == worst
-               and r["ppl_ratio"] > 1 + tolerance]
+    leaving = [
+        r["threshold"]
+        for r in rows
+        if r["scope"] == "type" and r["matrices"] == worst and r["ppl_ratio"] > 1 + tolerance
+    ]
     at = max(leaving) if leaving else levels[-1]
     for i in everywhere:
         measure("layer", worst, [i], at)

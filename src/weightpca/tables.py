@@ -30,14 +30,32 @@ def count_params(cfg: dict) -> tuple[int, int]:
 
 def param_rows(label: str, base: dict, ranks, tie_scale: bool = False, embd_bias: bool = False) -> list[dict]:
     full_emb, full_total = count_params(base)
-    rows = [dict(model=label, k="full", vocab_size=base["vocab_size"], n_embd=base["n_embd"],
-                 embedding_params=full_emb, total_params=full_total,
-                 embedding_compression=1.0, total_compression=1.0)]
+    rows = [
+        dict(
+            model=label,
+            k="full",
+            vocab_size=base["vocab_size"],
+            n_embd=base["n_embd"],
+            embedding_params=full_emb,
+            total_params=full_total,
+            embedding_compression=1.0,
+            total_compression=1.0,
+        )
+    ]
     for k in ranks:
         emb, total = count_params(dict(base, n_embd_wte=k, tie_scale=tie_scale, embd_bias=embd_bias))
-        rows.append(dict(model=label, k=k, vocab_size=base["vocab_size"], n_embd=base["n_embd"],
-                         embedding_params=emb, total_params=total,
-                         embedding_compression=full_emb / emb, total_compression=full_total / total))
+        rows.append(
+            dict(
+                model=label,
+                k=k,
+                vocab_size=base["vocab_size"],
+                n_embd=base["n_embd"],
+                embedding_params=emb,
+                total_params=total,
+                embedding_compression=full_emb / emb,
+                total_compression=full_total / total,
+            )
+        )
     return rows
 
 
@@ -57,22 +75,35 @@ def run_table(summary_paths) -> pd.DataFrame:
         s = json.loads(Path(path).read_text())
         parts = s["name"].split("/")  # "D/seed1" or "k16/A/seed1"
         variant, k = ("D", None) if parts[0] == "D" else (parts[1], int(parts[0][1:]))
-        rows.append(dict(variant=variant, k=k, seed=s["seed"], final_val_loss=s["final_val_loss"],
-                         final_val_ppl=s["final_val_ppl"], best_val_ppl=s["best_val_ppl"],
-                         attention_ablated_val_ppl=s.get("attention_ablated_val_ppl"),
-                         unigram_val_ppl=s.get("unigram_val_ppl"),
-                         final_cos_target=s.get("final_cos_target"), tokens_seen=s["tokens_seen"],
-                         steps=s["steps"], params=s["params"], embedding_params=s["embedding_params"],
-                         wall_s=s["wall_s"]))
+        rows.append(
+            dict(
+                variant=variant,
+                k=k,
+                seed=s["seed"],
+                final_val_loss=s["final_val_loss"],
+                final_val_ppl=s["final_val_ppl"],
+                best_val_ppl=s["best_val_ppl"],
+                attention_ablated_val_ppl=s.get("attention_ablated_val_ppl"),
+                unigram_val_ppl=s.get("unigram_val_ppl"),
+                final_cos_target=s.get("final_cos_target"),
+                tokens_seen=s["tokens_seen"],
+                steps=s["steps"],
+                params=s["params"],
+                embedding_params=s["embedding_params"],
+                wall_s=s["wall_s"],
+            )
+        )
     df = pd.DataFrame(rows)
     df["k"] = df["k"].astype("Int64")
     return df.sort_values(["variant", "k", "seed"], na_position="first").reset_index(drop=True)
 
 
-COMPARISONS = [("A", "C", "PCA init vs random low-rank init"),
-               ("A", "D", "cost of rank k (A starts from D's PCA'd embedding, same budget)"),
-               ("B", "A", "fine-tuning from D vs training from scratch"),
-               ("B", "D", "does compression plus fine-tuning recover the baseline")]
+COMPARISONS = [
+    ("A", "C", "PCA init vs random low-rank init"),
+    ("A", "D", "cost of rank k (A starts from D's PCA'd embedding, same budget)"),
+    ("B", "A", "fine-tuning from D vs training from scratch"),
+    ("B", "D", "does compression plus fine-tuning recover the baseline"),
+]
 
 
 CONFIDENCE = 0.95
@@ -135,9 +166,19 @@ def compare_variants(runs: pd.DataFrame) -> pd.DataFrame:
                 seeds = a.index.intersection(b.index)
                 diffs = (a.loc[seeds] - b.loc[seeds]).to_numpy()
             mean, low, high, verdict = difference_verdict(diffs, first, second)
-            rows.append(dict(k=int(k), comparison=f"{first} vs {second}", question=question,
-                             ppl_first=float(a.mean()),
-                             ppl_second=float(d_ppl.mean() if second == "D" else at_k.loc[second].mean()),
-                             diff_mean=mean, ci95_low=low, ci95_high=high, n_seeds=len(diffs),
-                             d_seeds=len(d_ppl) if second == "D" else None, verdict=verdict))
+            rows.append(
+                dict(
+                    k=int(k),
+                    comparison=f"{first} vs {second}",
+                    question=question,
+                    ppl_first=float(a.mean()),
+                    ppl_second=float(d_ppl.mean() if second == "D" else at_k.loc[second].mean()),
+                    diff_mean=mean,
+                    ci95_low=low,
+                    ci95_high=high,
+                    n_seeds=len(diffs),
+                    d_seeds=len(d_ppl) if second == "D" else None,
+                    verdict=verdict,
+                )
+            )
     return pd.DataFrame(rows)

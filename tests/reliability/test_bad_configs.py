@@ -9,7 +9,11 @@ from conftest import REMOVE, snakemake, write_config
 BAD = [
     # (id, overrides, expected message)
     ("wrong type lr", {"train.lr": "fast"}, r"'fast' is not of type 'number'[\s\S]*\['train'\]\['lr'\]"),
-    ("negative lr", {"train.lr": -0.001}, r"-0.001 is less than or equal to the minimum of 0[\s\S]*\['train'\]\['lr'\]"),
+    (
+        "negative lr",
+        {"train.lr": -0.001},
+        r"-0.001 is less than or equal to the minimum of 0[\s\S]*\['train'\]\['lr'\]",
+    ),
     ("unknown train key", {"train.lrr": 0.1}, r"'lrr' was unexpected"),
     ("unknown top-level key", {"trian": {}}, r"'trian' was unexpected"),
     ("missing required key", {"train.batch_size": REMOVE}, r"'batch_size' is a required property"),
@@ -20,38 +24,72 @@ BAD = [
     ("rank not an integer", {"factorize.ranks": [4.5]}, r"4\.5 is not of type 'integer'"),
     ("ranks empty", {"factorize.ranks": []}, r"\[\] should be non-empty|\[\] is too short"),
     ("unknown variant", {"experiment.variants.E": {}}, r"'E' was unexpected"),
-    ("override of unknown rank", {"experiment.rank_overrides": [{"k": 8}]},
-     r"experiment\.rank_overrides\[0\]\.k = 8 is not one of factorize\.ranks"),
+    (
+        "override of unknown rank",
+        {"experiment.rank_overrides": [{"k": 8}]},
+        r"experiment\.rank_overrides\[0\]\.k = 8 is not one of factorize\.ranks",
+    ),
     ("threshold above 1", {"surgery.thresholds": [1.0, 1.5]}, r"1\.5 is greater than the maximum of 1"),
     ("threshold zero", {"surgery.thresholds": [0.0]}, r"0\.0 is less than or equal to the minimum of 0"),
     ("unknown surgery mode", {"surgery.modes": ["joint"]}, r"'joint' is not one of"),
-    ("model id format", {"surgery.targets.tiny": {"kind": "hf", "model_id": "not a model id"}},
-     r"'not a model id' does not match"),
+    (
+        "model id format",
+        {"surgery.targets.tiny": {"kind": "hf", "model_id": "not a model id"}},
+        r"'not a model id' does not match",
+    ),
     ("hf target without id or path", {"surgery.targets.tiny": {"kind": "hf"}}, r"\['surgery'\]\['targets'\]\['tiny'\]"),
-    ("target path missing", {"surgery.targets.tiny": {"kind": "hf", "path": "/nonexistent/model"}},
-     r"surgery\.targets\.tiny\.path: /nonexistent/model: folder does not exist"),
-    ("compress point of unknown target", {"compress.points": [{"name": "p", "target": "tiny", "mode": "separate",
-                                                                "threshold": 0.9}]},
-     r"compress\.points\[0\] \(p\): target 'tiny' is not in surgery\.targets"),
-    ("compress tolerance without surgery", {"surgery.enabled": False},
-     r"compress\.points\[0\] \(aa_tol5\): a tolerance is read from the surgery frontier, but surgery\.enabled is "
-     r"false; give a threshold instead, or set compress\.enabled: false"),
-    ("compress tolerance not swept", {"compress.points": [{"name": "p", "target": "gpt", "mode": "separate",
-                                                           "tolerance": 0.2}]},
-     r"compress\.points\[0\] \(p\): tolerance 0\.2 is not one of surgery\.tolerances"),
-    ("compress point with threshold and tolerance",
-     {"compress.points": [{"name": "p", "target": "gpt", "mode": "separate", "threshold": 0.9, "tolerance": 0.05}]},
-     r"is valid under each of|should not be valid under|\['compress'\]\['points'\]"),
-    ("compress without q/k/v", {"compress.points": [{"name": "p", "target": "gpt", "mode": "separate",
-                                                     "threshold": 0.9, "matrices": ["mlp"]}]},
-     r"\['compress'\]\['points'\]\[0\]\['matrices'\]|does not contain"),
+    (
+        "target path missing",
+        {"surgery.targets.tiny": {"kind": "hf", "path": "/nonexistent/model"}},
+        r"surgery\.targets\.tiny\.path: /nonexistent/model: folder does not exist",
+    ),
+    (
+        "compress point of unknown target",
+        {"compress.points": [{"name": "p", "target": "tiny", "mode": "separate", "threshold": 0.9}]},
+        r"compress\.points\[0\] \(p\): target 'tiny' is not in surgery\.targets",
+    ),
+    (
+        "compress tolerance without surgery",
+        {"surgery.enabled": False},
+        r"compress\.points\[0\] \(aa_tol5\): a tolerance is read from the surgery frontier, but surgery\.enabled is "
+        r"false; give a threshold instead, or set compress\.enabled: false",
+    ),
+    (
+        "compress tolerance not swept",
+        {"compress.points": [{"name": "p", "target": "gpt", "mode": "separate", "tolerance": 0.2}]},
+        r"compress\.points\[0\] \(p\): tolerance 0\.2 is not one of surgery\.tolerances",
+    ),
+    (
+        "compress point with threshold and tolerance",
+        {"compress.points": [{"name": "p", "target": "gpt", "mode": "separate", "threshold": 0.9, "tolerance": 0.05}]},
+        r"is valid under each of|should not be valid under|\['compress'\]\['points'\]",
+    ),
+    (
+        "compress without q/k/v",
+        {
+            "compress.points": [
+                {"name": "p", "target": "gpt", "mode": "separate", "threshold": 0.9, "matrices": ["mlp"]}
+            ]
+        },
+        r"\['compress'\]\['points'\]\[0\]\['matrices'\]|does not contain",
+    ),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),
-    ("corpus archive missing", {"corpus.archive": "/nonexistent/shakespeare.tar.gz"},
-     r"corpus\.archive: file '/nonexistent/shakespeare\.tar\.gz' does not exist"),
+    (
+        "corpus archive missing",
+        {"corpus.archive": "/nonexistent/shakespeare.tar.gz"},
+        r"corpus\.archive: file '/nonexistent/shakespeare\.tar\.gz' does not exist",
+    ),
     ("unknown corpus source", {"corpus.source": "ftp"}, r"'ftp' is not one of"),
-    ("vocab too large for dtype", {"tokenizer.vocab_size": 70000, "tokenizer.dtype": "uint16"},
-     r"tokenizer\.vocab_size \(70000\) does not fit tokenizer\.dtype uint16"),
-    ("warmup beyond budget", {"train.warmup_steps": 1000}, r"train\.warmup_steps \(1000\) exceeds train\.max_steps \(30\)"),
+    (
+        "vocab too large for dtype",
+        {"tokenizer.vocab_size": 70000, "tokenizer.dtype": "uint16"},
+        r"tokenizer\.vocab_size \(70000\) does not fit tokenizer\.dtype uint16",
+    ),
+    (
+        "warmup beyond budget",
+        {"train.warmup_steps": 1000},
+        r"train\.warmup_steps \(1000\) exceeds train\.max_steps \(30\)",
+    ),
     ("sketch k >= snapshots", {"sketch.ks": [6]}, r"sketch\.ks: k=6 must be smaller than the number of snapshots \(6"),
     ("sketch without exact", {"sketch.methods": ["srht"]}, r"sketch\.methods must include 'exact'"),
     ("bad device", {"device": "tpu"}, r"'tpu' does not match[\s\S]*\['device'\]"),
@@ -63,8 +101,7 @@ def test_bad_config_refused_before_any_job(tmp_path, overrides, message):
     cfg = write_config(tmp_path / "bad.yaml", **overrides)
     # the file replaces config/config.yaml instead of being merged over it, so
     # that a missing key stays missing
-    done = snakemake(tmp_path, "-n", "--cores", "1", "--replace-workflow-config", configfile=cfg,
-                     check=False)
+    done = snakemake(tmp_path, "-n", "--cores", "1", "--replace-workflow-config", configfile=cfg, check=False)
     assert done.returncode != 0
     assert re.search(message, done.stdout + done.stderr), done.stdout + done.stderr
     assert not (tmp_path / "results").exists()

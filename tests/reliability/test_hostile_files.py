@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run, train_to
 from weightpca.adapters import GPTAdapter
 from weightpca.io import WeightFileError, load_npy, load_tensors, save_tensors
+
+from conftest import tiny_run, train_to
 
 
 class CreatesMarker:
@@ -39,7 +40,9 @@ def test_right_name_wrong_shapes(trained, tmp_path):
     w = load_tensors(trained / "model.safetensors")
     w["transformer.wpe.weight"] = torch.zeros(8, 16)
     save_tensors(tmp_path / "model.safetensors", w)
-    with pytest.raises(WeightFileError, match=r"'transformer\.wpe\.weight' has shape \(8, 16\), the model expects \(16, 16\)"):
+    with pytest.raises(
+        WeightFileError, match=r"'transformer\.wpe\.weight' has shape \(8, 16\), the model expects \(16, 16\)"
+    ):
         GPTAdapter.load(tmp_path / "model.safetensors", trained / "config.json").model
 
 

@@ -21,18 +21,41 @@ with job_log(snakemake.log[0]):
     threshold = point.get("threshold") or frontier_threshold(inputs["frontier"], point["mode"], point["tolerance"])
     folder = Path(snakemake.output.record).parent
     model_config = read_json(inputs["model_config"])
-    record = export_point(target, point["mode"], threshold, point.get("matrices", ["qkv"]), val, calib, window,
-                          folder, model_config, s["prompt"])
+    record = export_point(
+        target,
+        point["mode"],
+        threshold,
+        point.get("matrices", ["qkv"]),
+        val,
+        calib,
+        window,
+        folder,
+        model_config,
+        s["prompt"],
+    )
     del target
     # dense original and factored model, each timed in a fresh process on this job's device
-    dense = (dict(kind="gpt", path=inputs["model"], config=inputs["model_config"]) if kind == "gpt"
-             else dict(kind="hf", path=str(Path(inputs["model_config"]).parent)))
+    dense = (
+        dict(kind="gpt", path=inputs["model"], config=inputs["model_config"])
+        if kind == "gpt"
+        else dict(kind="hf", path=str(Path(inputs["model_config"]).parent))
+    )
     timing = snakemake.params.timing
-    speed = {name: measure_in_subprocess(device=device, threads=threads, **where, **timing)
-             for name, where in (("dense", dense), ("factored", dict(kind="compressed", path=str(folder))))}
+    speed = {
+        name: measure_in_subprocess(device=device, threads=threads, **where, **timing)
+        for name, where in (("dense", dense), ("factored", dict(kind="compressed", path=str(folder))))
+    }
     for name, m in speed.items():
         print(f"{name}: {m}")
     info = read_json(snakemake.output.record)
-    info.update(record, name=point["name"], target=snakemake.wildcards.target, tolerance=point.get("tolerance"),
-                eval_tokens=int(len(val) - 1), dense_source=dense, speed=speed, device=speed["dense"]["device"])
+    info.update(
+        record,
+        name=point["name"],
+        target=snakemake.wildcards.target,
+        tolerance=point.get("tolerance"),
+        eval_tokens=int(len(val) - 1),
+        dense_source=dense,
+        speed=speed,
+        device=speed["dense"]["device"],
+    )
     write_json(snakemake.output.record, info)

@@ -15,8 +15,9 @@ with job_log(snakemake.log[0]):
     device = resolve_device(snakemake.config["device"])
     model = adapters.load("gpt", snakemake.input.model, snakemake.input.config, device).model
     meta = read_json(snakemake.input.meta)
-    windows = eval_windows(open_tokens(snakemake.input.val, meta), model.config.block_size,
-                           snakemake.params.eval_tokens)
+    windows = eval_windows(
+        open_tokens(snakemake.input.val, meta), model.config.block_size, snakemake.params.eval_tokens
+    )
     p = snakemake.params
     rows = rank_sweep(model, windows, p.fractions, p.targets, p.batch_size, device)
     table = pd.DataFrame(rows)

@@ -14,7 +14,18 @@ with job_log(snakemake.log[0]):
     p = snakemake.params
     optimum = json.loads(Path(snakemake.input.optimum).read_text()) if "optimum" in snakemake.input.keys() else None
     with SafetensorsSamples(sorted(Path(snakemake.input.snapshots).glob("*.safetensors"))) as src:
-        report = run_method(snakemake.wildcards.method, src, p.k, p.r, snakemake.output.W, snakemake.output.errors,
-                            p.centered, p.block, p.seed, optimum, pilot_blocks=p.pilot_blocks,
-                            device=resolve_device(snakemake.config["device"]))
+        report = run_method(
+            snakemake.wildcards.method,
+            src,
+            p.k,
+            p.r,
+            snakemake.output.W,
+            snakemake.output.errors,
+            p.centered,
+            p.block,
+            p.seed,
+            optimum,
+            pilot_blocks=p.pilot_blocks,
+            device=resolve_device(snakemake.config["device"]),
+        )
     print({k: v for k, v in report.items() if not isinstance(v, list)})

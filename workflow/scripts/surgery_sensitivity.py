@@ -13,11 +13,21 @@ with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     s = snakemake.params.settings
     target, val, _, window = load_target(
-        snakemake.params.kind, dict(snakemake.input.items()), s["eval_tokens"], 1, s["window"],
+        snakemake.params.kind,
+        dict(snakemake.input.items()),
+        s["eval_tokens"],
+        1,
+        s["window"],
         resolve_device(snakemake.config["device"]),
     )
-    rows = run_sensitivity(target, s["thresholds"], val, window, tolerance=max(s["tolerances"]),
-                           layer_tokens=s["sensitivity"]["layer_tokens"])
+    rows = run_sensitivity(
+        target,
+        s["thresholds"],
+        val,
+        window,
+        tolerance=max(s["tolerances"]),
+        layer_tokens=s["sensitivity"]["layer_tokens"],
+    )
     table = pd.DataFrame(rows)
     table.insert(0, "target", snakemake.wildcards.target)
     write_csv(snakemake.output[0], table)

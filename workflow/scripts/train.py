@@ -11,8 +11,13 @@ with job_log(snakemake.log[0]):
     out = snakemake.output
     args = dict(
         data=TokenFiles(Path(snakemake.input.meta), Path(snakemake.input.train), Path(snakemake.input.val)),
-        outputs=TrainOutputs(Path(out.model), Path(out.config), Path(out.metrics), Path(out.summary),
-                             Path(out.snapshots) if hasattr(out, "snapshots") else None),
+        outputs=TrainOutputs(
+            Path(out.model),
+            Path(out.config),
+            Path(out.metrics),
+            Path(out.summary),
+            Path(out.snapshots) if hasattr(out, "snapshots") else None,
+        ),
         work_dir=snakemake.params.work_dir,
         device=snakemake.config["device"],
         threads=snakemake.config["threads"]["train"],

@@ -15,8 +15,18 @@ from .llama import LlamaAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {a.family: a for a in (GPTAdapter, LlamaAdapter)}
 
-__all__ = ["ADAPTERS", "AdapterError", "CausalLM", "GPTAdapter", "LLAMA_MODEL_TYPES", "LlamaAdapter", "Matrix",
-           "ModelAdapter", "adapter_for", "load"]
+__all__ = [
+    "ADAPTERS",
+    "AdapterError",
+    "CausalLM",
+    "GPTAdapter",
+    "LLAMA_MODEL_TYPES",
+    "LlamaAdapter",
+    "Matrix",
+    "ModelAdapter",
+    "adapter_for",
+    "load",
+]
 
 
 def adapter_for(model: nn.Module, tokenizer=None) -> ModelAdapter:

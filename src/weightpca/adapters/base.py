@@ -41,7 +41,7 @@ class Matrix:
 
     @property
     def name(self) -> str:
-        """"<layer>.<role>": the key of this matrix in plans, factors and rank maps."""
+        """ "<layer>.<role>": the key of this matrix in plans, factors and rank maps."""
         return f"{self.layer}.{self.role}"
 
 

@@ -33,8 +33,12 @@ class GPTAdapter(ModelAdapter):
     def layer_matrices(self, i: int) -> dict[str, Matrix]:
         d, block = self.model.config.n_embd, f"transformer.h.{i}"
         fused = {r: Matrix(i, r, f"{block}.attn.c_attn", slice(j * d, (j + 1) * d)) for j, r in enumerate("qkv")}
-        return {**fused, "o": Matrix(i, "o", f"{block}.attn.c_proj"),
-                "fc": Matrix(i, "fc", f"{block}.mlp.c_fc"), "proj": Matrix(i, "proj", f"{block}.mlp.c_proj")}
+        return {
+            **fused,
+            "o": Matrix(i, "o", f"{block}.attn.c_proj"),
+            "fc": Matrix(i, "fc", f"{block}.mlp.c_fc"),
+            "proj": Matrix(i, "proj", f"{block}.mlp.c_proj"),
+        }
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.device))[0]
@@ -50,9 +54,9 @@ class GPTAdapter(ModelAdapter):
         """Recomputes the last ``block_size`` tokens per new token (our GPT has no KV cache, nor an end token)."""
         ids = torch.tensor([prompt_ids], device=self.device)
         for _ in range(n_new):
-            nxt = self.logits(ids[:, -self.max_len:])[:, -1].argmax(-1, keepdim=True)
+            nxt = self.logits(ids[:, -self.max_len :])[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
-        return ids[0, len(prompt_ids):].tolist()
+        return ids[0, len(prompt_ids) :].tolist()
 
     @classmethod
     def load(cls, model_path, config_path, tokenizer_path=None, device: str = "cpu") -> "GPTAdapter":
@@ -77,6 +81,12 @@ class GPTAdapter(ModelAdapter):
         d, shapes = cfg["n_embd"], {}
         for i in range(cfg["n_layer"]):
             block = f"transformer.h.{i}"
-            shapes.update({f"{block}.attn.c_attn.weight": (3 * d, d), f"{block}.attn.c_proj.weight": (d, d),
-                           f"{block}.mlp.c_fc.weight": (4 * d, d), f"{block}.mlp.c_proj.weight": (d, 4 * d)})
+            shapes.update(
+                {
+                    f"{block}.attn.c_attn.weight": (3 * d, d),
+                    f"{block}.attn.c_proj.weight": (d, d),
+                    f"{block}.mlp.c_fc.weight": (4 * d, d),
+                    f"{block}.mlp.c_proj.weight": (d, 4 * d),
+                }
+            )
         return shapes

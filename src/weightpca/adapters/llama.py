@@ -66,10 +66,14 @@ class LlamaAdapter(ModelAdapter):
     def greedy(self, prompt_ids: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
         """``generate`` with its KV cache; ``stop_at_eos=False`` always makes ``n_new`` tokens (timing)."""
         pad = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
-        out = self.model.generate(torch.tensor([prompt_ids], device=self.device), max_new_tokens=n_new,
-                                  do_sample=False, pad_token_id=pad,
-                                  **({} if stop_at_eos else {"min_new_tokens": n_new}))
-        return out[0, len(prompt_ids):].tolist()
+        out = self.model.generate(
+            torch.tensor([prompt_ids], device=self.device),
+            max_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=pad,
+            **({} if stop_at_eos else {"min_new_tokens": n_new}),
+        )
+        return out[0, len(prompt_ids) :].tolist()
 
     @classmethod
     def load(cls, path_or_id: str, gguf_file: str | None = None, device: str = "cpu") -> "LlamaAdapter":
@@ -77,13 +81,16 @@ class LlamaAdapter(ModelAdapter):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         local = Path(path_or_id)
-        if local.exists() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")) \
-                and not (gguf_file and (local / gguf_file).is_file()):
+        if (
+            local.exists()
+            and not any(local.glob("*.safetensors"))
+            and not any(local.glob("*.bin"))
+            and not (gguf_file and (local / gguf_file).is_file())
+        ):
             raise AdapterError(f"{local}: no model weights (*.safetensors, *.bin or the GGUF file) in this folder")
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32,
-                                                     trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32, trust_remote_code=False, **kwargs)
         return cls(model.to(device).eval(), tokenizer)
 
     @staticmethod
@@ -99,8 +106,17 @@ class LlamaAdapter(ModelAdapter):
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or hidden // heads
         inner = cfg["intermediate_size"]
-        rows = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden),
-                "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim),
-                "gate": (inner, hidden), "up": (inner, hidden), "down": (hidden, inner)}
-        return {f"{LlamaAdapter._path(i, r)}.weight": shape
-                for i in range(cfg["num_hidden_layers"]) for r, shape in rows.items()}
+        rows = {
+            "q": (heads * head_dim, hidden),
+            "k": (kv_heads * head_dim, hidden),
+            "v": (kv_heads * head_dim, hidden),
+            "o": (hidden, heads * head_dim),
+            "gate": (inner, hidden),
+            "up": (inner, hidden),
+            "down": (hidden, inner),
+        }
+        return {
+            f"{LlamaAdapter._path(i, r)}.weight": shape
+            for i in range(cfg["num_hidden_layers"])
+            for r, shape in rows.items()
+        }
