@@ -686,7 +686,7 @@ def write_summary(
         table.loc[len(table)] = dict(
             stage=stage, subject="", question="", numbers="", spread="", verdict=f"not run: {why}"
         )
-    write_csv(table, csv_path)
+    write_csv(csv_path, table)
     md = [
         "# weightpca summary",
         "",
@@ -775,12 +775,12 @@ def build_report(
 
     if inputs.get("lowrank"):
         table = lowrank_table(inputs["lowrank"])
-        write_csv(lowrank_stats(table), outputs["lowrank_csv"])
+        write_csv(outputs["lowrank_csv"], lowrank_stats(table))
         plot_lowrank(table, fig["lowrank"])
         lines += lowrank_verdicts(table)
     else:
         not_run["low-rank regulariser"] = "lowrank.enabled is false"
-        write_csv(pd.DataFrame(), outputs["lowrank_csv"])
+        write_csv(outputs["lowrank_csv"], pd.DataFrame())
         _not_run(fig["lowrank"], "low-rank regulariser", not_run["low-rank regulariser"])
 
     bench = read_benchmarks(inputs.get("benchmarks", []), bench_root)
