@@ -18,6 +18,7 @@ FIGURES = [
     "params_vs_k",
     "surgery",
     "surgery_sensitivity",
+    "surgery_whole_model",
     "sketch_error",
     "lowrank",
     "wall_times",

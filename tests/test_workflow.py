@@ -115,11 +115,35 @@ def test_surgery_tables(ci_results):
     assert 5 < smol.iloc[0].base_ppl < 200  # a trained LM on Shakespeare, not noise
 
 
+def test_whole_model_tables(ci_results):
+    """Every allocation x removed fraction on our D, within its budget, every matrix type factored."""
+    import pandas as pd
+
+    results, _ = ci_results
+    assert not (results / "surgery/smollm2/whole").exists()  # whole_model: false for this target
+    for mode in ("activation_aware", "shared_kv"):
+        table = pd.read_csv(results / f"surgery/gpt/whole/{mode}.csv")
+        grid = table[table.source == "grid"]
+        assert sorted(zip(grid.allocation, grid.removed)) == sorted(
+            (a, r) for a in ("threshold", "uniform", "calibrated") for r in (0.1, 0.3)
+        )
+        reachable = table[table.reachable]
+        assert (reachable.fraction_kept <= 1 - reachable.removed + 1e-12).all()
+        assert {"mean_rank_q", "mean_rank_v", "mean_rank_o", "mean_rank_fc", "mean_rank_proj"} <= set(table.columns)
+        info = json.loads((results / f"surgery/gpt/whole/{mode}.json").read_text())
+        assert (
+            info["groups"] == {"activation_aware": 12, "shared_kv": 10}[mode]
+            and len(info["sensitivity"]) == info["groups"]
+        )
+    frontier = pd.read_csv(results / "surgery/gpt/whole/frontier.csv")
+    assert len(frontier) == 2 * 3 * 3  # modes x allocations x tolerances
+
+
 def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
     import pandas as pd
 
     results, _ = ci_results
-    for target, point in (("gpt", "aa_tol5"), ("smollm2", "aa_t99")):
+    for target, point in (("gpt", "aa_tol5"), ("smollm2", "aa_t99"), ("gpt", "whole30")):
         folder = results / f"compress/{target}/{point}"
         record = json.loads((folder / "compress.json").read_text())
         assert record["bytes_factored"] < record["bytes_dense"]
@@ -134,6 +158,13 @@ def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
     frontier = pd.read_csv(results / "surgery/gpt/frontier.csv")
     row = frontier[(frontier["mode"] == "activation_aware") & (frontier.tolerance == 0.05)].iloc[0]
     assert gpt["threshold"] == row.threshold and gpt["matrices"] == ["qkv", "o", "mlp"]
+    # a whole-model point: the calibrated ranks of the sweep's 30 % point, every matrix type factored
+    whole = json.loads((results / "compress/gpt/whole30/compress.json").read_text())
+    sweep = pd.read_csv(results / "surgery/gpt/whole/activation_aware.csv")
+    row = sweep[(sweep.allocation == "calibrated") & (sweep.removed == 0.3) & (sweep.source == "grid")].iloc[0]
+    assert whole["params_factored"] == row.params_kept and whole["params_factored"] <= 0.7 * whole["params_dense"]
+    assert whole["ppl_reconstructed"] == pytest.approx(row.ppl, rel=1e-6) and whole["matrices"] == ["qkv", "o", "mlp"]
+    assert whole["bytes_factored"] < 0.72 * whole["bytes_dense"]
     # the benchmark script re-measures an export from its folder
     done = subprocess.run(
         [

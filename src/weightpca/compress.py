@@ -287,6 +287,31 @@ def frontier_threshold(frontier_csv, mode: str, tolerance: float) -> float:
     return float(row.threshold)
 
 
+def whole_model_ranks(whole_csv, mode: str, allocation: str, removed: float) -> dict[str, int]:
+    """The rank map of a whole-model sweep's grid point (whole/<mode>.csv), refused if it has none."""
+    import pandas as pd
+
+    table = pd.read_csv(whole_csv)
+    row = table[
+        (table["mode"] == mode)
+        & (table.allocation == allocation)
+        & np.isclose(table.removed, removed)
+        & (table.source == "grid")
+    ]
+    if row.empty:
+        raise ValueError(
+            f"{whole_csv}: no {allocation} point of {mode} at removed {removed}; give this compress "
+            f"point one of surgery.whole_model.removed ({sorted(set(table.removed))})"
+        )
+    row = row.iloc[0]
+    if not bool(row.reachable):
+        raise ValueError(
+            f"{whole_csv}: removing {removed:.0%} of the model is out of reach of its factored "
+            f"matrices (rank 1 everywhere keeps more); give this compress point a smaller removed"
+        )
+    return {key: int(rank) for key, rank in (item.rsplit(":", 1) for item in row.ranks.split(";"))}
+
+
 def dense_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s weights as one safetensors file, written the way compressed models are."""
     import tempfile
@@ -300,7 +325,7 @@ def dense_bytes(model: nn.Module) -> int:
 def export_point(
     target,
     mode: str,
-    threshold: float,
+    allocation: float | dict[str, int],
     groups,
     val,
     calib,
@@ -312,28 +337,28 @@ def export_point(
 ) -> dict:
     """Factor ``target`` at one operating point, save it, reload it and check it against the dense path.
 
-    ``groups``: the matrix groups to factor (``[qkv]`` plus any of ``o``, ``mlp``), every one of them
-    by ``mode`` (``weightpca.plan.mode_groups``) at one ``threshold``. Returns the record: perplexity
+    ``groups``: the matrix groups to factor (any of ``qkv``, ``o``, ``mlp``), every one of them by
+    ``mode`` (``weightpca.plan.mode_groups``) under ``allocation``: one threshold for every matrix, or
+    a rank per group key (a whole-model sweep's point). Returns the record: perplexity
     of the unmodified model, of the dense reconstruction (the surgery's measurement) and of the
     reloaded factored model, which must agree with the reconstruction to a relative 1e-3; parameters
     and bytes of both; ranks; a greedy continuation of ``prompt`` by the reloaded model.
     """
     from .targets import perplexity
 
-    if "qkv" not in groups:
-        raise ValueError(f"matrices {list(groups)}: choose [qkv] plus any of o, mlp")
     base_ppl = perplexity(target, val, window)
     plan = model_plan(target, mode, target.roles(groups), calib, window)
-    with target.patched(plan.weights(threshold)):
+    with target.patched(plan.weights(allocation)):
         ppl_reconstructed = perplexity(target, val, window)
-    model, spec = factorize_model(target, plan.factors(threshold))
+    model, spec = factorize_model(target, plan.factors(allocation))
     save_compressed(model, spec, folder, target.family, model_config)
     del model
     loaded = adapter_for(load_compressed(folder, str(target.device)), target.tokenizer)
     ppl_loaded = perplexity(loaded, val, window)
     agreement = abs(ppl_loaded / ppl_reconstructed - 1)
+    at = f"t={allocation:.6g}" if not isinstance(allocation, dict) else f"{len(allocation)} allocated ranks"
     progress(
-        f"{mode} t={threshold:.6g}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, "
+        f"{mode} {at}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, "
         f"reloaded factored {ppl_loaded:.4f} (|ratio - 1| = {agreement:.2e})"
     )
     if agreement > 1e-3:
@@ -345,7 +370,7 @@ def export_point(
     factored_parts = [p for e in spec for p in e["parts"] if p["kind"] == "lowrank"]
     return dict(
         mode=mode,
-        threshold=threshold,
+        threshold=None if isinstance(allocation, dict) else allocation,
         matrices=list(groups),
         base_ppl=base_ppl,
         ppl_reconstructed=ppl_reconstructed,

@@ -248,6 +248,93 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
     _save(fig, path)
 
 
+def plot_whole_model(whole: pd.DataFrame, path) -> None:
+    """Per target: perplexity ratio against the fraction of the whole model kept, per mode and allocation."""
+    targets = list(dict.fromkeys(whole.target))
+    fig, axes = plt.subplots(1, len(targets), figsize=(7 * len(targets), 5), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        t = whole[(whole.target == target) & whole.reachable.astype(bool)]
+        for (mode, rule), m in t.groupby(["mode", "allocation"], sort=False):
+            m = m.sort_values("fraction_kept")
+            ax.plot(m.fraction_kept, m.ppl_ratio, "o-", ms=4, label=f"{mode}, {rule}")
+        ax.axhline(BROKEN, color="red", ls="--", lw=1, label=f"broken (> {BROKEN:g}x)")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("fraction of the whole model's parameters kept (embeddings included)")
+        ax.set_ylabel("perplexity / unmodified")
+        base = whole[whole.target == target].base_ppl.iloc[0]
+        ax.set_title(f"{target}: every selected matrix factored (unmodified perplexity {base:.2f})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def whole_model_verdicts(whole: pd.DataFrame, frontier: pd.DataFrame) -> list[dict]:
+    """Per target: which allocation has the lowest perplexity at each removed fraction (a difference under
+    ``SURGERY_TIE`` is a tie), and which removes the most within each tolerance (one rule removes more than
+    another only when its point lies beyond the other's bracket, where that one left the tolerance)."""
+    lines = []
+    grid = whole[(whole.source == "grid") & whole.reachable.astype(bool)]
+    for (target, mode, removed), g in grid.groupby(["target", "mode", "removed"], sort=False):
+        g = g.sort_values("ppl_ratio")
+        best = g.iloc[0]
+        numbers = "; ".join(f"{r.allocation} {r.ppl_ratio:.3f}x" for r in g.itertuples())
+        tied = [r.allocation for r in g.itertuples() if r.ppl_ratio <= best.ppl_ratio * (1 + SURGERY_TIE)]
+        if len(tied) > 1:
+            verdict = f"{', '.join(tied)} tied (within {SURGERY_TIE:.0%})"
+        else:
+            verdict = (
+                f"{best.allocation} lowest ({best.ppl_ratio:.3f}x; next {g.iloc[1].allocation} "
+                f"{g.iloc[1].ppl_ratio:.3f}x)"
+                if len(g) > 1
+                else f"{best.allocation} only"
+            )
+        if best.ppl_ratio > BROKEN:
+            verdict += f"; every allocation is broken here (> {BROKEN:g}x)"
+        lines.append(
+            dict(
+                stage="whole-model",
+                subject=f"{target} {mode}",
+                question=f"perplexity with {removed:.0%} of the whole model removed",
+                numbers=numbers,
+                spread=f"ties within {SURGERY_TIE:.0%}",
+                verdict=verdict,
+            )
+        )
+    for (target, mode, tol), f in frontier.groupby(["target", "mode", "tolerance"], sort=False):
+        f = f.sort_values("removed", ascending=False)
+        numbers = "; ".join(
+            f"{r.allocation} {r.removed:.1%}"
+            + (f" (fails at {r.bracket_removed:.1%})" if math.isfinite(r.bracket_removed) else "")
+            for r in f.itertuples()
+        )
+        best = f.iloc[0]
+        if not best.within:
+            verdict = f"no allocation stays within {tol:.0%} at any measured removal"
+        else:
+            others = f.iloc[1:]
+            beaten = others.bracket_removed.fillna(np.inf) < best.removed
+            if len(others) and beaten.all():
+                verdict = f"{best.allocation} removes the most: {best.removed:.1%} of the model"
+            else:
+                tied = [best.allocation] + list(others[~beaten].allocation)
+                verdict = (
+                    f"{', '.join(tied)} not distinguishable at the bisection's resolution "
+                    f"(best point {best.allocation} {best.removed:.1%})"
+                )
+        lines.append(
+            dict(
+                stage="whole-model",
+                subject=f"{target} {mode}",
+                question=f"whole model removed within {tol:.0%} of base perplexity",
+                numbers=numbers,
+                spread="frontier between point and bracket (bisection resolution)",
+                verdict=verdict,
+            )
+        )
+    return lines
+
+
 def frontier_verdicts(frontier: pd.DataFrame) -> list[dict]:
     """Per target and tolerance: which mode keeps the fewest q/k/v parameters within tolerance.
 
@@ -394,11 +481,12 @@ def compress_verdicts(paths) -> list[dict]:
     for p in paths:
         c = json.loads(Path(p).read_text())
         dense, fact = c["speed"]["dense"], c["speed"]["factored"]
-        at = (
-            f"the {c['tolerance']:.0%} frontier (threshold {c['threshold']:.5g})"
-            if c.get("tolerance")
-            else f"threshold {c['threshold']:g}"
-        )
+        if c.get("removed"):
+            at = f"{c['removed']:.0%} of the whole model removed ({c['allocation']} allocation)"
+        elif c.get("tolerance"):
+            at = f"the {c['tolerance']:.0%} frontier (threshold {c['threshold']:.5g})"
+        else:
+            at = f"threshold {c['threshold']:g}"
         bytes_ratio = c["bytes_factored"] / c["bytes_dense"]
         prefill, decode = (fact[k] / dense[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s"))
         numbers = (
@@ -753,6 +841,14 @@ def build_report(
     else:
         not_run["surgery"] = "surgery.enabled is false"
         _not_run(fig["surgery"], "attention surgery", "surgery.enabled is false")
+    if inputs.get("whole_model"):
+        whole = pd.concat([pd.read_csv(p) for p in inputs["whole_model"]], ignore_index=True)
+        whole_frontier = pd.concat([pd.read_csv(p) for p in inputs["whole_model_frontier"]], ignore_index=True)
+        plot_whole_model(whole, fig["surgery_whole_model"])
+        lines += whole_model_verdicts(whole, whole_frontier)
+    else:
+        not_run["whole-model"] = "surgery.whole_model.enabled is false"
+        _not_run(fig["surgery_whole_model"], "whole-model compression", not_run["whole-model"])
     if inputs.get("sensitivity"):
         plot_sensitivity(
             pd.concat([pd.read_csv(p) for p in inputs["sensitivity"]], ignore_index=True), fig["surgery_sensitivity"]

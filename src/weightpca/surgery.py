@@ -317,3 +317,145 @@ def run_sensitivity(
     for i in everywhere:
         measure("layer", worst, [i], at)
     return rows
+
+
+def whole_model_params(model) -> int:
+    """Every parameter of a model, a tied (shared) tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_budget_sweep(
+    target,
+    mode: str,
+    roles,
+    allocations,
+    removed,
+    eval_tokens: np.ndarray,
+    window: int,
+    calib_tokens: np.ndarray | None = None,
+    sensitivity_tokens: np.ndarray | None = None,
+    trial_keep: float = 0.5,
+    tolerances=(),
+    refine: int = 0,
+    progress=print,
+    dtype=np.float32,
+) -> tuple[list[dict], dict]:
+    """Perplexity of whole-model compression at each removed fraction, per allocation rule.
+
+    Every matrix of ``roles`` is grouped by ``mode`` (one plan, decomposed once); for each rule of
+    ``allocations`` (``weightpca.allocation``) and each fraction of ``removed`` the ranks that keep at most
+    ``(1 − removed)`` of the model's parameters are evaluated on ``eval_tokens``. The ``calibrated`` rule
+    first measures the weight of every matrix role and layer on ``sensitivity_tokens`` (train-split
+    tokens, not the evaluation's), each role and each layer truncated to ``trial_keep`` of its dense
+    parameters (``allocation.measure_weights``). Then, per rule and
+    tolerance, ``refine`` bisection steps on the removed fraction locate the largest removal within
+    ``(1 + tolerance)`` × the base perplexity (``source`` "refine"). Returns (rows, info); the model is
+    restored after.
+    """
+    from .allocation import allocate, measure_weights, model_params, weighted_damage
+
+    timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, sensitivity_s=0.0)
+
+    def timed(key, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timing[key] += time.perf_counter() - t0
+        return out
+
+    total = whole_model_params(target.model)
+    base_ppl = timed("eval_s", perplexity, target, eval_tokens, window)
+    plan = model_plan(target, mode, roles, calib_tokens, window, dtype, timed)
+    weights_of, damage = None, None
+    if "calibrated" in allocations:
+        if sensitivity_tokens is None:
+            raise ValueError("the calibrated allocation needs sensitivity tokens (surgery.calib_tokens)")
+
+        def loss_with(weights):
+            with target.patched(weights):
+                return float(np.log(perplexity(target, sensitivity_tokens, window)))
+
+        weights_of = timed("sensitivity_s", measure_weights, plan, loss_with, trial_keep, progress)
+        damage = weighted_damage(plan, weights_of)
+    role_of = {name: name.split(".", 1)[1] for name in plan.names}
+    rows: list[dict] = []
+
+    def measure(rule: str, fraction: float, source: str) -> dict:
+        ranks = allocate(plan, total, fraction, rule, damage)
+        row = dict(mode=mode, allocation=rule, removed=fraction, source=source, base_ppl=base_ppl, params_total=total)
+        if ranks is None:  # even rank 1 everywhere keeps more
+            rows.append(dict(row, reachable=False, ppl=float("nan"), ppl_ratio=float("nan")))
+            return rows[-1]
+        with target.patched(plan.weights(ranks)):
+            ppl = timed("eval_s", perplexity, target, eval_tokens, window)
+        kept = model_params(plan, total, ranks)
+        by_role: dict[str, list[int]] = {}
+        for g in plan.groups:
+            for name in g.members:
+                by_role.setdefault(role_of[name], []).append(ranks[g.key])
+        row.update(
+            reachable=True,
+            ppl=ppl,
+            ppl_ratio=ppl / base_ppl,
+            params_kept=kept,
+            fraction_kept=kept / total,
+            **{f"mean_rank_{r}": float(np.mean(v)) for r, v in by_role.items()},
+            ranks=";".join(f"{k}:{v}" for k, v in ranks.items()),
+        )
+        rows.append(row)
+        progress(
+            f"{mode} {rule} removed {fraction:.3f}: ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
+            f"{kept / total:.3f} of the model kept"
+        )
+        return row
+
+    for rule in allocations:
+        for fraction in removed:
+            measure(rule, fraction, "grid")
+        for tolerance in tolerances:
+            points = [r for r in rows if r["allocation"] == rule and r["reachable"]]
+            inside = [r["removed"] for r in points if r["ppl_ratio"] <= 1 + tolerance]
+            outside = [r["removed"] for r in points if r["ppl_ratio"] > 1 + tolerance]
+            lo, hi = max(inside, default=0.0), min((x for x in outside if x > max(inside, default=0.0)), default=None)
+            for _ in range(refine if hi is not None else 0):
+                mid = (lo + hi) / 2
+                row = measure(rule, mid, "refine")
+                if row["reachable"] and row["ppl_ratio"] <= 1 + tolerance:
+                    lo = mid
+                else:
+                    hi = mid
+    info = dict(
+        timing,
+        base_ppl=base_ppl,
+        params_total=total,
+        groups=len(plan.groups),
+        sensitivity=weights_of if weights_of is not None else {},
+    )
+    return rows, info
+
+
+def budget_frontier(rows: list[dict], tolerance: float) -> list[dict]:
+    """Per (mode, allocation): the largest measured removal within ``(1 + tolerance)`` × base perplexity,
+    and the smallest measured removal beyond it that leaves the tolerance (its bracket; NaN if none)."""
+    nan = float("nan")
+    out = []
+    for key in dict.fromkeys((r["mode"], r["allocation"]) for r in rows):
+        points = [r for r in rows if (r["mode"], r["allocation"]) == key and r["reachable"]]
+        inside = [r for r in points if r["ppl_ratio"] <= 1 + tolerance]
+        best = max(inside, key=lambda r: r["removed"]) if inside else None
+        beyond = [
+            r for r in points if r["ppl_ratio"] > 1 + tolerance and r["removed"] > (best["removed"] if best else -1)
+        ]
+        bracket = min(beyond, key=lambda r: r["removed"]) if beyond else None
+        out.append(
+            dict(
+                mode=key[0],
+                allocation=key[1],
+                tolerance=tolerance,
+                within=best is not None,
+                removed=best["removed"] if best else 0.0,
+                ppl_ratio=best["ppl_ratio"] if best else nan,
+                bracket_removed=bracket["removed"] if bracket else nan,
+                bracket_ppl_ratio=bracket["ppl_ratio"] if bracket else nan,
+            )
+        )
+    return out

@@ -59,7 +59,8 @@ wildcard_constraints:
     seed=r"\d+",
     k=r"\d+",
     variant="A|B|C",
-    mode="|".join(SURGERY["modes"]) or "none",
+    mode="|".join(dict.fromkeys(SURGERY["modes"] + SURGERY["whole_model"]["modes"]))
+    or "none",
     point="|".join(p["name"] for p in COMPRESS["points"]) or "none",
     target="|".join(SURGERY["targets"]) or "none",
     threshold=r"[01](\.\d+)?",

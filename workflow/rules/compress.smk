@@ -21,7 +21,7 @@ rule compress:
     params:
         kind=lambda w: surgery_target(w.target)["kind"],
         point=lambda w: compress_point(w.target, w.point),
-        settings=lambda w: compress_settings(w.target),
+        settings=lambda w: compress_settings(w.target, w.point),
         timing={k: COMPRESS[k] for k in ("context", "new_tokens", "repeats")},
     script:
         "../scripts/compress.py"

@@ -35,6 +35,11 @@ rule report:
             caption="../report/surgery.rst",
             category="Attention surgery",
         ),
+        surgery_whole_model=report(
+            f"{RESULTS}/report/figures/surgery_whole_model.png",
+            caption="../report/surgery_whole_model.rst",
+            category="Attention surgery",
+        ),
         surgery_sensitivity=report(
             f"{RESULTS}/report/figures/surgery_sensitivity.png",
             caption="../report/surgery_sensitivity.rst",

@@ -1,5 +1,5 @@
-"""Attention surgery sweeps per target and mode, their frontier and sensitivity; Hugging Face targets are
-prepared once."""
+"""Attention surgery sweeps per target and mode, their frontier and sensitivity; whole-model compression
+under a parameter budget per allocation rule; Hugging Face targets are prepared once."""
 
 
 include: "functions/surgery.smk"
@@ -99,3 +99,40 @@ rule surgery_sensitivity:
         settings=lambda w: surgery_settings(w.target),
     script:
         "../scripts/surgery_sensitivity.py"
+
+
+rule surgery_whole_model:
+    input:
+        unpack(surgery_inputs),
+    output:
+        table=f"{RESULTS}/surgery/{{target}}/whole/{{mode}}.csv",
+        info=f"{RESULTS}/surgery/{{target}}/whole/{{mode}}.json",
+    log:
+        f"{LOGS}/surgery_whole_model/{{target}}/{{mode}}.log",
+    benchmark:
+        f"{BENCH}/surgery_whole_model/{{target}}/{{mode}}.tsv"
+    conda:
+        "../../envs/surgery.yaml"
+    threads: cpu_slots("surgery")
+    params:
+        kind=lambda w: surgery_target(w.target)["kind"],
+        settings=lambda w: whole_model_settings(w.target),
+    script:
+        "../scripts/surgery_whole_model.py"
+
+
+rule surgery_whole_model_frontier:
+    input:
+        whole_model_tables,
+    output:
+        f"{RESULTS}/surgery/{{target}}/whole/frontier.csv",
+    log:
+        f"{LOGS}/surgery_whole_model_frontier/{{target}}.log",
+    benchmark:
+        f"{BENCH}/surgery_whole_model_frontier/{{target}}.tsv"
+    conda:
+        "../../envs/report.yaml"
+    params:
+        tolerances=SURGERY["tolerances"],
+    script:
+        "../scripts/surgery_whole_model_frontier.py"

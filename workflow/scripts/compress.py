@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from weightpca.compress import export_point, frontier_threshold
+from weightpca.compress import export_point, frontier_threshold, whole_model_ranks
 from weightpca.evaluate import resolve_device
 from weightpca.io import read_json, write_json
 from weightpca.logs import job_log
@@ -18,14 +18,19 @@ with job_log(snakemake.log[0]):
     device = resolve_device(snakemake.config["device"])
     inputs = dict(snakemake.input.items())
     target, val, calib, window = load_target(kind, inputs, s["eval_tokens"], s["calib_tokens"], s["window"], device)
-    threshold = point.get("threshold") or frontier_threshold(inputs["frontier"], point["mode"], point["tolerance"])
+    if "removed" in point:  # a whole-model point: the ranks its sweep chose, every matrix it factored
+        allocation = whole_model_ranks(inputs["whole"], point["mode"], point["allocation"], point["removed"])
+        matrices = s["matrices"]
+    else:
+        allocation = point.get("threshold") or frontier_threshold(inputs["frontier"], point["mode"], point["tolerance"])
+        matrices = point.get("matrices", ["qkv"])
     folder = Path(snakemake.output.record).parent
     model_config = read_json(inputs["model_config"])
     record = export_point(
         target,
         point["mode"],
-        threshold,
-        point.get("matrices", ["qkv"]),
+        allocation,
+        matrices,
         val,
         calib,
         window,
@@ -53,6 +58,8 @@ with job_log(snakemake.log[0]):
         name=point["name"],
         target=snakemake.wildcards.target,
         tolerance=point.get("tolerance"),
+        removed=point.get("removed"),
+        allocation=point.get("allocation", "threshold"),
         eval_tokens=int(len(val) - 1),
         dense_source=dense,
         speed=speed,

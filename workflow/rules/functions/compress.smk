@@ -7,18 +7,30 @@ def compress_point(target, name):
     )
 
 
-def compress_settings(target):
-    """The surgery settings an export uses (so that other sweep settings rerun nothing here)."""
+def compress_settings(target, name):
+    """The surgery settings an export uses (so that other sweep settings rerun nothing here); a whole-model
+    point also the matrices its sweep factored."""
     s = surgery_settings(target)
-    return {k: s[k] for k in ("eval_tokens", "calib_tokens", "window", "prompt")}
+    settings = {k: s[k] for k in ("eval_tokens", "calib_tokens", "window", "prompt")}
+    if "removed" in compress_point(target, name):
+        settings["matrices"] = SURGERY["whole_model"]["matrices"]
+    return settings
 
 
 def compress_inputs(wildcards):
-    """The surgery target's inputs, and its frontier where the point is given by a tolerance."""
+    """The surgery target's inputs; its frontier where the point is given by a tolerance, its whole-model
+    table where it is given by a removed fraction."""
     inputs = surgery_inputs(wildcards)
-    if "tolerance" in compress_point(wildcards.target, wildcards.point):
+    point = compress_point(wildcards.target, wildcards.point)
+    if "tolerance" in point:
         inputs["frontier"] = expand(
             rules.surgery_frontier.output[0], target=wildcards.target
+        )[0]
+    if "removed" in point:
+        inputs["whole"] = expand(
+            rules.surgery_whole_model.output.table,
+            target=wildcards.target,
+            mode=point["mode"],
         )[0]
     return inputs
 

@@ -39,6 +39,14 @@ def report_inputs(wildcards):
             rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
         )
         inputs["sensitivity"] = sensitivity_files()
+        inputs["whole_model"] = expand(
+            rules.surgery_whole_model.output.table,
+            target=whole_model_targets(),
+            mode=SURGERY["whole_model"]["modes"],
+        )
+        inputs["whole_model_frontier"] = expand(
+            rules.surgery_whole_model_frontier.output[0], target=whole_model_targets()
+        )
     if COMPRESS["enabled"]:
         inputs["compress"] = compress_files(rules.compress.output.record)
     return inputs

@@ -72,13 +72,39 @@ def sensitivity_files():
     return expand(rules.surgery_sensitivity.output[0], target=list(SURGERY["targets"]))
 
 
+def whole_model_targets():
+    """Targets of the whole-model sweep (a target's `whole_model: false` leaves it out)."""
+    if not (SURGERY["enabled"] and SURGERY["whole_model"]["enabled"]):
+        return []
+    return [n for n, t in SURGERY["targets"].items() if t.get("whole_model", True)]
+
+
+def whole_model_settings(target):
+    """What a whole-model sweep job reads: the target's sweep settings and the whole_model block."""
+    s = surgery_settings(target)
+    keys = ("eval_tokens", "calib_tokens", "window", "tolerances", "refine")
+    return {**{k: s[k] for k in keys}, **SURGERY["whole_model"]}
+
+
+def whole_model_tables(wildcards):
+    """Every whole-model mode's table of one target."""
+    return expand(
+        rules.surgery_whole_model.output.table,
+        target=wildcards.target,
+        mode=SURGERY["whole_model"]["modes"],
+    )
+
+
 def surgery_outputs():
     if not SURGERY["enabled"]:
         return []
     frontiers = expand(
         rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
     )
-    return frontiers + sensitivity_files()
+    whole = expand(
+        rules.surgery_whole_model_frontier.output[0], target=whole_model_targets()
+    )
+    return frontiers + sensitivity_files() + whole
 
 
 def surgery_benchmarks():
@@ -99,5 +125,13 @@ def surgery_benchmarks():
             target=(
                 list(SURGERY["targets"]) if SURGERY["sensitivity"]["enabled"] else []
             ),
+        ),
+        *expand(
+            rules.surgery_whole_model.benchmark,
+            target=whole_model_targets(),
+            mode=SURGERY["whole_model"]["modes"],
+        ),
+        *expand(
+            rules.surgery_whole_model_frontier.benchmark, target=whole_model_targets()
         ),
     ]
