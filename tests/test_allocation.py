@@ -103,3 +103,14 @@ def test_budget_sweep_on_a_tiny_llama_keeps_each_budget_and_restores_the_model()
     for f in frontier:
         if f["within"]:
             assert f["ppl_ratio"] <= 1.5
+
+
+def test_weights_without_a_measurable_increase_fall_back_to_the_relative_error():
+    """A loss that no truncation changes gives no evidence: every weight alike, never zero (which would let
+    the allocation take every matrix to rank 1)."""
+    plan, weights, _ = planted()
+    flat = measure_weights(plan, lambda replaced: 2.0, 0.5, progress=lambda *_: None)
+    assert set(flat.values()) == {1.0}
+    total = sum(w.size for w in weights.values())
+    ranks = allocate(plan, total, 0.2, "calibrated", weighted_damage(plan, flat))
+    assert min(ranks.values()) > 1

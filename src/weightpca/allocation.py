@@ -166,6 +166,8 @@ def measure_weights(plan: Plan, loss_with, keep: float, progress=print) -> dict[
 
     def floored(values: dict[str, float]) -> dict[str, float]:
         floor = 0.01 * float(np.median(list(values.values())))
+        if floor <= 0:  # (almost) nothing measurable: no evidence to weight by, every weight alike
+            return {k: 1.0 for k in values}
         return {k: max(v, floor) for k, v in values.items()}
 
     roles = list(dict.fromkeys(role_of.values()))

@@ -174,7 +174,7 @@ class CausalLM(nn.Module):
     def __init__(self, adapter: ModelAdapter):
         super().__init__()
         self.model = adapter.model
-        self._logits = type(adapter).logits.__get__(adapter)  # the family's forward, bound to its adapter
+        self._logits = adapter.logits  # the family's forward (a bound method: not a registered submodule)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
         logits = self._logits(x)
