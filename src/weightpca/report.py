@@ -251,7 +251,7 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
 def plot_whole_model(whole: pd.DataFrame, path) -> None:
     """Per target: perplexity ratio against the fraction of the whole model kept, per mode and allocation."""
     targets = list(dict.fromkeys(whole.target))
-    fig, axes = plt.subplots(1, len(targets), figsize=(7 * len(targets), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(FIGSIZE[0] + 2, 7 * len(targets)), 5.5), squeeze=False)
     for ax, target in zip(axes[0], targets):
         t = whole[(whole.target == target) & whole.reachable.astype(bool)]
         for (mode, rule), m in t.groupby(["mode", "allocation"], sort=False):
