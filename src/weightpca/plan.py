@@ -82,7 +82,7 @@ def mode_groups(mode: str, names: list[str]) -> list[Group]:
             continue
         if key not in shared:
             shared[key] = []
-            groups.append(key)  # placeholder: the group's place is its first member's
+            groups.append(key)  # the group takes the place of its first member
         shared[key].append(name)
     return [Group(g, tuple(shared[g]), kind) if isinstance(g, str) else g for g in groups]
 
