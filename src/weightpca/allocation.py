@@ -147,7 +147,8 @@ def measure_weights(plan: Plan, loss_with, keep: float, progress=print) -> dict[
     them starves the matrices it cannot see). Layer weights are normalised to mean 1; a weight is at
     least 1 % of the median of its kind, so that nothing is treated as free. ``loss_with(weights)``: the
     calibration loss with the matrices of ``weights`` (name -> array) replaced. One evaluation per role
-    and per layer.
+    and per layer. A basis shared by several matrices (K and V) counts under its first member's role and
+    layer.
     """
     base = loss_with({})
     ranks = trial_ranks(plan, keep)
