@@ -64,13 +64,14 @@ def test_unknown_mode_refused():
         qkv_plan("joint", layers())
 
 
-def tiny_llama(tmp_path):
+def tiny_llama(tmp_path, vocab_size=64):
+    """A 2-layer Llama (grouped-query attention) and a character tokenizer of its first 28 ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=64,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,

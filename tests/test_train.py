@@ -279,21 +279,11 @@ def test_flat_adamw_trains_as_fused_adamw(grad_accum):
 
 def tiny_llama_lm(vocab_size: int):
     """A 2-layer Llama under the training loop's contract (weightpca.adapters.CausalLM)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from weightpca.adapters import CausalLM, LlamaAdapter
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return CausalLM(LlamaAdapter(LlamaForCausalLM(cfg)))
+    from test_surgery import tiny_llama
+
+    return CausalLM(LlamaAdapter(tiny_llama(None, vocab_size)[0]))
 
 
 def test_the_loop_trains_any_module_with_the_contract(tiny_data, tmp_path):
