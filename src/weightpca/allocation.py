@@ -96,12 +96,7 @@ def allocate(plan: Plan, total: int, removed: float, rule: str, damage: dict[str
         smallest = 1e-9  # every group at rank 1
         return _largest_within(lambda t: plan.ranks(max(t, smallest)), fits, smallest, 1.0)
     if rule == "uniform":
-
-        def at(keep: float) -> dict[str, int]:
-            # the largest rank whose factored form is at most `keep` of the dense parameters (at least 1)
-            return {k: max(1, int(np.searchsorted(c, keep * d, side="right"))) for k, (c, d) in costs.items()}
-
-        return _largest_within(at, fits, 0.0, 1.0)
+        return _largest_within(lambda keep: _ranks_keeping(costs, keep), fits, 0.0, 1.0)
     if damage is None:
         raise ValueError("the calibrated allocation needs each group's estimated damage (weighted_damage)")
 
@@ -119,10 +114,23 @@ def _tail_energy(s: np.ndarray) -> np.ndarray:
     return np.concatenate([np.cumsum(sq[::-1])[::-1][1:], [0.0]])
 
 
+def _ranks_keeping(costs: dict[str, tuple[np.ndarray, int]], keep: float) -> dict[str, int]:
+    """Per group the largest rank whose stored form is at most ``keep`` of its dense parameters (at least 1)."""
+    return {k: max(1, int(np.searchsorted(c, keep * d, side="right"))) for k, (c, d) in costs.items()}
+
+
 def trial_ranks(plan: Plan, keep: float) -> dict[str, int]:
-    """The rank of each group at which its factored form keeps ``keep`` of its dense parameters (at least 1):
-    where :func:`measure_weights` truncates each role and layer."""
-    return {k: max(1, int(np.searchsorted(c, keep * d, side="right"))) for k, (c, d) in group_costs(plan).items()}
+    """The uniform rule's ranks at ``keep``: where :func:`measure_weights` truncates each role and layer."""
+    return _ranks_keeping(group_costs(plan), keep)
+
+
+def format_ranks(ranks: dict[str, int]) -> str:
+    """A rank map as one table cell, "key:rank;key:rank" (:func:`parse_ranks` reads it back)."""
+    return ";".join(f"{k}:{r}" for k, r in ranks.items())
+
+
+def parse_ranks(cell: str) -> dict[str, int]:
+    return {key: int(rank) for key, rank in (item.rsplit(":", 1) for item in cell.split(";"))}
 
 
 def relative_tails(plan: Plan) -> dict[str, np.ndarray]:

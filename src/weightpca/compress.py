@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, adapter_for
+from .allocation import parse_ranks
 from .io import WeightFileError, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .plan import Factor, model_plan
 
@@ -309,7 +310,7 @@ def whole_model_ranks(whole_csv, mode: str, allocation: str, removed: float) -> 
             f"{whole_csv}: removing {removed:.0%} of the model is out of reach of its factored "
             f"matrices (rank 1 everywhere keeps more); give this compress point a smaller removed"
         )
-    return {key: int(rank) for key, rank in (item.rsplit(":", 1) for item in row.ranks.split(";"))}
+    return parse_ranks(row.ranks)
 
 
 def dense_bytes(model: nn.Module) -> int:

@@ -39,9 +39,25 @@ QKV = ("q", "k", "v")
 LABELS = ("q", "k", "v", "kv")  # a group's matrix types: one role, or K and V sharing a basis
 
 
-def _label(plan: Plan, key: str) -> str:
-    roles = {name.split(".", 1)[1] for name in next(g for g in plan.groups if g.key == key).members}
-    return "kv" if roles == {"k", "v"} else roles.pop()
+def _labels(plan: Plan) -> dict[str, str]:
+    """Group key -> its matrix type: one role, or "kv" for K and V sharing a basis."""
+    out = {}
+    for g in plan.groups:
+        roles = {name.split(".", 1)[1] for name in g.members}
+        out[g.key] = "kv" if roles == {"k", "v"} else roles.pop()
+    return out
+
+
+def _stopwatch(timing: dict[str, float]):
+    """``timed(key, fn, *args)``: ``fn(*args)``, its wall time added to ``timing[key]``."""
+
+    def timed(key, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timing[key] += time.perf_counter() - t0
+        return out
+
+    return timed
 
 
 def qkv_info(plan: Plan, threshold: float, n_layers: int) -> dict:
@@ -53,11 +69,12 @@ def qkv_info(plan: Plan, threshold: float, n_layers: int) -> dict:
     """
     ranks_of, params, dense = plan.ranks(threshold), plan.params(threshold), plan.dense_params()
     group_of = {name: g.key for g in plan.groups for name in g.members}
-    ranks = {label: [] for label in LABELS}
+    label = _labels(plan)
+    ranks = {name: [] for name in LABELS}
     for i in range(n_layers):
         for key in dict.fromkeys(group_of[f"{i}.{r}"] for r in QKV):
-            ranks[_label(plan, key)].append(ranks_of[key])
-    part = lambda counts, q: sum(v for k, v in counts.items() if (_label(plan, k) == "q") == q)  # noqa: E731
+            ranks[label[key]].append(ranks_of[key])
+    part = lambda counts, q: sum(v for k, v in counts.items() if (label[k] == "q") == q)  # noqa: E731
     info = {
         "ranks": {k: v for k, v in ranks.items() if v},
         "params_q": part(params, True),
@@ -153,12 +170,7 @@ def run_sweep(
     """
     timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, reconstruct_s=0.0, generate_s=0.0)
     prompt_ids = target.encode(prompt) if prompt and gen_tokens else None
-
-    def timed(key, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timing[key] += time.perf_counter() - t0
-        return out
+    timed = _stopwatch(timing)
 
     base_ppl = timed("eval_s", perplexity, target, eval_tokens, window)
     plan = model_plan(target, mode, QKV, calib_tokens, window, dtype, timed)
@@ -352,15 +364,10 @@ def run_budget_sweep(
     ``(1 + tolerance)`` × the base perplexity (``source`` "refine"). Returns (rows, info); the model is
     restored after.
     """
-    from .allocation import allocate, measure_weights, model_params, weighted_damage
+    from .allocation import allocate, format_ranks, group_costs, measure_weights, model_params, weighted_damage
 
     timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, sensitivity_s=0.0)
-
-    def timed(key, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timing[key] += time.perf_counter() - t0
-        return out
+    timed = _stopwatch(timing)
 
     total = whole_model_params(target.model)
     base_ppl = timed("eval_s", perplexity, target, eval_tokens, window)
@@ -377,6 +384,7 @@ def run_budget_sweep(
         weights_of = timed("sensitivity_s", measure_weights, plan, loss_with, trial_keep, progress)
         damage = weighted_damage(plan, weights_of)
     role_of = {name: name.split(".", 1)[1] for name in plan.names}
+    costs = group_costs(plan)
     rows: list[dict] = []
 
     def measure(rule: str, fraction: float, source: str) -> dict:
@@ -387,7 +395,7 @@ def run_budget_sweep(
             return rows[-1]
         with target.patched(plan.weights(ranks)):
             ppl = timed("eval_s", perplexity, target, eval_tokens, window)
-        kept = model_params(plan, total, ranks)
+        kept = model_params(plan, total, ranks, costs)
         by_role: dict[str, list[int]] = {}
         for g in plan.groups:
             for name in g.members:
@@ -399,7 +407,7 @@ def run_budget_sweep(
             params_kept=kept,
             fraction_kept=kept / total,
             **{f"mean_rank_{r}": float(np.mean(v)) for r, v in by_role.items()},
-            ranks=";".join(f"{k}:{v}" for k, v in ranks.items()),
+            ranks=format_ranks(ranks),
         )
         rows.append(row)
         progress(
