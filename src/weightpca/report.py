@@ -271,8 +271,9 @@ def plot_whole_model(whole: pd.DataFrame, path) -> None:
 
 def whole_model_verdicts(whole: pd.DataFrame, frontier: pd.DataFrame) -> list[dict]:
     """Per target: which allocation has the lowest perplexity at each removed fraction (a difference under
-    ``SURGERY_TIE`` is a tie), and which removes the most within each tolerance (one rule removes more than
-    another only when its point lies beyond the other's bracket, where that one left the tolerance)."""
+    ``SURGERY_TIE`` is a tie; where every rule is above ``BROKEN``, none is compared), and which removes the
+    most within each tolerance (one rule removes more than another only when its point lies beyond the
+    other's bracket, where that one left the tolerance)."""
     lines = []
     grid = whole[(whole.source == "grid") & whole.reachable.astype(bool)]
     for (target, mode, removed), g in grid.groupby(["target", "mode", "removed"], sort=False):
@@ -280,7 +281,9 @@ def whole_model_verdicts(whole: pd.DataFrame, frontier: pd.DataFrame) -> list[di
         best = g.iloc[0]
         numbers = "; ".join(f"{r.allocation} {r.ppl_ratio:.3f}x" for r in g.itertuples())
         tied = [r.allocation for r in g.itertuples() if r.ppl_ratio <= best.ppl_ratio * (1 + SURGERY_TIE)]
-        if len(tied) > 1:
+        if best.ppl_ratio > BROKEN:  # broken models enter no comparison
+            verdict = f"every allocation is broken here (> {BROKEN:g}x): not compared"
+        elif len(tied) > 1:
             verdict = f"{', '.join(tied)} tied (within {SURGERY_TIE:.0%})"
         else:
             verdict = (
@@ -289,8 +292,6 @@ def whole_model_verdicts(whole: pd.DataFrame, frontier: pd.DataFrame) -> list[di
                 if len(g) > 1
                 else f"{best.allocation} only"
             )
-        if best.ppl_ratio > BROKEN:
-            verdict += f"; every allocation is broken here (> {BROKEN:g}x)"
         lines.append(
             dict(
                 stage="whole-model",
