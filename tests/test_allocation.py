@@ -87,6 +87,7 @@ def test_budget_sweep_on_a_tiny_llama_keeps_each_budget_and_restores_the_model()
         sensitivity_tokens=tokens[:65],
         tolerances=[0.5],
         refine=2,
+        refit=["calibrated"],
         progress=lambda *_: None,
     )
     assert perplexity(target, tokens, 32) == pytest.approx(before, rel=1e-6)  # restored
@@ -95,11 +96,24 @@ def test_budget_sweep_on_a_tiny_llama_keeps_each_budget_and_restores_the_model()
     for r in rows:
         assert r["reachable"] and r["params_kept"] <= (1 - r["removed"]) * total
         assert r["base_ppl"] == pytest.approx(before)
-    assert {(r["allocation"], r["removed"]) for r in rows if r["source"] == "grid"} == {
-        (a, f) for a in ("threshold", "uniform", "calibrated") for f in (0.05, 0.2)
-    }
+    assert {(r["allocation"], r["removed"], r["refit"]) for r in rows if r["source"] == "grid"} == {
+        (a, f, False) for a in ("threshold", "uniform", "calibrated") for f in (0.05, 0.2)
+    } | {("calibrated", f, True) for f in (0.05, 0.2)}
+    # refit keeps the calibrated ranks and changes the factors (hence the perplexity)
+    for f in (0.05, 0.2):
+        plain, refit = (
+            next(r for r in rows if r["allocation"] == "calibrated" and r["removed"] == f and r["refit"] == on)
+            for on in (False, True)
+        )
+        assert refit["ranks"] == plain["ranks"] and refit["ppl"] != plain["ppl"]
+    assert info["refit_s"] > 0
     frontier = budget_frontier(rows, 0.5)
-    assert {f["allocation"] for f in frontier} == {"threshold", "uniform", "calibrated"}
+    assert {(f["allocation"], f["refit"]) for f in frontier} == {
+        ("threshold", False),
+        ("uniform", False),
+        ("calibrated", False),
+        ("calibrated", True),
+    }
     for f in frontier:
         if f["within"]:
             assert f["ppl_ratio"] <= 1.5

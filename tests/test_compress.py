@@ -18,6 +18,7 @@ from weightpca.compress import (
     load_compressed,
     save_compressed,
     unique_tensors,
+    whole_model_ranks,
 )
 from weightpca.linalg import PCABasis, WhitenedBasis, input_cholesky
 from weightpca.plan import MODES, model_plan
@@ -199,6 +200,58 @@ def test_export_point_agrees_with_the_reconstruction_and_is_smaller(tmp_path):
     assert record["loaded_vs_reconstructed"] <= 1e-3 and record["ppl_reconstructed"] != pytest.approx(before)
     assert record["bytes_factored"] < record["bytes_dense"] and record["params_factored"] < record["params_dense"]
     assert perplexity(target, TOKENS, 32) == pytest.approx(before, rel=1e-6)  # the target is restored
+
+
+def test_refit_export_agrees_with_its_refit_reconstruction(tmp_path):
+    """A refit whole-model point: the saved factors are the refit ones (not the plan's), reloaded exactly."""
+    from weightpca.allocation import trial_ranks
+    from weightpca.refit import refit_plan
+
+    target = tiny_target()
+    plan = model_plan(target, "activation_aware", None, TOKENS, 32)
+    ranks = trial_ranks(plan, 0.5)
+    common = (["qkv", "o", "mlp"], TOKENS, TOKENS, 32)
+    quiet = lambda *_: None  # noqa: E731
+    cfg = target.model.config.to_dict()
+    plain = export_point(target, "activation_aware", ranks, *common, tmp_path / "plain", cfg, "abc", progress=quiet)
+    refit = export_point(
+        target, "activation_aware", ranks, *common, tmp_path / "refit", cfg, "abc", 0.01, progress=quiet
+    )
+    with target.patched(refit_plan(target, plan, ranks, TOKENS, 32, 0.01, quiet).weights(ranks)):
+        assert refit["ppl_reconstructed"] == pytest.approx(perplexity(target, TOKENS, 32), rel=1e-9)
+    assert refit["refit"] and not plain["refit"] and refit["ppl_reconstructed"] != plain["ppl_reconstructed"]
+    assert refit["loaded_vs_reconstructed"] <= 1e-3 and refit["params_factored"] == plain["params_factored"]
+    with pytest.raises(ValueError, match="refit applies to a whole-model point"):
+        export_point(target, "activation_aware", 0.9, *common, tmp_path / "t", cfg, "abc", 0.01, progress=quiet)
+
+
+def test_whole_model_point_by_removed_or_by_tolerance(tmp_path):
+    import pandas as pd
+
+    table = pd.DataFrame(
+        [
+            dict(mode="m", allocation="a", refit=False, removed=0.1, source="grid", reachable=True, ppl_ratio=1.05),
+            dict(mode="m", allocation="a", refit=False, removed=0.15, source="refine", reachable=True, ppl_ratio=1.09),
+            dict(mode="m", allocation="a", refit=False, removed=0.2, source="grid", reachable=True, ppl_ratio=1.3),
+            dict(mode="m", allocation="a", refit=True, removed=0.2, source="grid", reachable=True, ppl_ratio=1.08),
+            dict(mode="m", allocation="b", refit=False, removed=0.2, source="grid", reachable=True, ppl_ratio=1.01),
+            dict(mode="m", allocation="a", refit=False, removed=0.9, source="grid", reachable=False, ppl_ratio=None),
+        ]
+    )
+    table["ranks"] = [f"0.q:{i + 1}" for i in range(len(table))]
+    path = tmp_path / "whole.csv"
+    table.to_csv(path, index=False)
+    assert whole_model_ranks(path, "m", "a", removed=0.2) == {"0.q": 3}
+    assert whole_model_ranks(path, "m", "a", refit=True, removed=0.2) == {"0.q": 4}
+    assert whole_model_ranks(path, "m", "a", tolerance=0.1) == {"0.q": 2}  # the bisection's point
+    with pytest.raises(ValueError, match="no a point of m within 1% of the base perplexity"):
+        whole_model_ranks(path, "m", "a", tolerance=0.01)
+    with pytest.raises(ValueError, match="give this compress point one of surgery.whole_model.removed"):
+        whole_model_ranks(path, "m", "a", removed=0.3)
+    with pytest.raises(ValueError, match="out of reach"):
+        whole_model_ranks(path, "m", "a", removed=0.9)
+    with pytest.raises(ValueError, match="exactly one of removed and tolerance"):
+        whole_model_ranks(path, "m", "a", removed=0.2, tolerance=0.1)
 
 
 def test_a_group_not_smaller_factored_is_kept_dense_as_its_reconstruction(tmp_path):

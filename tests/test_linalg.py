@@ -11,6 +11,7 @@ from weightpca.linalg import (
     exact_svd,
     factored_params,
     input_cholesky,
+    lower_inverse,
     rank_for_fraction,
     rank_for_threshold,
 )
@@ -92,6 +93,9 @@ def test_cholesky_of_rank_deficient_moment():
     c = (x.T @ x / 10).astype(np.float64)
     chol = input_cholesky(c)
     np.testing.assert_allclose(chol @ chol.T, c, atol=1e-3 * np.abs(c).max())
+    inv = lower_inverse(chol)  # of this ill-conditioned factor too
+    np.testing.assert_allclose(inv @ chol, np.eye(40), atol=1e-6)
+    assert np.allclose(np.triu(inv, 1), 0.0)
 
 
 def test_exact_svd_centred_is_pca_of_the_rows():

@@ -213,9 +213,10 @@ class RankTarget(ModelAdapter):
     ROLES = ("q", "k", "v")
     GROUPS = {"qkv": ROLES}
 
-    def __init__(self, d=32, alpha=0.001, n_layers=1, costs=None):
-        self.n_layers = n_layers
-        self.weights = [{n: decaying(d, d, seed=3 * i + j) for j, n in enumerate("qkv")} for i in range(n_layers)]
+    def __init__(self, d=32, alpha=0.001, n_layers=1, costs=None, roles=ROLES):
+        self.n_layers, self.ROLES = n_layers, tuple(roles)
+        k = len(self.ROLES)
+        self.weights = [{n: decaying(d, d, seed=k * i + j) for j, n in enumerate(self.ROLES)} for i in range(n_layers)]
         self.full = [{n: self.rank(w) for n, w in lw.items()} for lw in self.weights]
         self.costs = costs or {(i, n): alpha for i in range(n_layers) for n in "qkv"}
 
@@ -333,3 +334,22 @@ def test_sensitivity_localises_the_damaging_matrix_and_layer(monkeypatch):
     # at the highest threshold where v alone leaves the tolerance
     assert layer_rows[0]["threshold"] == max(t for (n, t), x in types.items() if n == "v" and x > 1.1)
     assert [r["ppl_ratio"] > 1.0 for r in layer_rows] == [False, False, True]
+
+
+def test_sensitivity_covers_every_matrix_type_and_scans_the_worst(monkeypatch):
+    """Types beyond q/k/v: a planted damaging MLP matrix (down of layer 1) is the type the layer scan takes."""
+    from weightpca import surgery
+
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+    target = RankTarget(n_layers=3, costs={(1, "down"): 0.01, (0, "v"): 0.001}, roles=roles)
+    monkeypatch.setattr(surgery, "perplexity", lambda tgt, *_: tgt.ppl())
+    rows = surgery.run_sensitivity(
+        target, [0.99, 0.9], np.zeros(2), 1, tolerance=0.1, roles=roles, combined=True, progress=lambda *_: None
+    )
+    types = {(r["matrices"], r["threshold"]): r["ppl_ratio"] for r in rows if r["scope"] == "type"}
+    assert set(types) == {(n, t) for n in roles for t in (0.99, 0.9)}
+    assert types["down", 0.9] > types["v", 0.9] > 1.0 and types["gate", 0.9] == 1.0
+    assert {r["matrices"] for r in rows if r["scope"] == "all"} == {"+".join(roles)}
+    layer_rows = [r for r in rows if r["scope"] == "layer"]
+    assert [r["matrices"] for r in layer_rows] == ["down"] * 3
+    assert [r["ppl_ratio"] > 1.0 for r in layer_rows] == [False, True, False]

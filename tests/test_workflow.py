@@ -123,10 +123,19 @@ def test_whole_model_tables(ci_results):
     assert not (results / "surgery/smollm2/whole").exists()  # whole_model: false for this target
     for mode in ("activation_aware", "shared_kv"):
         table = pd.read_csv(results / f"surgery/gpt/whole/{mode}.csv")
-        grid = table[table.source == "grid"]
+        grid = table[(table.source == "grid") & ~table.refit]
         assert sorted(zip(grid.allocation, grid.removed)) == sorted(
             (a, r) for a in ("threshold", "uniform", "calibrated") for r in (0.1, 0.3)
         )
+        # refit: the calibrated grid again, at the same ranks (only the whitened mode can be refit)
+        refit = table[table.refit].set_index("removed")
+        if mode == "shared_kv":
+            assert refit.empty
+        else:
+            assert set(refit.allocation) == {"calibrated"} and sorted(refit.index) == [0.1, 0.3]
+            plain = grid[grid.allocation == "calibrated"].set_index("removed")
+            assert (refit.ranks == plain.ranks.loc[refit.index]).all()
+            assert (refit.params_kept == plain.params_kept.loc[refit.index]).all()
         reachable = table[table.reachable]
         assert (reachable.fraction_kept <= 1 - reachable.removed + 1e-12).all()
         assert {"mean_rank_q", "mean_rank_v", "mean_rank_o", "mean_rank_fc", "mean_rank_proj"} <= set(table.columns)
@@ -136,7 +145,7 @@ def test_whole_model_tables(ci_results):
             and len(info["sensitivity"]) == info["groups"]
         )
     frontier = pd.read_csv(results / "surgery/gpt/whole/frontier.csv")
-    assert len(frontier) == 2 * 3 * 3  # modes x allocations x tolerances
+    assert len(frontier) == (3 + 1 + 3) * 3  # (allocations, + refit calibrated; shared_kv's) x tolerances
 
 
 def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
@@ -158,10 +167,12 @@ def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
     frontier = pd.read_csv(results / "surgery/gpt/frontier.csv")
     row = frontier[(frontier["mode"] == "activation_aware") & (frontier.tolerance == 0.05)].iloc[0]
     assert gpt["threshold"] == row.threshold and gpt["matrices"] == ["qkv", "o", "mlp"]
-    # a whole-model point: the calibrated ranks of the sweep's 30 % point, every matrix type factored
+    # a whole-model point: the calibrated ranks of the sweep's 30 % point, refit, every matrix type factored
     whole = json.loads((results / "compress/gpt/whole30/compress.json").read_text())
     sweep = pd.read_csv(results / "surgery/gpt/whole/activation_aware.csv")
-    row = sweep[(sweep.allocation == "calibrated") & (sweep.removed == 0.3) & (sweep.source == "grid")].iloc[0]
+    row = sweep[(sweep.allocation == "calibrated") & (sweep.removed == 0.3) & (sweep.source == "grid") & sweep.refit]
+    row = row.iloc[0]
+    assert whole["refit"]
     assert whole["params_factored"] == row.params_kept and whole["params_factored"] <= 0.7 * whole["params_dense"]
     assert whole["ppl_reconstructed"] == pytest.approx(row.ppl, rel=1e-6) and whole["matrices"] == ["qkv", "o", "mlp"]
     assert whole["bytes_factored"] < 0.72 * whole["bytes_dense"]

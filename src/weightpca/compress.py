@@ -40,6 +40,7 @@ from .adapters import ADAPTERS, adapter_for
 from .allocation import parse_ranks
 from .io import WeightFileError, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .plan import Factor, model_plan
+from .refit import refit_plan
 
 # 2: factors are nn.Linear weights ("<path>.basis.weight", "<path>.coef.weight"/".bias"); 1 had bare tensors
 FORMAT = "weightpca-compressed-2"
@@ -288,21 +289,32 @@ def frontier_threshold(frontier_csv, mode: str, tolerance: float) -> float:
     return float(row.threshold)
 
 
-def whole_model_ranks(whole_csv, mode: str, allocation: str, removed: float) -> dict[str, int]:
-    """The rank map of a whole-model sweep's grid point (whole/<mode>.csv), refused if it has none."""
+def whole_model_ranks(
+    whole_csv, mode: str, allocation: str, refit: bool = False, removed=None, tolerance=None
+) -> dict[str, int]:
+    """The rank map of a whole-model sweep's point (whole/<mode>.csv): its grid point at ``removed``, or
+    the largest measured removal within ``(1 + tolerance)`` × base perplexity; refused if it has none."""
     import pandas as pd
 
+    if (removed is None) == (tolerance is None):
+        raise ValueError("a whole-model point takes exactly one of removed and tolerance")
     table = pd.read_csv(whole_csv)
-    row = table[
-        (table["mode"] == mode)
-        & (table.allocation == allocation)
-        & np.isclose(table.removed, removed)
-        & (table.source == "grid")
-    ]
+    rows = table[(table["mode"] == mode) & (table.allocation == allocation) & (table.refit.astype(bool) == refit)]
+    what = f"{allocation}{' refit' if refit else ''} point of {mode}"
+    if tolerance is not None:
+        inside = rows[rows.reachable.astype(bool) & (rows.ppl_ratio <= 1 + tolerance)]
+        if inside.empty:
+            raise ValueError(
+                f"{whole_csv}: no {what} within {tolerance:.0%} of the base perplexity (the smallest ratio "
+                f"measured is {rows.ppl_ratio.min():.3f}); give this compress point a larger tolerance"
+            )
+        return parse_ranks(inside.loc[inside.removed.idxmax()].ranks)
+    row = rows[np.isclose(rows.removed, removed) & (rows.source == "grid")]
     if row.empty:
         raise ValueError(
-            f"{whole_csv}: no {allocation} point of {mode} at removed {removed}; give this compress "
+            f"{whole_csv}: no {what} at removed {removed}; give this compress "
             f"point one of surgery.whole_model.removed ({sorted(set(table.removed))})"
+            + (" and an allocation listed in surgery.whole_model.refit" if refit else "")
         )
     row = row.iloc[0]
     if not bool(row.reachable):
@@ -334,13 +346,16 @@ def export_point(
     folder,
     model_config: dict,
     prompt: str,
+    refit_ridge: float | None = None,
     progress=print,
 ) -> dict:
     """Factor ``target`` at one operating point, save it, reload it and check it against the dense path.
 
     ``groups``: the matrix groups to factor (any of ``qkv``, ``o``, ``mlp``), every one of them by
     ``mode`` (``weightpca.plan.mode_groups``) under ``allocation``: one threshold for every matrix, or
-    a rank per group key (a whole-model sweep's point). Returns the record: perplexity
+    a rank per group key (a whole-model sweep's point). ``refit_ridge`` (a rank map only): the factors
+    are refit to the inputs the compressed model feeds them (``weightpca.refit``) on ``calib``, with this
+    ridge. Returns the record: perplexity
     of the unmodified model, of the dense reconstruction (the surgery's measurement) and of the
     reloaded factored model, which must agree with the reconstruction to a relative 1e-3; parameters
     and bytes of both; ranks; a greedy continuation of ``prompt`` by the reloaded model.
@@ -349,6 +364,10 @@ def export_point(
 
     base_ppl = perplexity(target, val, window)
     plan = model_plan(target, mode, target.roles(groups), calib, window)
+    if refit_ridge is not None:
+        if not isinstance(allocation, dict):
+            raise ValueError("refit applies to a whole-model point (a rank map), not a threshold")
+        plan = refit_plan(target, plan, plan.ranks(allocation), calib, window, refit_ridge, progress)
     with target.patched(plan.weights(allocation)):
         ppl_reconstructed = perplexity(target, val, window)
     model, spec = factorize_model(target, plan.factors(allocation))
@@ -372,6 +391,7 @@ def export_point(
     return dict(
         mode=mode,
         threshold=None if isinstance(allocation, dict) else allocation,
+        refit=refit_ridge is not None,
         matrices=list(groups),
         base_ppl=base_ppl,
         ppl_reconstructed=ppl_reconstructed,

@@ -90,6 +90,16 @@ def check_config(config: dict) -> None:
                         f"{where}: tolerance {point['tolerance']} is not one of surgery.tolerances "
                         f"{surgery['tolerances']}"
                     )
+            if "allocation" in point:
+                _check_whole_model_point(where, point, surgery)
+    if surgery and surgery["whole_model"]["enabled"]:
+        whole = surgery["whole_model"]
+        extra = [a for a in whole["refit"] if a not in whole["allocation"]]
+        if extra:
+            raise ConfigError(
+                f"surgery.whole_model.refit: {extra} not in surgery.whole_model.allocation {whole['allocation']}; "
+                "a refit measures an allocation again, so add it there or remove it here"
+            )
     sketch = config.get("sketch")
     if sketch and sketch["enabled"]:
         n_snapshots = train["max_steps"] // sketch["snapshot_every"]
@@ -108,3 +118,27 @@ def check_config(config: dict) -> None:
         for split, path in (corpus.get("data_files") or {}).items():
             if "://" not in path and not Path(path).is_file():
                 raise ConfigError(f"corpus.data_files.{split}: file '{path}' does not exist")
+
+
+def _check_whole_model_point(where: str, point: dict, surgery: dict) -> None:
+    """A compress point with an allocation reads the whole-model sweep of its target and mode."""
+    whole, target = surgery["whole_model"], surgery["targets"][point["target"]]
+    if not (surgery["enabled"] and whole["enabled"] and target.get("whole_model", True)):
+        raise ConfigError(
+            f"{where}: a whole-model point reads the whole-model sweep of '{point['target']}', which does not "
+            "run (surgery.enabled, surgery.whole_model.enabled, the target's whole_model); enable it or remove "
+            "the point"
+        )
+    for key, listed in (("mode", "modes"), ("allocation", "allocation")):
+        if point[key] not in whole[listed]:
+            raise ConfigError(f"{where}: {key} '{point[key]}' is not in surgery.whole_model.{listed} {whole[listed]}")
+    if "removed" in point and point["removed"] not in whole["removed"]:
+        raise ConfigError(f"{where}: removed {point['removed']} is not one of surgery.whole_model.removed")
+    if point.get("refit"):
+        if "removed" not in point:
+            raise ConfigError(f"{where}: refit points are measured at surgery.whole_model.removed; give removed")
+        if point["allocation"] not in whole["refit"] or point["mode"] != "activation_aware":
+            raise ConfigError(
+                f"{where}: refit needs mode activation_aware and its allocation in surgery.whole_model.refit "
+                f"{whole['refit']}"
+            )

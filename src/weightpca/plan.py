@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .linalg import PCABasis, WhitenedBasis, factored_params, input_cholesky, rank_for_threshold
+from .linalg import PCABasis, WhitenedBasis, factored_params, input_cholesky, lower_inverse, rank_for_threshold
 
 MODES = ("separate", "shared_kv", "cross_layer", "activation_aware")
 
@@ -124,7 +124,7 @@ class Plan:
                 c = moments[name]
                 if id(c) not in cholesky:
                     chol = input_cholesky(c)
-                    cholesky[id(c)] = (chol, np.linalg.inv(chol))
+                    cholesky[id(c)] = (chol, lower_inverse(chol))
                 self.bases[g.key] = WhitenedBasis.fit(weights[name], *cholesky[id(c)], np.float64)
                 self.rows[name] = (0, self.shapes[name][0])
             elif g.kind == "pca":

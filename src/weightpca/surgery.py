@@ -254,70 +254,72 @@ def run_sensitivity(
     eval_tokens: np.ndarray,
     window: int,
     tolerance: float,
+    roles=QKV,
     combined: bool = False,
     layer_tokens: int | None = None,
     progress=print,
     dtype=np.float32,
 ) -> list[dict]:
-    """Which matrices and layers carry the loss of the ``separate`` mode (weight-only PCA per matrix).
+    """Which matrix types and layers carry the loss of the ``separate`` mode (weight-only PCA per matrix).
 
     Rows (``scope``):
-    - "type": one matrix type (q, k or v) compressed in every layer, the
+    - "type": one matrix type of ``roles`` (q, k, v, o, and the MLP's) compressed in every layer, the
       others left dense, at every threshold below 1.0;
     - "layer": the most damaging type (largest Σ log perplexity ratio over
       those thresholds) compressed in one layer at a time, at the highest
       threshold where that type alone leaves ``1 + tolerance`` (the lowest
       threshold if it never does): where its damage begins;
-    - "all" (only with ``combined``): q, k and v in every layer, which is the
-      ``separate`` sweep's own point at that threshold.
+    - "all" (only with ``combined``): every type of ``roles`` in every layer, which is the
+      ``separate`` sweep's own point at that threshold when ``roles`` is q, k, v.
     Each matrix keeps the rank the ``separate`` sweep gives it at that
     threshold. The one-layer points are evaluated on the first
     ``layer_tokens`` tokens (None: all), their ratio to the unmodified model
     on those same tokens: that scan costs one evaluation per layer. The
     model is restored after.
     """
+    roles = list(roles)
     everywhere = list(range(target.n_layers))
     layer_eval = eval_tokens[: layer_tokens + 1] if layer_tokens else eval_tokens
     base = {"all": perplexity(target, eval_tokens, window)}
     base["layer"] = perplexity(target, layer_eval, window) if layer_tokens else base["all"]
-    plan = model_plan(target, "separate", QKV, dtype=dtype)
+    plan = model_plan(target, "separate", roles, dtype=dtype)
     levels = sorted((t for t in thresholds if t < 1.0), reverse=True)
     if not levels:
         raise ValueError("sensitivity needs a threshold below 1.0 in surgery.thresholds")
     compressed = {t: (plan.weights(t), plan.ranks(t)) for t in levels}
     rows = []
 
-    def measure(scope: str, types: str, layers: list[int], t: float) -> None:
+    def measure(scope: str, types: list[str], layers: list[int], t: float) -> None:
         weights, ranks_of = compressed[t]
         names = [f"{i}.{n}" for i in layers for n in types]
         tokens, base_ppl = (layer_eval, base["layer"]) if scope == "layer" else (eval_tokens, base["all"])
         with target.patched({name: weights[name] for name in names}):
             ppl = perplexity(target, tokens, window)
-        ranks = [ranks_of[f"{i}.{n}"] for n in types for i in layers]
         rows.append(
             dict(
                 scope=scope,
-                matrices=types,
+                matrices="+".join(types),
                 layer=layers[0] if scope == "layer" else "all",
                 threshold=t,
                 ppl=ppl,
                 ppl_ratio=ppl / base_ppl,
                 base_ppl=base_ppl,
                 eval_tokens=len(tokens) - 1,
-                mean_rank=float(np.mean(ranks)),
+                mean_rank=float(np.mean([ranks_of[name] for name in names])),
             )
         )
         progress(
-            f"sensitivity {scope} {types} layer {rows[-1]['layer']} t={t:g}: ppl {ppl:.3f} ({ppl / base_ppl:.3f}x)"
+            f"sensitivity {scope} {rows[-1]['matrices']} layer {rows[-1]['layer']} t={t:g}: "
+            f"ppl {ppl:.3f} ({ppl / base_ppl:.3f}x)"
         )
 
     for t in levels:
-        for name in "qkv":
-            measure("type", name, everywhere, t)
+        for role in roles:
+            measure("type", [role], everywhere, t)
         if combined:
-            measure("all", "qkv", everywhere, t)
+            measure("all", roles, everywhere, t)
     damage = {
-        n: sum(np.log(r["ppl_ratio"]) for r in rows if r["scope"] == "type" and r["matrices"] == n) for n in "qkv"
+        n: sum(np.log(r["ppl_ratio"]) for r in rows if r["scope"] == "type" and r["matrices"] == n) for n in roles
     }
     worst = max(damage, key=damage.get)
     leaving = [
@@ -327,7 +329,7 @@ def run_sensitivity(
     ]
     at = max(leaving) if leaving else levels[-1]
     for i in everywhere:
-        measure("layer", worst, [i], at)
+        measure("layer", [worst], [i], at)
     return rows
 
 
@@ -349,6 +351,8 @@ def run_budget_sweep(
     trial_keep: float = 0.5,
     tolerances=(),
     refine: int = 0,
+    refit=(),
+    refit_ridge: float = 0.01,
     progress=print,
     dtype=np.float32,
 ) -> tuple[list[dict], dict]:
@@ -361,17 +365,27 @@ def run_budget_sweep(
     tokens, not the evaluation's), each role and each layer truncated to ``trial_keep`` of its dense
     parameters (``allocation.measure_weights``). Then, per rule and
     tolerance, ``refine`` bisection steps on the removed fraction locate the largest removal within
-    ``(1 + tolerance)`` × the base perplexity (``source`` "refine"). Returns (rows, info); the model is
-    restored after.
+    ``(1 + tolerance)`` × the base perplexity (``source`` "refine"). Each rule of ``refit`` is measured
+    again at every fraction of ``removed`` with its factors refit to the inputs the compressed model feeds
+    them (``weightpca.refit``, ridge ``refit_ridge``, on ``calib_tokens``; rows with ``refit`` true, no
+    bisection: a refit costs about a few forward passes over the calibration tokens; a mode with weight-only
+    bases is not refit). Returns (rows, info); the model is restored after.
     """
     from .allocation import allocate, format_ranks, group_costs, measure_weights, model_params, weighted_damage
+    from .refit import refit_plan
 
-    timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, sensitivity_s=0.0)
+    unknown = [r for r in refit if r not in allocations]
+    if unknown:
+        raise ValueError(f"refit {unknown}: each must be one of the allocations measured ({list(allocations)})")
+    timing = dict(eval_s=0.0, calib_s=0.0, decompose_s=0.0, sensitivity_s=0.0, refit_s=0.0)
     timed = _stopwatch(timing)
 
     total = whole_model_params(target.model)
     base_ppl = timed("eval_s", perplexity, target, eval_tokens, window)
     plan = model_plan(target, mode, roles, calib_tokens, window, dtype, timed)
+    if refit and any(g.kind != "whitened" for g in plan.groups):
+        progress(f"refit: {mode} has weight-only bases; refit fits whitened factors, so {mode} is not refit")
+        refit = ()
     weights_of, damage = None, None
     if "calibrated" in allocations:
         if sensitivity_tokens is None:
@@ -387,13 +401,26 @@ def run_budget_sweep(
     costs = group_costs(plan)
     rows: list[dict] = []
 
-    def measure(rule: str, fraction: float, source: str) -> dict:
+    def measure(rule: str, fraction: float, source: str, refit: bool = False) -> dict:
         ranks = allocate(plan, total, fraction, rule, damage)
-        row = dict(mode=mode, allocation=rule, removed=fraction, source=source, base_ppl=base_ppl, params_total=total)
+        row = dict(
+            mode=mode,
+            allocation=rule,
+            refit=refit,
+            removed=fraction,
+            source=source,
+            base_ppl=base_ppl,
+            params_total=total,
+        )
         if ranks is None:  # even rank 1 everywhere keeps more
             rows.append(dict(row, reachable=False, ppl=float("nan"), ppl_ratio=float("nan")))
             return rows[-1]
-        with target.patched(plan.weights(ranks)):
+        fitted = (
+            timed("refit_s", refit_plan, target, plan, ranks, calib_tokens, window, refit_ridge, progress)
+            if refit
+            else plan
+        )
+        with target.patched(fitted.weights(ranks)):
             ppl = timed("eval_s", perplexity, target, eval_tokens, window)
         kept = model_params(plan, total, ranks, costs)
         by_role: dict[str, list[int]] = {}
@@ -411,7 +438,7 @@ def run_budget_sweep(
         )
         rows.append(row)
         progress(
-            f"{mode} {rule} removed {fraction:.3f}: ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
+            f"{mode} {rule}{' refit' if refit else ''} removed {fraction:.3f}: ppl {ppl:.3f} ({ppl / base_ppl:.3f}x), "
             f"{kept / total:.3f} of the model kept"
         )
         return row
@@ -420,7 +447,7 @@ def run_budget_sweep(
         for fraction in removed:
             measure(rule, fraction, "grid")
         for tolerance in tolerances:
-            points = [r for r in rows if r["allocation"] == rule and r["reachable"]]
+            points = [r for r in rows if r["allocation"] == rule and not r["refit"] and r["reachable"]]
             inside = [r["removed"] for r in points if r["ppl_ratio"] <= 1 + tolerance]
             outside = [r["removed"] for r in points if r["ppl_ratio"] > 1 + tolerance]
             lo, hi = max(inside, default=0.0), min((x for x in outside if x > max(inside, default=0.0)), default=None)
@@ -431,6 +458,9 @@ def run_budget_sweep(
                     lo = mid
                 else:
                     hi = mid
+    for rule in refit:
+        for fraction in removed:
+            measure(rule, fraction, "grid", refit=True)
     info = dict(
         timing,
         base_ppl=base_ppl,
@@ -442,12 +472,14 @@ def run_budget_sweep(
 
 
 def budget_frontier(rows: list[dict], tolerance: float) -> list[dict]:
-    """Per (mode, allocation): the largest measured removal within ``(1 + tolerance)`` × base perplexity,
-    and the smallest measured removal beyond it that leaves the tolerance (its bracket; NaN if none)."""
+    """Per (mode, allocation, refit): the largest measured removal within ``(1 + tolerance)`` × base
+    perplexity, and the smallest measured removal beyond it that leaves the tolerance (its bracket; NaN if
+    none)."""
     nan = float("nan")
     out = []
-    for key in dict.fromkeys((r["mode"], r["allocation"]) for r in rows):
-        points = [r for r in rows if (r["mode"], r["allocation"]) == key and r["reachable"]]
+    variant = lambda r: (r["mode"], r["allocation"], bool(r["refit"]))  # noqa: E731
+    for key in dict.fromkeys(variant(r) for r in rows):
+        points = [r for r in rows if variant(r) == key and r["reachable"]]
         inside = [r for r in points if r["ppl_ratio"] <= 1 + tolerance]
         best = max(inside, key=lambda r: r["removed"]) if inside else None
         beyond = [
@@ -458,6 +490,7 @@ def budget_frontier(rows: list[dict], tolerance: float) -> list[dict]:
             dict(
                 mode=key[0],
                 allocation=key[1],
+                refit=key[2],
                 tolerance=tolerance,
                 within=best is not None,
                 removed=best["removed"] if best else 0.0,

@@ -27,6 +27,13 @@ def perplexity(target, tokens: np.ndarray, window: int, batch_size: int = 4) -> 
     return evaluate.perplexity(target.logits, eval_windows(tokens, window, None), batch_size, target.device)
 
 
+def calibration_windows(tokens: np.ndarray, window: int):
+    """The calibration windows of ``tokens``: ``(len − 1) // window`` of them (at least one), each [1, window]."""
+    n = max(1, (len(tokens) - 1) // window)
+    for i in range(n):
+        yield torch.from_numpy(np.asarray(tokens[i * window : (i + 1) * window], dtype=np.int64))[None]
+
+
 @torch.no_grad()
 def input_moments(target, tokens: np.ndarray, window: int, modules=None) -> list[np.ndarray]:
     """Per module, the uncentred second moment XᵀX / N [d_in, d_in] of its inputs.
@@ -50,10 +57,8 @@ def input_moments(target, tokens: np.ndarray, window: int, modules=None) -> list
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
     try:
-        n = max(1, (len(tokens) - 1) // window)
-        for i in range(n):
-            chunk = np.asarray(tokens[i * window : (i + 1) * window], dtype=np.int64)
-            target.logits(torch.from_numpy(chunk)[None])
+        for x in calibration_windows(tokens, window):
+            target.logits(x)
     finally:
         for h in handles:
             h.remove()

@@ -73,6 +73,36 @@ BAD = [
         },
         r"\['compress'\]\['points'\]\[0\]\['matrices'\]|does not contain",
     ),
+    (
+        "whole-model point at an unswept fraction",
+        {
+            "compress.points": [
+                {"name": "p", "target": "gpt", "mode": "activation_aware", "removed": 0.25, "allocation": "uniform"}
+            ]
+        },
+        r"compress\.points\[0\] \(p\): removed 0\.25 is not one of surgery\.whole_model\.removed",
+    ),
+    (
+        "refit point of an allocation not refit",
+        {
+            "compress.points": [
+                {
+                    "name": "p",
+                    "target": "gpt",
+                    "mode": "activation_aware",
+                    "removed": 0.3,
+                    "allocation": "uniform",
+                    "refit": True,
+                }
+            ]
+        },
+        r"refit needs mode activation_aware and its allocation in surgery\.whole_model\.refit \['calibrated'\]",
+    ),
+    (
+        "refit of an allocation not measured",
+        {"surgery.whole_model.allocation": ["uniform"], "compress.enabled": False},
+        r"surgery\.whole_model\.refit: \['calibrated'\] not in surgery\.whole_model\.allocation",
+    ),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),
     (
         "corpus archive missing",

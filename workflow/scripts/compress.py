@@ -18,9 +18,14 @@ with job_log(snakemake.log[0]):
     device = resolve_device(snakemake.config["device"])
     inputs = dict(snakemake.input.items())
     target, val, calib, window = load_target(kind, inputs, s["eval_tokens"], s["calib_tokens"], s["window"], device)
-    if "removed" in point:  # a whole-model point: the ranks its sweep chose, every matrix it factored
-        allocation = whole_model_ranks(inputs["whole"], point["mode"], point["allocation"], point["removed"])
+    refit_ridge = None
+    if "allocation" in point:  # a whole-model point: the ranks its sweep chose, every matrix it factored
+        refit = point.get("refit", False)
+        allocation = whole_model_ranks(
+            inputs["whole"], point["mode"], point["allocation"], refit, point.get("removed"), point.get("tolerance")
+        )
         matrices = s["matrices"]
+        refit_ridge = s["refit_ridge"] if refit else None
     else:
         allocation = point.get("threshold") or frontier_threshold(inputs["frontier"], point["mode"], point["tolerance"])
         matrices = point.get("matrices", ["qkv"])
@@ -37,6 +42,7 @@ with job_log(snakemake.log[0]):
         folder,
         model_config,
         s["prompt"],
+        refit_ridge,
     )
     del target
     # dense original and factored model, each timed in a fresh process on this job's device
@@ -60,6 +66,7 @@ with job_log(snakemake.log[0]):
         tolerance=point.get("tolerance"),
         removed=point.get("removed"),
         allocation=point.get("allocation", "threshold"),
+        whole_model="allocation" in point,
         eval_tokens=int(len(val) - 1),
         dense_source=dense,
         speed=speed,

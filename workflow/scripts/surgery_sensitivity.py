@@ -1,4 +1,4 @@
-"""Which of q, k, v (and which layers) carry a target's surgery loss: one type, then one layer, at a time."""
+"""Which matrix types (and which layers) carry a target's surgery loss: one type, then one layer, at a time."""
 
 import pandas as pd
 import torch
@@ -26,6 +26,7 @@ with job_log(snakemake.log[0]):
         val,
         window,
         tolerance=max(s["tolerances"]),
+        roles=target.roles(s["whole_model"]["matrices"]),
         layer_tokens=s["sensitivity"]["layer_tokens"],
     )
     table = pd.DataFrame(rows)

@@ -29,6 +29,8 @@ with job_log(snakemake.log[0]):
         trial_keep=s["trial_keep"],
         tolerances=s["tolerances"],
         refine=s["refine"],
+        refit=s["refit"],
+        refit_ridge=s["refit_ridge"],
     )
     table = pd.DataFrame(rows)
     table.insert(0, "target", snakemake.wildcards.target)

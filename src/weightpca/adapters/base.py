@@ -54,6 +54,7 @@ class ModelAdapter:
     ROLES: tuple[str, ...] = ()  # every matrix role of a layer, in module order
     SHARED_INPUT: tuple[tuple[str, ...], ...] = ()  # roles that read one input (q/k/v; gate/up)
     GROUPS: dict[str, tuple[str, ...]] = {}  # config names of matrix groups -> roles (qkv, o, mlp)
+    LAYERS: str = ""  # the module list of the transformer layers (layer i is f"{LAYERS}.{i}")
 
     def __init__(self, model: nn.Module, tokenizer=None):
         # the model's train/eval mode is left alone (the loaders return models in eval mode)
@@ -109,6 +110,10 @@ class ModelAdapter:
             layer = self.layer_matrices(i)
             out += [layer[r] for r in self.ROLES if r in wanted]
         return out
+
+    def layer_module(self, i: int) -> nn.Module:
+        """Layer i: called with the hidden states (and what the model passes it), it returns the next ones."""
+        return self.model.get_submodule(f"{self.LAYERS}.{i}")
 
     def matrix(self, name: str) -> Matrix:
         i, role = name.split(".", 1)

@@ -21,6 +21,7 @@ class GPTAdapter(ModelAdapter):
     ROLES = ("q", "k", "v", "o", "fc", "proj")
     SHARED_INPUT = (("q", "k", "v"),)
     GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "mlp": ("fc", "proj")}
+    LAYERS = "transformer.h"
 
     @staticmethod
     def count_layers(model: nn.Module) -> int:

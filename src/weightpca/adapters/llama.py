@@ -25,6 +25,7 @@ class LlamaAdapter(ModelAdapter):
     ROLES = _ATTN + _MLP
     SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
     GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "mlp": _MLP}
+    LAYERS = "model.layers"
 
     def __init__(self, model: nn.Module, tokenizer=None):
         try:

@@ -12,21 +12,24 @@ def compress_settings(target, name):
     point also the matrices its sweep factored."""
     s = surgery_settings(target)
     settings = {k: s[k] for k in ("eval_tokens", "calib_tokens", "window", "prompt")}
-    if "removed" in compress_point(target, name):
+    point = compress_point(target, name)
+    if "allocation" in point:
         settings["matrices"] = SURGERY["whole_model"]["matrices"]
+        if point.get("refit"):
+            settings["refit_ridge"] = SURGERY["whole_model"]["refit_ridge"]
     return settings
 
 
 def compress_inputs(wildcards):
-    """The surgery target's inputs; its frontier where the point is given by a tolerance, its whole-model
-    table where it is given by a removed fraction."""
+    """The surgery target's inputs; a whole-model point (one with an allocation) its whole-model table,
+    a q/k/v point given by a tolerance its frontier."""
     inputs = surgery_inputs(wildcards)
     point = compress_point(wildcards.target, wildcards.point)
-    if "tolerance" in point:
+    if "tolerance" in point and "allocation" not in point:
         inputs["frontier"] = expand(
             rules.surgery_frontier.output[0], target=wildcards.target
         )[0]
-    if "removed" in point:
+    if "allocation" in point:
         inputs["whole"] = expand(
             rules.surgery_whole_model.output.table,
             target=wildcards.target,
