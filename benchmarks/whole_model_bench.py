@@ -3,7 +3,7 @@
     python benchmarks/whole_model_bench.py MODEL --val-text val.txt --train-text train.txt \\
         [--modes activation_aware] [--removed 0.05 0.1 0.2 0.3] [--eval-tokens 32768] \\
         [--calib-tokens 65536] [--sensitivity-tokens 4096] [--window 1024] [--trial-keep 0.5] \\
-        [--device auto] --json out.json [--markdown out.md]
+        [--refit calibrated] [--refit-ridge 0.01] [--device auto] --json out.json [--markdown out.md]
 
 MODEL is a save_pretrained folder or a GGUF file (converted once into the
 folder ``hf`` beside it, as the workflow's prepare_hf_target does). The same library call
@@ -11,8 +11,10 @@ as the workflow's surgery_whole_model rule (``weightpca.surgery
 .run_budget_sweep``): every linear matrix factored by each mode, ranks
 allocated by threshold, uniform and calibrated under each removed fraction
 of the whole model, then per tolerance (1, 5, 10 %) three bisection steps
-on the removed fraction. The JSON holds every row with the command and the
-device; ``--markdown`` writes the table docs/whole_model.md quotes.
+on the removed fraction; each rule of ``--refit`` again at every removed
+fraction with its factors refit (``weightpca.refit``). The JSON holds every
+row with the command and the device; ``--markdown`` writes the table
+docs/whole_model.md quotes.
 """
 
 from __future__ import annotations
@@ -47,18 +49,22 @@ def markdown(result: dict) -> str:
     for mode, rows in result["rows"].items():
         grid = [r for r in rows if r["source"] == "grid"]
         fractions = sorted({r["removed"] for r in grid})
+        columns = [(rule, False) for rule in RULES] + [
+            (rule, True) for rule in RULES if any(r["refit"] and r["allocation"] == rule for r in grid)
+        ]
+        names = [f"{rule}{' + refit' if refit else ''}" for rule, refit in columns]
         lines += [f"**{mode}**: perplexity / unmodified at each fraction of the whole model removed", ""]
-        lines += ["| removed | " + " | ".join(RULES) + " |", "|---" * (len(RULES) + 1) + "|"]
+        lines += ["| removed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for f in fractions:
             cells = []
-            for rule in RULES:
-                r = next(x for x in grid if x["allocation"] == rule and x["removed"] == f)
+            for rule, refit in columns:
+                r = next(x for x in grid if (x["allocation"], x["refit"], x["removed"]) == (rule, refit, f))
                 cells.append(f"{r['ppl_ratio']:.3f}x" if r["reachable"] else "out of reach")
             lines.append(f"| {f:.0%} | " + " | ".join(cells) + " |")
         lines += ["", "Largest removal within each tolerance (bisection; the bracket is where it fails):", ""]
         lines += ["| tolerance | " + " | ".join(RULES) + " |", "|---" * (len(RULES) + 1) + "|"]
         for tol in TOLERANCES:
-            front = {f["allocation"]: f for f in budget_frontier(rows, tol)}
+            front = {f["allocation"]: f for f in budget_frontier(rows, tol) if not f["refit"]}
             cells = [
                 f"{front[rule]['removed']:.1%} (fails at {front[rule]['bracket_removed']:.1%})"
                 if front[rule]["within"]
@@ -82,6 +88,8 @@ def main() -> None:
     ap.add_argument("--sensitivity-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--trial-keep", type=float, default=0.5)
+    ap.add_argument("--refit", nargs="*", default=[], choices=RULES)
+    ap.add_argument("--refit-ridge", type=float, default=0.01)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--markdown", type=Path, default=None)
@@ -102,6 +110,7 @@ def main() -> None:
         eval_tokens=int(len(val) - 1),
         calib_tokens=int(len(calib) - 1),
         sensitivity_tokens=args.sensitivity_tokens,
+        refit_ridge=args.refit_ridge,
         window=window,
         rows={},
         info={},
@@ -120,6 +129,8 @@ def main() -> None:
             trial_keep=args.trial_keep,
             tolerances=TOLERANCES,
             refine=3,
+            refit=args.refit,
+            refit_ridge=args.refit_ridge,
         )
         result["rows"][mode], result["info"][mode] = rows, info
         result.update(base_ppl=info["base_ppl"], params_total=info["params_total"])

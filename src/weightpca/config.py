@@ -93,13 +93,14 @@ def check_config(config: dict) -> None:
             if "allocation" in point:
                 _check_whole_model_point(where, point, surgery)
     if surgery and surgery["whole_model"]["enabled"]:
-        whole = surgery["whole_model"]
-        extra = [a for a in whole["refit"] if a not in whole["allocation"]]
-        if extra:
-            raise ConfigError(
-                f"surgery.whole_model.refit: {extra} not in surgery.whole_model.allocation {whole['allocation']}; "
-                "a refit measures an allocation again, so add it there or remove it here"
-            )
+        for name in surgery["targets"]:
+            whole = target_whole_model(surgery, name)
+            extra = [a for a in whole["refit"] if a not in whole["allocation"]]
+            if extra:
+                raise ConfigError(
+                    f"surgery.whole_model.refit ({name}): {extra} not in surgery.whole_model.allocation "
+                    f"{whole['allocation']}; a refit measures an allocation again, so add it there or remove it"
+                )
     sketch = config.get("sketch")
     if sketch and sketch["enabled"]:
         n_snapshots = train["max_steps"] // sketch["snapshot_every"]
@@ -120,10 +121,16 @@ def check_config(config: dict) -> None:
                 raise ConfigError(f"corpus.data_files.{split}: file '{path}' does not exist")
 
 
+def target_whole_model(surgery: dict, target: str) -> dict:
+    """surgery.whole_model with the target's own `removed` and `refit` where its `whole_model` sets them."""
+    own = surgery["targets"][target].get("whole_model", True)
+    return {**surgery["whole_model"], **(own if isinstance(own, dict) else {})}
+
+
 def _check_whole_model_point(where: str, point: dict, surgery: dict) -> None:
     """A compress point with an allocation reads the whole-model sweep of its target and mode."""
-    whole, target = surgery["whole_model"], surgery["targets"][point["target"]]
-    if not (surgery["enabled"] and whole["enabled"] and target.get("whole_model", True)):
+    whole, target = target_whole_model(surgery, point["target"]), surgery["targets"][point["target"]]
+    if not (surgery["enabled"] and whole["enabled"] and target.get("whole_model", True) is not False):
         raise ConfigError(
             f"{where}: a whole-model point reads the whole-model sweep of '{point['target']}', which does not "
             "run (surgery.enabled, surgery.whole_model.enabled, the target's whole_model); enable it or remove "
@@ -133,7 +140,10 @@ def _check_whole_model_point(where: str, point: dict, surgery: dict) -> None:
         if point[key] not in whole[listed]:
             raise ConfigError(f"{where}: {key} '{point[key]}' is not in surgery.whole_model.{listed} {whole[listed]}")
     if "removed" in point and point["removed"] not in whole["removed"]:
-        raise ConfigError(f"{where}: removed {point['removed']} is not one of surgery.whole_model.removed")
+        raise ConfigError(
+            f"{where}: removed {point['removed']} is not one of surgery.whole_model.removed {whole['removed']} "
+            f"(of target {point['target']})"
+        )
     if point.get("refit"):
         if "removed" not in point:
             raise ConfigError(f"{where}: refit points are measured at surgery.whole_model.removed; give removed")

@@ -248,6 +248,14 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path) -> None:
     _save(fig, path)
 
 
+def with_refit_label(table: pd.DataFrame) -> pd.DataFrame:
+    """A whole-model table (or its frontier) with refit rows named as allocations of their own
+    ("calibrated + refit"), so that every figure and verdict compares them with the rest."""
+    table = table.copy()
+    table["allocation"] = [f"{a} + refit" if r else a for a, r in zip(table.allocation, table.refit.astype(bool))]
+    return table
+
+
 def plot_whole_model(whole: pd.DataFrame, path) -> None:
     """Per target: perplexity ratio against the fraction of the whole model kept, per mode and allocation."""
     targets = list(dict.fromkeys(whole.target))
@@ -482,8 +490,13 @@ def compress_verdicts(paths) -> list[dict]:
     for p in paths:
         c = json.loads(Path(p).read_text())
         dense, fact = c["speed"]["dense"], c["speed"]["factored"]
-        if c.get("removed"):
-            at = f"{c['removed']:.0%} of the whole model removed ({c['allocation']} allocation)"
+        if c.get("whole_model") or c.get("removed"):
+            refit = " + refit" if c.get("refit") else ""
+            at = (
+                f"{c['removed']:.0%} of the whole model removed"
+                if c.get("removed")
+                else f"the whole model's {c['tolerance']:.0%} frontier"
+            ) + f" ({c['allocation']}{refit} allocation)"
         elif c.get("tolerance"):
             at = f"the {c['tolerance']:.0%} frontier (threshold {c['threshold']:.5g})"
         else:
@@ -843,8 +856,10 @@ def build_report(
         not_run["surgery"] = "surgery.enabled is false"
         _not_run(fig["surgery"], "attention surgery", "surgery.enabled is false")
     if inputs.get("whole_model"):
-        whole = pd.concat([pd.read_csv(p) for p in inputs["whole_model"]], ignore_index=True)
-        whole_frontier = pd.concat([pd.read_csv(p) for p in inputs["whole_model_frontier"]], ignore_index=True)
+        whole = with_refit_label(pd.concat([pd.read_csv(p) for p in inputs["whole_model"]], ignore_index=True))
+        whole_frontier = with_refit_label(
+            pd.concat([pd.read_csv(p) for p in inputs["whole_model_frontier"]], ignore_index=True)
+        )
         plot_whole_model(whole, fig["surgery_whole_model"])
         lines += whole_model_verdicts(whole, whole_frontier)
     else:

@@ -20,7 +20,7 @@ os.environ.update(
 from snakemake.exceptions import WorkflowError
 
 from weightpca import runs
-from weightpca.config import check_config
+from weightpca.config import check_config, target_whole_model
 from weightpca.hf_folder import check_hf_folder, fingerprint as hf_fingerprint
 from weightpca.slurm import check_status_command, default_site_names
 

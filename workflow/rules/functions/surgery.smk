@@ -76,14 +76,17 @@ def whole_model_targets():
     """Targets of the whole-model sweep (a target's `whole_model: false` leaves it out)."""
     if not (SURGERY["enabled"] and SURGERY["whole_model"]["enabled"]):
         return []
-    return [n for n, t in SURGERY["targets"].items() if t.get("whole_model", True)]
+    return [
+        n for n, t in SURGERY["targets"].items() if t.get("whole_model", True) is not False
+    ]
 
 
 def whole_model_settings(target):
-    """What a whole-model sweep job reads: the target's sweep settings and the whole_model block."""
+    """What a whole-model sweep job reads: the target's sweep settings and the whole_model block (with the
+    target's own removed and refit where it sets them)."""
     s = surgery_settings(target)
     keys = ("eval_tokens", "calib_tokens", "window", "tolerances", "refine")
-    return {**{k: s[k] for k in keys}, **SURGERY["whole_model"]}
+    return {**{k: s[k] for k in keys}, **target_whole_model(SURGERY, target)}
 
 
 def whole_model_tables(wildcards):
