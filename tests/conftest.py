@@ -143,15 +143,15 @@ def metrics_but_wall_time(folder) -> list[str]:
     return [r.rsplit(",", 1)[0] for r in (Path(folder) / "metrics.csv").read_text().splitlines()]
 
 
-def kill_training_at(args: str, kind: str, step: int) -> None:
-    """Run TRAIN_IN_SUBPROCESS on json `args` until it reaches (kind, step), then SIGKILL it there.
+def kill_training_at(args: str, kind: str, step: int, body: str = TRAIN_IN_SUBPROCESS) -> None:
+    """Run ``body`` (a script that trains with weightpca.train, its json arguments ``args`` in argv[1];
+    default TRAIN_IN_SUBPROCESS) until it reaches (kind, step), then SIGKILL it there.
 
     The wait is for an event (the child is stopped: waitpid's WUNTRACED), never for a time."""
     import signal
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TRAIN_STOPPING_AT, args, f"{kind} {step}"], stdout=subprocess.DEVNULL
-    )
+    script = TRAIN_STOPPING_AT[: -len(TRAIN_IN_SUBPROCESS)] + body
+    proc = subprocess.Popen([sys.executable, "-c", script, args, f"{kind} {step}"], stdout=subprocess.DEVNULL)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     if not os.WIFSTOPPED(status):
         proc.returncode = os.waitstatus_to_exitcode(status)

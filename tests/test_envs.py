@@ -179,5 +179,5 @@ def test_library_has_no_import_cycle():
     for mod in graph:
         if mod not in state:
             visit(mod, [])
-    # scoring lives in evaluate: no library module needs the training loop
-    assert [m for m, deps in graph.items() if "train" in deps] == []
+    # scoring lives in evaluate: no library module needs the training loop but the recovery stage, which drives it
+    assert [m for m, deps in graph.items() if "train" in deps] == ["recovery"]

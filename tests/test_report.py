@@ -19,6 +19,7 @@ FIGURES = [
     "surgery",
     "surgery_sensitivity",
     "surgery_whole_model",
+    "recovery",
     "sketch_error",
     "lowrank",
     "wall_times",
@@ -90,7 +91,12 @@ def test_summary_answers_every_question(dag):
             ].numbers.iloc[0]
             assert (f"{r.mode} {r.params_fraction:.1%}" if r.within else f"{r.mode} none") in line
         sens = pd.read_csv(work / f"results/surgery/{target}/sensitivity.csv")
-        assert set(sens.scope) == {"type", "layer"} and set(sens[sens.scope == "type"].matrices) == set("qkv")
+        roles = {"gpt": {"fc", "proj"}, "smollm2": {"gate", "up", "down"}}[target] | {"q", "k", "v", "o"}
+        assert set(sens.scope) == {"type", "layer"} and set(sens[sens.scope == "type"].matrices) == roles
+    # recovery: one line per recovered point, with the interval over its two seeds
+    (rec,) = summary[summary.stage == "recovery"].itertuples()
+    assert rec.subject == "gpt whole30" and "the equally fine-tuned dense model, 95 % CI [" in rec.numbers
+    assert "(2 seeds, 8 steps)" in rec.numbers
     sketch = summary[summary.stage == "sketch"]
     assert set(sketch.question) == {"seed_srht vs exact PCA", "srht vs exact PCA", "gaussian vs exact PCA"}
     lowrank = summary[summary.stage == "low-rank regulariser"]

@@ -148,6 +148,35 @@ def test_whole_model_tables(ci_results):
     assert len(frontier) == (3 + 1 + 3) * 3  # (allocations, + refit calibrated; shared_kv's) x tolerances
 
 
+def test_recovery_table_against_the_dense_control(ci_results):
+    """Per seed: the recovered whole30 point and the dense control of that seed, both after the same steps;
+    the recovered model exported factored and reloaded."""
+    import pandas as pd
+
+    from weightpca.compress import load_compressed
+
+    results, _ = ci_results
+    table = pd.read_csv(results / "recovery/gpt/recovery.csv")
+    assert sorted(table.seed) == [1, 2] and set(table.point) == {"whole30"} and (table.steps == 8).all()
+    for r in table.itertuples():
+        control = json.loads((results / f"recovery/gpt/dense/seed{r.seed}/recovery.json").read_text())
+        point = json.loads((results / f"recovery/gpt/whole30/seed{r.seed}/recovery.json").read_text())
+        assert (r.control_after, r.ppl_after, r.ppl_before) == (
+            control["ppl_after"],
+            point["ppl_after"],
+            point["ppl_before"],
+        )
+        assert r.ratio_to_control == pytest.approx(r.ppl_after / r.control_after)
+        assert point["val_tokens"] == control["val_tokens"] and not control["compressed"]
+        assert abs(r.ppl_loaded / r.ppl_after - 1) <= 1e-3
+        model = load_compressed(results / f"recovery/gpt/whole30/seed{r.seed}/recovered")
+        assert sum(p.numel() for p in model.parameters()) == point["params"]
+    whole = json.loads((results / "compress/gpt/whole30/compress.json").read_text())
+    assert table.fraction_kept.iloc[0] == pytest.approx(whole["params_factored"] / whole["params_dense"])
+    # the dense control starts from the original: its "before" is D's own perplexity on those tokens
+    assert table.control_before.nunique() == 1
+
+
 def test_compressed_exports_are_smaller_reload_and_are_timed(ci_results):
     import pandas as pd
 

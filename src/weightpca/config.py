@@ -101,6 +101,23 @@ def check_config(config: dict) -> None:
                     f"surgery.whole_model.refit ({name}): {extra} not in surgery.whole_model.allocation "
                     f"{whole['allocation']}; a refit measures an allocation again, so add it there or remove it"
                 )
+    recovery = config.get("recovery")
+    if recovery and recovery["enabled"]:
+        points = {(p["target"], p["name"]) for p in compress["points"]} if compress and compress["enabled"] else set()
+        for i, r in enumerate(recovery["points"]):
+            where = f"recovery.points[{i}] ({r['target']}/{r['point']})"
+            if (r["target"], r["point"]) not in points:
+                raise ConfigError(
+                    f"{where}: no compress point '{r['point']}' of target '{r['target']}' (compress.points, "
+                    "compress.enabled); recovery fine-tunes an exported point"
+                )
+            if surgery["targets"][r["target"]]["kind"] != "gpt":
+                raise ConfigError(
+                    f"{where}: recovery trains on the corpus's token files, which are our GPT's tokens; "
+                    "a Hugging Face target's recovery is not built yet: recover a point of a gpt target"
+                )
+            if r["point"] == "dense":
+                raise ConfigError(f"{where}: 'dense' names the control's folder; rename the compress point")
     sketch = config.get("sketch")
     if sketch and sketch["enabled"]:
         n_snapshots = train["max_steps"] // sketch["snapshot_every"]

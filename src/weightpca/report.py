@@ -482,6 +482,63 @@ def _rank_line(stage: str, subject: str, question: str, values: dict, unit: str)
 # ---------------------------------------------------------------- compress
 
 
+def plot_recovery(recovery: pd.DataFrame, path) -> None:
+    """Per target: perplexity against the whole-model fraction kept, before and after recovery (each seed
+    and their mean), with the dense control before and after fine-tuning (mean over seeds) as lines."""
+    targets = list(dict.fromkeys(recovery.target))
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(FIGSIZE[0], 6 * len(targets)), 4.5), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        t = recovery[recovery.target == target]
+        for column, label, marker in (("ppl_before", "compressed", "o"), ("ppl_after", "compressed + recovery", "s")):
+            ax.scatter(t.fraction_kept, t[column], marker=marker, alpha=0.5, label=f"{label} (each seed)")
+        ax.axhline(t.control_before.mean(), color="gray", ls=":", label="dense original")
+        ax.axhline(t.control_after.mean(), color="black", ls="--", label="dense, fine-tuned the same way")
+        ax.set_xlabel("fraction of the whole model's parameters kept")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(f"{target}: recovery against the equally fine-tuned dense model", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def recovery_verdicts(recovery: pd.DataFrame) -> list[dict]:
+    """Per recovered point: its perplexity after recovery over the dense model fine-tuned the same way, and
+    the fraction of the gap to it closed, each a mean with a 95 % t-interval over seeds."""
+    from .tables import mean_interval
+
+    span = lambda low, high: f"[{low:.3f}, {high:.3f}]" if math.isfinite(low) else "n/a (one seed)"  # noqa: E731
+    lines = []
+    for (target, point), g in recovery.groupby(["target", "point"], sort=False):
+        ratio, r_low, r_high = mean_interval(g.ratio_to_control.to_numpy())
+        closed, c_low, c_high = mean_interval(g.gap_closed.to_numpy())
+        at = (
+            f"{g.removed.iloc[0]:.0%} removed" if pd.notna(g.removed.iloc[0]) else f"{g.fraction_kept.iloc[0]:.1%} kept"
+        )
+        if len(g) < 2:
+            verdict = "one seed: no interval"
+        elif c_low > 0:
+            verdict = f"recovery closes {closed:.0%} of the gap (interval above 0)"
+        elif c_high < 0:
+            verdict = "recovery widens the gap (interval below 0)"
+        else:
+            verdict = "the gap closed is not distinguishable from 0"
+        lines.append(
+            dict(
+                stage="recovery",
+                subject=f"{target} {point}",
+                question=f"{at} and recovered, against the dense model fine-tuned the same way",
+                numbers=(
+                    f"{ratio:.3f}x the equally fine-tuned dense model, 95 % CI {span(r_low, r_high)}; "
+                    f"before recovery {g.ratio_before.mean():.3f}x the dense original; gap closed {closed:.2f}, "
+                    f"95 % CI {span(c_low, c_high)} ({len(g)} seeds, {int(g.steps.iloc[0])} steps)"
+                ),
+                spread="95 % t-interval over seeds",
+                verdict=verdict,
+            )
+        )
+    return lines
+
+
 def compress_verdicts(paths) -> list[dict]:
     """Per exported point: bytes, parameters, peak memory, prefill and decode speed against the dense original."""
     from .speed import speed_verdict
@@ -876,6 +933,13 @@ def build_report(
         lines += compress_verdicts(inputs["compress"])
     else:
         not_run["compress"] = "compress.enabled is false or no points"
+    if inputs.get("recovery"):
+        recovery = pd.concat([pd.read_csv(p) for p in inputs["recovery"]], ignore_index=True)
+        plot_recovery(recovery, fig["recovery"])
+        lines += recovery_verdicts(recovery)
+    else:
+        not_run["recovery"] = "recovery.enabled is false or no points"
+        _not_run(fig["recovery"], "recovery", not_run["recovery"])
 
     if inputs.get("sketch"):
         table = sketch_table(inputs["sketch"])

@@ -111,3 +111,20 @@ def lowrank_run(config: dict, lam, seed: int) -> dict:
         "init": {},
         "freeze": {},
     }
+
+
+def recovery_run(config: dict, target: str, point: str, seed: int) -> dict:
+    """One run of a recovery: a compress point, or ``point`` "dense" (the control: the original). Both
+    take D's train block with the recipe's overrides and the seed, hence the same batches; the recipe's
+    lora and distill are part of the run, so that changing them retrains (checkpoints included)."""
+    rec = config["recovery"]
+    return {
+        "name": f"recovery/{target}/{point}/seed{seed}",
+        "group": "recovery",
+        "seed": seed,
+        "model": config["model"],
+        "train": {**config["train"], **rec["train"]},
+        "recipe": {"lora": rec["lora"], "distill": rec["distill"]},
+        "init": {},
+        "freeze": {},
+    }

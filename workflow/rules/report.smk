@@ -45,6 +45,11 @@ rule report:
             caption="../report/surgery_sensitivity.rst",
             category="Attention surgery",
         ),
+        recovery=report(
+            f"{RESULTS}/report/figures/recovery.png",
+            caption="../report/recovery.rst",
+            category="Recovery",
+        ),
         sketch_error=report(
             f"{RESULTS}/report/figures/sketch_error.png",
             caption="../report/sketch_error.rst",

@@ -77,7 +77,9 @@ def whole_model_targets():
     if not (SURGERY["enabled"] and SURGERY["whole_model"]["enabled"]):
         return []
     return [
-        n for n, t in SURGERY["targets"].items() if t.get("whole_model", True) is not False
+        n
+        for n, t in SURGERY["targets"].items()
+        if t.get("whole_model", True) is not False
     ]
 
 

@@ -1,0 +1,150 @@
+"""Recovery: a compressed model fine-tuned back against the dense original fine-tuned the same way."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from weightpca.adapters import GPTAdapter
+from weightpca.allocation import trial_ranks
+from weightpca.compress import factorize_model, load_compressed, save_compressed
+from weightpca.io import load_tensors, read_json
+from weightpca.plan import model_plan
+from weightpca.recovery import RECOVERED, Distilled, gap_closed, recover
+
+from conftest import kill_training_at, tiny_run, train_files, train_to
+
+RECOVER_IN_SUBPROCESS = """
+import json, sys
+from weightpca.recovery import recover
+from weightpca.train import TokenFiles, TrainOutputs
+from pathlib import Path
+run, data, out, work, dense, export, recipe = json.loads(sys.argv[1])
+data, out = Path(data), Path(out)
+recover(run, TokenFiles(data / "meta.json", data / "train.bin", data / "val.bin"),
+        TrainOutputs(out / "model.safetensors", out / "config.json", out / "metrics.csv", out / "summary.json"),
+        work, dense, export, recipe)
+"""
+
+
+@pytest.fixture(scope="module")
+def point(tmp_path_factory, tiny_data):
+    """A tiny trained D and its whole-model export at 40 % of every matrix's parameters."""
+    root = tmp_path_factory.mktemp("recovery")
+    train_to(tiny_run(max_steps=12), tiny_data, root / "d", root / "w")
+    dense = {"model": str(root / "d" / "model.safetensors"), "config": str(root / "d" / "config.json")}
+    target = GPTAdapter.load(dense["model"], dense["config"])
+    calib = np.fromfile(tiny_data / "train.bin", dtype=np.uint16)[:1025].astype(np.int64)
+    plan = model_plan(target, "activation_aware", None, calib, 16)
+    model, spec = factorize_model(target, plan.factors(trial_ranks(plan, 0.4)))
+    save_compressed(model, spec, root / "c", "gpt", read_json(root / "d" / "config.json"))
+    return root, dense, str(root / "c")
+
+
+def run_of(name, seed=1, steps=8):
+    return tiny_run(name, seed, max_steps=steps, lr=1e-3, warmup_steps=1, eval_every=4, checkpoint_every=4)
+
+
+def recovered(point, tiny_data, name, export=True, recipe=None, seed=1, steps=8):
+    root, dense, folder = point
+    out = root / name
+    record = recover(
+        run_of(name, seed, steps),
+        *train_files(tiny_data, out),
+        root / f"{name}_work",
+        dense,
+        folder if export else None,
+        recipe,
+    )
+    return record, out
+
+
+def test_recovery_trains_the_factors_and_reloads_them(point, tiny_data):
+    record, out = recovered(point, tiny_data, "plain")
+    assert record["compressed"] and record["ppl_after"] < record["ppl_before"]
+    assert record["ppl_merged"] == pytest.approx(record["ppl_after"], rel=1e-6)
+    assert abs(record["ppl_loaded"] / record["ppl_after"] - 1) <= 1e-3
+    # the export is factored like the point it recovered: same modules, same parameter count, new values
+    exported, start = read_json(out / RECOVERED / "compress.json"), read_json(f"{point[2]}/compress.json")
+    assert exported["modules"] == start["modules"]
+    reloaded = load_compressed(out / RECOVERED)
+    assert sum(p.numel() for p in reloaded.parameters()) == record["params"]
+    before = load_tensors(f"{point[2]}/model.safetensors")
+    after = load_tensors(out / RECOVERED / "model.safetensors")
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_control_sees_the_same_batches_as_the_compressed_run(point, tiny_data, monkeypatch):
+    import weightpca.tokens as tokens
+
+    seen = {}
+    original = tokens.BatchSampler.next
+
+    def recording(self):
+        x, y = original(self)
+        seen.setdefault(current, []).append(x.clone())
+        return x, y
+
+    monkeypatch.setattr(tokens.BatchSampler, "next", recording)
+    for current, export in (("control", False), ("compressed", True)):
+        recovered(point, tiny_data, f"batches_{current}", export=export)
+    assert len(seen["control"]) == len(seen["compressed"]) == 8
+    assert all(torch.equal(a, b) for a, b in zip(seen["control"], seen["compressed"]))
+    # and another seed draws other batches
+    current = "seed2"
+    recovered(point, tiny_data, "batches_seed2", seed=2)
+    assert not torch.equal(seen["seed2"][0], seen["control"][0])
+
+
+def test_lora_trains_only_its_adapters_and_changes_the_result(point, tiny_data):
+    plain, _ = recovered(point, tiny_data, "cmp_plain")
+    lora, out = recovered(point, tiny_data, "cmp_lora", recipe={"lora": {"r": 2, "alpha": 4}})
+    assert lora["ppl_after"] != pytest.approx(plain["ppl_after"], rel=1e-6)
+    assert lora["ppl_after"] < lora["ppl_before"] and lora["params"] == plain["params"]
+    before = load_tensors(f"{point[2]}/model.safetensors")
+    after = load_tensors(out / RECOVERED / "model.safetensors")
+    # outside the layers (embeddings, norms of the head) nothing trains; inside, the merged adapters moved the factors
+    outside = [k for k in before if not k.startswith("transformer.h.")]
+    assert outside and all(torch.equal(before[k], after[k]) for k in outside)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("coef.weight"))
+
+
+def test_distillation_changes_the_result_and_is_the_kl_to_the_teacher(point, tiny_data):
+    plain, _ = recovered(point, tiny_data, "d_plain")
+    distilled, _ = recovered(point, tiny_data, "d_kl", recipe={"distill": {"weight": 0.9, "temperature": 2.0}})
+    assert distilled["ppl_after"] != pytest.approx(plain["ppl_after"], rel=1e-6)
+    # the loss itself: cross-entropy alone at weight 0, zero against an identical teacher at weight 1
+    _, dense, folder = point
+    student = load_compressed(folder)
+    x = torch.randint(0, 300, (2, 16))
+    y = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(student(x)[0].reshape(-1, student(x)[0].size(-1)), y.reshape(-1))
+        assert Distilled(student, load_compressed(folder), 0.0)(x, y)[1] == pytest.approx(ce.item(), rel=1e-5)
+        assert Distilled(student, load_compressed(folder), 1.0, 2.0)(x, y)[1].item() == pytest.approx(0.0, abs=1e-6)
+        teacher = GPTAdapter.load(dense["model"], dense["config"]).model
+        assert Distilled(student, teacher, 1.0)(x, y)[1].item() > 1e-4
+    assert "student.transformer.wte.weight" in Distilled(student, teacher, 0.5).state_dict()
+    assert not any(k.startswith("_teacher") for k in Distilled(student, teacher, 0.5).state_dict())
+
+
+def test_recovery_resumes_bitwise_after_a_kill(point, tiny_data):
+    root, dense, folder = point
+    args = lambda name: json.dumps(  # noqa: E731
+        [run_of("killed", steps=12), str(tiny_data), str(root / name), str(root / f"{name}_work"), dense, folder, None]
+    )
+    kill_training_at(args("killed"), "step", 6, body=RECOVER_IN_SUBPROCESS)
+    assert not (root / "killed" / "summary.json").exists()
+    recover(run_of("killed", steps=12), *train_files(tiny_data, root / "killed"), root / "killed_work", dense, folder)
+    recover(run_of("killed", steps=12), *train_files(tiny_data, root / "whole"), root / "whole_work", dense, folder)
+    a, b = (load_tensors(root / n / RECOVERED / "model.safetensors") for n in ("killed", "whole"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gap_closed():
+    assert gap_closed(20.0, 10.0, 10.0) == pytest.approx(1.0)
+    assert gap_closed(20.0, 20.0, 10.0) == pytest.approx(0.0)
+    assert gap_closed(20.0, math.sqrt(200.0), 10.0) == pytest.approx(0.5)
+    assert gap_closed(20.0, 30.0, 10.0) < 0
