@@ -368,8 +368,8 @@ def run_budget_sweep(
     ``(1 + tolerance)`` × the base perplexity (``source`` "refine"). Each rule of ``refit`` is measured
     again at every fraction of ``removed`` with its factors refit to the inputs the compressed model feeds
     them (``weightpca.refit``, ridge ``refit_ridge``, on ``calib_tokens``; rows with ``refit`` true, no
-    bisection: a refit costs about a few forward passes over the calibration tokens; a mode with weight-only
-    bases is not refit). Returns (rows, info); the model is restored after.
+    bisection: a refit repeats every decomposition and a few layer passes over the calibration tokens; a
+    mode with weight-only bases is not refit). Returns (rows, info); the model is restored after.
     """
     from .allocation import allocate, format_ranks, group_costs, measure_weights, model_params, weighted_damage
     from .refit import refit_plan
