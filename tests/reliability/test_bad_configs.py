@@ -101,7 +101,7 @@ BAD = [
     (
         "refit of an allocation not measured",
         {"surgery.whole_model.allocation": ["uniform"], "compress.enabled": False},
-        r"surgery\.whole_model\.refit: \['calibrated'\] not in surgery\.whole_model\.allocation",
+        r"surgery\.whole_model\.refit \(gpt\): \['calibrated'\] not in surgery\.whole_model\.allocation",
     ),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),
     (

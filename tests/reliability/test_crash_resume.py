@@ -67,6 +67,7 @@ def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_p
             "train.checkpoint_every": 10,
             "surgery.enabled": False,
             "compress.enabled": False,
+            "recovery.enabled": False,
             "sketch.enabled": False,
             "factorize.ranks": [4],
             "experiment.variants": {"A": {}},
