@@ -126,7 +126,7 @@ def recover(
 
     from . import adapters
     from .compress import load_compressed, save_compressed
-    from .evaluate import resolve_device
+    from .evaluate import evaluate, resolve_device
     from .io import read_json
     from .tokens import eval_windows, open_tokens
     from .train import TrainSettings, setup_precision, train
@@ -146,8 +146,6 @@ def recover(
     autocast = setup_precision(device, t)
 
     def ppl(m: nn.Module) -> float:
-        from .evaluate import evaluate
-
         return math.exp(evaluate(m, windows, t.batch_size, device, autocast)[0])
 
     before = ppl(model)
