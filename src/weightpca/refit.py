@@ -85,17 +85,24 @@ def _layer_pass(layer, hiddens, arguments, modules=()) -> tuple[list[torch.Tenso
     return outs, {m: torch.cat(v) for m, v in seen.items()}
 
 
-def refit_target(w: np.ndarray, x: torch.Tensor, x_tilde: torch.Tensor, ridge: float):
-    """W* and the Cholesky factor L of A (module docstring) for one matrix W [n, m] with original inputs
-    x [N, m] and compressed inputs x_tilde [N, m]; δ = ridge · mean(diag X̃ᵀX̃ / N)."""
+def input_metric(x: torch.Tensor, x_tilde: torch.Tensor, ridge: float):
+    """What every matrix reading one input shares (module docstring): (XᵀX̃ / N, δ, A, L, L⁻¹) with
+    A = X̃ᵀX̃ / N + δI, δ = ridge · mean(diag X̃ᵀX̃ / N) and L its Cholesky factor, for original inputs
+    x [N, m] and compressed inputs x_tilde [N, m]. Computed once per input: q/k/v (and gate/up) share it."""
     n_tokens = x.shape[0]
     gram = (x_tilde.T @ x_tilde).double().cpu().numpy() / n_tokens  # X̃ᵀX̃ / N [m, m]
     cross = (x.T @ x_tilde).double().cpu().numpy() / n_tokens  # XᵀX̃ / N [m, m]
     delta = ridge * float(np.mean(np.diag(gram)))
     a = gram + delta * np.eye(len(gram))
+    chol = input_cholesky(a, eps=1e-9)
+    return cross, delta, a, chol, lower_inverse(chol)
+
+
+def refit_target(w: np.ndarray, cross: np.ndarray, delta: float, a: np.ndarray) -> np.ndarray:
+    """W* = B A⁻¹ for one matrix W [n, m], B = W XᵀX̃ / N + δW (:func:`input_metric`). Solved with A
+    itself: L may carry a larger ridge where A is nearly singular, and W* must not."""
     b = w @ cross + delta * w
-    w_star = np.linalg.solve(a.T, b.T).T  # B A⁻¹ (A symmetric)
-    return w_star, input_cholesky(a, eps=1e-9)
+    return np.linalg.solve(a.T, b.T).T  # A symmetric
 
 
 def refit_plan(
@@ -118,20 +125,19 @@ def refit_plan(
     for i in range(adapter.n_layers):
         layer = adapter.layer_module(i)
         stages: dict = {}  # input module -> names of this layer's matrices that read it, in input order
-        for role, m in adapter.layer_matrices(i).items():
+        for m in adapter.layer_matrices(i).values():
             if m.name in in_plan:
                 stages.setdefault(adapter.input_module(m), []).append(m.name)
-        if not stages:
-            continue
+        # a layer with nothing to refit still carries both streams on to the next
         next_dense, original_inputs = _layer_pass(layer, dense, arguments, list(stages))
         layer_weights: dict[str, np.ndarray] = {}
         for module, names in stages.items():
             with adapter.patched(layer_weights):
                 _, seen = _layer_pass(layer, compressed, arguments, [module])
+            cross, delta, a, chol, chol_inv = input_metric(original_inputs[module], seen[module], ridge)
             for name in names:  # a whitened group's key is its one matrix's name
-                w = adapter.weight(adapter.matrix(name))
-                w_star, chol = refit_target(w, original_inputs[module], seen[module], ridge)
-                bases[name] = WhitenedBasis.fit(w_star, chol, lower_inverse(chol))
+                w_star = refit_target(adapter.weight(adapter.matrix(name)), cross, delta, a)
+                bases[name] = WhitenedBasis.fit(w_star, chol, chol_inv)
                 layer_weights[name] = bases[name].reconstruct(ranks[name])
         with adapter.patched(layer_weights):
             compressed, _ = _layer_pass(layer, compressed, arguments)
