@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, kill_training_at
 
 
 def test_train_bench_profile_splits_the_step_by_kind(tmp_path):
@@ -49,9 +49,8 @@ def test_train_bench_profile_splits_the_step_by_kind(tmp_path):
     assert "ms/step: matmul" in done.stdout
 
 
-def test_whole_model_bench_on_a_tiny_llama_folder(tmp_path):
-    """The GPU preset's whole-model script (docs/whole_model.md) end to end on the CPU: every rule at every
-    fraction, the refit rows, the markdown table with their columns."""
+def tiny_llama_folder(tmp_path):
+    """A tiny Llama saved as a Hugging Face folder, with a validation and a train text of its alphabet."""
     from test_surgery import tiny_llama
 
     model, tok = tiny_llama(None)
@@ -60,6 +59,12 @@ def test_whole_model_bench_on_a_tiny_llama_folder(tmp_path):
     text = "".join(chr(97 + (i * 7) % 26) + (" " if i % 5 == 4 else "") for i in range(6000))
     (tmp_path / "val.txt").write_text(text)
     (tmp_path / "train.txt").write_text(text[::-1])
+
+
+def test_whole_model_bench_on_a_tiny_llama_folder(tmp_path):
+    """The GPU preset's whole-model script (docs/whole_model.md) end to end on the CPU: every rule at every
+    fraction, the refit rows, the markdown table with their columns."""
+    tiny_llama_folder(tmp_path)
     out = tmp_path / "whole.json"
     args = ["--eval-tokens", "128", "--calib-tokens", "256", "--sensitivity-tokens", "64", "--window", "32"]
     done = subprocess.run(
@@ -80,3 +85,59 @@ def test_whole_model_bench_on_a_tiny_llama_folder(tmp_path):
     )
     assert result["eval_tokens"] == 128 and result["calib_tokens"] == 256
     assert "| removed | threshold | uniform | calibrated | calibrated + refit |" in done.stdout
+
+
+BENCH_IN_SUBPROCESS = """
+import json, runpy, sys
+sys.argv = json.loads(sys.argv[1])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+RECOVERY_PRESET = """
+surgery: {eval_tokens: 128, calib_tokens: 256, window: 32, whole_model: {sensitivity_tokens: 64}}
+recovery:
+  seeds: [1, 2]
+  target_train:
+    smollm2: {max_steps: 6, batch_size: 2, warmup_steps: 1, eval_every: 3, eval_windows: 2, checkpoint_every: 3}
+"""
+
+
+def test_recovery_bench_on_a_tiny_llama_folder_resumes_after_a_kill(tmp_path):
+    """The GPU preset's recovery script (docs/recovery.md) on the CPU: the preset's recipe, every point and
+    seed against the control of its seed; killed in its first training run, started again, it ends with
+    every run once and the same table as a run never stopped."""
+    tiny_llama_folder(tmp_path)
+    (tmp_path / "preset.yaml").write_text(RECOVERY_PRESET)
+
+    def argv(work):
+        return (
+            [str(REPO / "benchmarks/recovery_bench.py"), str(tmp_path / "model")]
+            + ["--val-text", str(tmp_path / "val.txt"), "--train-text", str(tmp_path / "train.txt")]
+            + ["--work", str(work), "--config", str(REPO / "config/config.yaml"), str(tmp_path / "preset.yaml")]
+            + ["--removed", "0.1", "0.3", "--device", "cpu", "--json", str(work / "out.json")]
+        )
+
+    def bench(work):
+        return subprocess.run([sys.executable, *argv(work)], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    # stopped and killed at step 4 of its first run (the control of seed 1; its checkpoint is step 3's)
+    kill_training_at(json.dumps(argv(tmp_path / "killed")), "step", 4, body=BENCH_IN_SUBPROCESS)
+    assert not (tmp_path / "killed" / "recovery" / "dense" / "seed1" / "recovery.json").exists()
+    assert (tmp_path / "killed" / "compress" / "whole30" / "model.safetensors").is_file()
+    again = bench(tmp_path / "killed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming recovery/smollm2/dense/seed1" in again.stdout + again.stderr
+    done = bench(tmp_path / "whole")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "whole" / "out.json").read_text())
+    rows = result["rows"]
+    assert sorted((r["point"], r["seed"]) for r in rows) == [(p, s) for p in ("whole10", "whole30") for s in (1, 2)]
+    assert all(r["refit"] and r["ppl_after"] < r["ppl_before"] for r in rows)
+    assert all(r["val_tokens"] == 128 and r["steps"] == 6 for r in rows)
+    assert rows[0]["fraction_kept"] > rows[-1]["fraction_kept"]
+    assert result["tokens_per_run"] == 6 * 2 * 32
+    assert "| removed | kept | before recovery | after recovery | x dense+FT (per seed) | gap closed |" in done.stdout
+    resumed = json.loads((tmp_path / "killed" / "out.json").read_text())["rows"]
+    assert [(r["control_after"], r["ppl_after"]) for r in resumed] == [
+        (r["control_after"], r["ppl_after"]) for r in rows
+    ]

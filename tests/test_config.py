@@ -12,3 +12,9 @@ def test_default_and_preset_configs_are_valid(tmp_path):
         assert ("results/surgery/smollm2/" in done.stdout) == (name != "config/gpt2.yaml")
         assert "results/compress/" in done.stdout
         assert ("results/surgery/tinyllama/" in done.stdout) == (name == "config/gpt2.yaml")
+        # the GPU preset recovers SmolLM2 on its own tokens, at 10, 20 and 30 % removed, two seeds
+        gpu = name == "config/gpu-smoke.yaml"
+        assert ("results/models/smollm2/tokens/train.bin" in done.stdout) == gpu
+        for point in ("whole10", "whole20", "whole30"):
+            for seed in (1, 2):
+                assert (f"results/recovery/smollm2/{point}/seed{seed}/recovery.json" in done.stdout) == gpu

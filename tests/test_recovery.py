@@ -148,3 +148,60 @@ def test_gap_closed():
     assert gap_closed(20.0, 20.0, 10.0) == pytest.approx(0.0)
     assert gap_closed(20.0, math.sqrt(200.0), 10.0) == pytest.approx(0.5)
     assert gap_closed(20.0, 30.0, 10.0) < 0
+
+
+@pytest.fixture(scope="module")
+def llama_point(tmp_path_factory):
+    """A tiny Llama folder, its token files of a text through its own tokenizer, and its whole-model export
+    at 40 % of every matrix's parameters."""
+    from weightpca.adapters import LlamaAdapter
+    from weightpca.targets import write_target_tokens
+
+    from test_surgery import tiny_llama
+
+    root = tmp_path_factory.mktemp("llama_recovery")
+    model, tok = tiny_llama(None)
+    model.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    text = "".join(chr(97 + (i * 7 + i // 13) % 26) + (" " if i % 5 == 4 else "") for i in range(8000))
+    (root / "train.txt").write_text(text)
+    (root / "val.txt").write_text(text[::-1])
+    target = LlamaAdapter.load(str(root / "hf"))
+    meta = write_target_tokens(target, root / "train.txt", root / "val.txt", root / "tokens")
+    calib = np.fromfile(root / "tokens" / "train.bin", dtype=np.uint16)[:513].astype(np.int64)
+    plan = model_plan(target, "activation_aware", None, calib, 32)
+    model, spec = factorize_model(target, plan.factors(trial_ranks(plan, 0.4)))
+    save_compressed(model, spec, root / "c", target.family, json.loads((root / "hf" / "config.json").read_text()))
+    return root, target, meta
+
+
+def llama_run(name, seed=1):
+    run = run_of(name, seed, steps=6)
+    run["model"] = {"block_size": 32}
+    run["train"]["eval_tokens"] = 256
+    return run
+
+
+def test_a_hugging_face_target_recovers_on_its_own_tokens(llama_point):
+    from weightpca.targets import text_tokens
+
+    root, target, meta = llama_point
+    # the token files are the text through the target's tokenizer: the first val tokens are the surgery's
+    val = np.fromfile(root / "tokens" / "val.bin", dtype=np.dtype(meta["dtype"]))
+    assert meta["vocab_size"] == 64 and meta["val_tokens"] == len(val)
+    np.testing.assert_array_equal(val[:257], text_tokens(target, root / "val.txt", 256))
+    dense = {"kind": "hf", "folder": str(root / "hf")}
+    records = {}
+    for name, export in (("point", str(root / "c")), ("control", None)):
+        records[name] = recover(
+            llama_run(name), *train_files(root / "tokens", root / name), root / f"{name}_w", dense, export
+        )
+    point, control = records["point"], records["control"]
+    assert point["ppl_after"] < point["ppl_before"] and control["ppl_after"] < control["ppl_before"]
+    # the control starts from the original, which the 40 % export is worse than
+    assert control["ppl_before"] < point["ppl_before"]
+    assert point["val_tokens"] == control["val_tokens"] == 256
+    assert abs(point["ppl_loaded"] / point["ppl_after"] - 1) <= 1e-3
+    reloaded = load_compressed(root / "point" / RECOVERED)
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in reloaded.parameters()) == point["params"] < control["params"]

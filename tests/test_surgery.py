@@ -191,9 +191,9 @@ def test_full_rank_check_evaluates_the_reconstruction(monkeypatch):
 
     real = plan.Plan.weights
 
-    def sign_flipped(self, t):
+    def sign_flipped(self, t, dtype=None):
         # a decomposition that got the signs of V wrong
-        return {name: -w if name.endswith(".v") else w for name, w in real(self, t).items()}
+        return {name: -w if name.endswith(".v") else w for name, w in real(self, t, dtype).items()}
 
     monkeypatch.setattr(plan.Plan, "weights", sign_flipped)
     with pytest.raises(AssertionError, match="full-rank reconstruction"):

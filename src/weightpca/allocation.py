@@ -167,7 +167,7 @@ def measure_weights(plan: Plan, loss_with, keep: float, progress=print) -> dict[
 
     def weight_of(keys: list[str], label: str) -> float:
         factors = plan.factors({k: ranks[k] for k in keys})
-        replaced = {n: factors[n].dense() for k in keys for n in members[k]}
+        replaced = {n: factors[n].dense(np.float32) for k in keys for n in members[k]}
         increase = loss_with(replaced) - base
         energy = sum(float(rel[k][ranks[k] - 1]) for k in keys)
         progress(f"weights: {label} truncated to {keep:.0%} of its parameters: loss {increase:+.4g}")

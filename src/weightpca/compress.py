@@ -348,6 +348,7 @@ def export_point(
     prompt: str,
     refit_ridge: float | None = None,
     progress=print,
+    plan=None,
 ) -> dict:
     """Factor ``target`` at one operating point, save it, reload it and check it against the dense path.
 
@@ -355,7 +356,8 @@ def export_point(
     ``mode`` (``weightpca.plan.mode_groups``) under ``allocation``: one threshold for every matrix, or
     a rank per group key (a whole-model sweep's point). ``refit_ridge`` (a rank map only): the factors
     are refit to the inputs the compressed model feeds them (``weightpca.refit``) on ``calib``, with this
-    ridge. Returns the record: perplexity
+    ridge. ``plan``: the decomposed plan of ``mode`` over ``groups`` (calibrated on ``calib``) when the
+    caller exports several points of one sweep; None decomposes here. Returns the record: perplexity
     of the unmodified model, of the dense reconstruction (the surgery's measurement) and of the
     reloaded factored model, which must agree with the reconstruction to a relative 1e-3; parameters
     and bytes of both; ranks; a greedy continuation of ``prompt`` by the reloaded model.
@@ -363,12 +365,13 @@ def export_point(
     from .targets import perplexity
 
     base_ppl = perplexity(target, val, window)
-    plan = model_plan(target, mode, target.roles(groups), calib, window)
+    if plan is None:
+        plan = model_plan(target, mode, target.roles(groups), calib, window)
     if refit_ridge is not None:
         if not isinstance(allocation, dict):
             raise ValueError("refit applies to a whole-model point (a rank map), not a threshold")
         plan = refit_plan(target, plan, plan.ranks(allocation), calib, window, refit_ridge, progress)
-    with target.patched(plan.weights(allocation)):
+    with target.patched(plan.weights(allocation, np.float32)):
         ppl_reconstructed = perplexity(target, val, window)
     model, spec = factorize_model(target, plan.factors(allocation))
     save_compressed(model, spec, folder, target.family, model_config)

@@ -19,6 +19,24 @@ class ConfigError(ValueError):
     pass
 
 
+def merged_config(*paths) -> dict:
+    """The configuration Snakemake builds from ``config/config.yaml`` and ``--configfile`` presets: each
+    file merged over the ones before it, mappings key by key, any other value replaced (for scripts that
+    run a stage's library calls outside the workflow, e.g. benchmarks/recovery_bench.py)."""
+    import yaml
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    config: dict = {}
+    for path in paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
+
+
 def check_config(config: dict) -> None:
     model, train, tok, corpus = config["model"], config["train"], config["tokenizer"], config["corpus"]
     d = model["n_embd"]
@@ -85,11 +103,12 @@ def check_config(config: dict) -> None:
                         f"surgery.enabled is false; give a threshold instead, or set "
                         f"compress.enabled: false"
                     )
-                if point["tolerance"] not in surgery["tolerances"]:
-                    raise ConfigError(
-                        f"{where}: tolerance {point['tolerance']} is not one of surgery.tolerances "
-                        f"{surgery['tolerances']}"
-                    )
+                listed, key = surgery["tolerances"], "surgery.tolerances"
+                if "allocation" in point:  # bisected by the whole-model sweep of its target
+                    listed = target_whole_model(surgery, point["target"]).get("tolerances", listed)
+                    key = f"the whole-model tolerances of target {point['target']}"
+                if point["tolerance"] not in listed:
+                    raise ConfigError(f"{where}: tolerance {point['tolerance']} is not one of {key} {listed}")
             if "allocation" in point:
                 _check_whole_model_point(where, point, surgery)
     if surgery and surgery["whole_model"]["enabled"]:
@@ -111,13 +130,13 @@ def check_config(config: dict) -> None:
                     f"{where}: no compress point '{r['point']}' of target '{r['target']}' (compress.points, "
                     "compress.enabled); recovery fine-tunes an exported point"
                 )
-            if surgery["targets"][r["target"]]["kind"] != "gpt":
-                raise ConfigError(
-                    f"{where}: recovery trains on the corpus's token files, which are our GPT's tokens; "
-                    "a Hugging Face target's recovery is not built yet: recover a point of a gpt target"
-                )
             if r["point"] == "dense":
                 raise ConfigError(f"{where}: 'dense' names the control's folder; rename the compress point")
+        unknown = sorted(set(recovery["target_train"]) - {r["target"] for r in recovery["points"]})
+        if unknown:
+            raise ConfigError(
+                f"recovery.target_train: {unknown} recover no point (recovery.points); remove them or add a point"
+            )
     sketch = config.get("sketch")
     if sketch and sketch["enabled"]:
         n_snapshots = train["max_steps"] // sketch["snapshot_every"]
@@ -139,7 +158,8 @@ def check_config(config: dict) -> None:
 
 
 def target_whole_model(surgery: dict, target: str) -> dict:
-    """surgery.whole_model with the target's own `removed` and `refit` where its `whole_model` sets them."""
+    """surgery.whole_model with the target's own `removed`, `refit` and `tolerances` where its `whole_model`
+    sets them (without its own `tolerances`, none: the caller's surgery.tolerances apply)."""
     own = surgery["targets"][target].get("whole_model", True)
     return {**surgery["whole_model"], **(own if isinstance(own, dict) else {})}
 

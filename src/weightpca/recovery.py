@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .model import GPT
+
 RECOVERED = "recovered"  # the subfolder of a recovery run that holds its factored export
 
 
@@ -116,8 +118,10 @@ def recover(
     threads: int = 1,
 ) -> dict:
     """Fine-tune one model of a recovery: the compressed export in folder ``export``, or (None) the dense
-    original itself, the control. ``dense``: our GPT's ``model`` and ``config`` files (the original, and
-    the teacher of a distilling recipe). ``run``: the training loop's run settings (the same for a point
+    original itself, the control. ``dense``: the original (and the teacher of a distilling recipe), our
+    GPT's ``{"kind": "gpt", "model", "config"}`` files or a Hugging Face ``{"kind": "hf", "folder"}``; a
+    Hugging Face model trains through ``adapters.CausalLM`` (the loop's forward contract). ``data``: token
+    files of the model's own tokenizer. ``run``: the training loop's run settings (the same for a point
     and its control: same seed, same batches). Trains with ``weightpca.train.train`` to ``outputs``;
     a compressed model is then saved factored to ``<outputs.summary's folder>/recovered`` (its LoRA
     merged), reloaded and evaluated, which must agree with the trained model to a relative 1e-3.
@@ -135,31 +139,38 @@ def recover(
     device = resolve_device(device)
     t = TrainSettings.from_dict(run["train"])
     torch.set_num_threads(threads)
+    if dense.get("kind", "gpt") not in ("gpt", "hf"):
+        raise ValueError(f"recovery: dense kind {dense['kind']!r}, expected gpt or hf")
 
     def original() -> nn.Module:
-        return adapters.load("gpt", dense["model"], dense["config"], device).model
+        if dense.get("kind", "gpt") == "gpt":
+            return adapters.load("gpt", dense["model"], dense["config"], device).model
+        return adapters.load("hf", dense["folder"], device=device).model
 
     model = original() if export is None else load_compressed(export, device)
     model.requires_grad_(True)  # the loaders return inference models; a recovery trains every parameter
+    layers = adapters.adapter_for(model).LAYERS
+
+    def trainable(m: nn.Module) -> nn.Module:
+        """The training loop's contract: our GPT has it, a Hugging Face model gets it from CausalLM."""
+        return m if isinstance(m, GPT) else adapters.CausalLM(adapters.adapter_for(m))
+
     meta = read_json(data.meta)
     windows = eval_windows(open_tokens(data.val, meta), run["model"]["block_size"], t.eval_tokens)
     autocast = setup_precision(device, t)
 
     def ppl(m: nn.Module) -> float:
-        return math.exp(evaluate(m, windows, t.batch_size, device, autocast)[0])
+        return math.exp(evaluate(trainable(m), windows, t.batch_size, device, autocast)[0])
 
     before = ppl(model)
-    trained = model
     if recipe.get("lora"):
         lora = recipe["lora"]
-        trained = with_lora(
-            model, layer_linears(model, adapters.GPTAdapter.LAYERS), lora["r"], lora["alpha"], run["seed"]
-        )
+        model = with_lora(model, layer_linears(model, layers), lora["r"], lora["alpha"], run["seed"])
+    trained = trainable(model)
     if recipe.get("distill"):
         d = recipe["distill"]
-        trained = Distilled(trained, original(), d["weight"], d.get("temperature", 1.0))
+        trained = Distilled(trained, trainable(original()), d["weight"], d.get("temperature", 1.0))
     summary = train(run, data, outputs, work_dir, device, threads, model=trained)
-    model = trained.student if isinstance(trained, Distilled) else trained
     if recipe.get("lora"):
         model = merge_lora(model)
     record = dict(

@@ -115,15 +115,24 @@ def lowrank_run(config: dict, lam, seed: int) -> dict:
 
 def recovery_run(config: dict, target: str, point: str, seed: int) -> dict:
     """One run of a recovery: a compress point, or ``point`` "dense" (the control: the original). Both
-    take D's train block with the recipe's overrides and the seed, hence the same batches; the recipe's
-    lora and distill are part of the run, so that changing them retrains (checkpoints included)."""
-    rec = config["recovery"]
+    take the train block with the recipe's overrides (``recovery.train``, then the target's own in
+    ``recovery.target_train``) and the seed, hence the same batches; the recipe's lora and distill are
+    part of the run, so that changing them retrains (checkpoints included). Our GPT trains at its own
+    block size; a Hugging Face target on windows of ``surgery.window`` tokens, evaluated on its surgery
+    evaluation tokens (the first of its val.bin: the tokens its sweep measured)."""
+    rec, surgery = config["recovery"], config["surgery"]
+    train = {**config["train"], **rec["train"], **rec["target_train"].get(target, {})}
+    model = config["model"]
+    own = surgery["targets"][target]
+    if own["kind"] != "gpt":
+        model = {"block_size": surgery["window"]}
+        train["eval_tokens"] = own.get("eval_tokens") or surgery["eval_tokens"]
     return {
         "name": f"recovery/{target}/{point}/seed{seed}",
         "group": "recovery",
         "seed": seed,
-        "model": config["model"],
-        "train": {**config["train"], **rec["train"]},
+        "model": model,
+        "train": train,
         "recipe": {"lora": rec["lora"], "distill": rec["distill"]},
         "init": {},
         "freeze": {},

@@ -186,7 +186,7 @@ def run_sweep(
             rows.append(row)
             return row
         # at 1.0 too: the check below tests the decomposition
-        weights = timed("reconstruct_s", plan.weights, t)
+        weights = timed("reconstruct_s", plan.weights, t, np.float32)
         text = ""
         with target.patched(weights):
             ppl = timed("eval_s", perplexity, target, eval_tokens, window)
@@ -286,7 +286,7 @@ def run_sensitivity(
     levels = sorted((t for t in thresholds if t < 1.0), reverse=True)
     if not levels:
         raise ValueError("sensitivity needs a threshold below 1.0 in surgery.thresholds")
-    compressed = {t: (plan.weights(t), plan.ranks(t)) for t in levels}
+    compressed = {t: (plan.weights(t, np.float32), plan.ranks(t)) for t in levels}
     rows = []
 
     def measure(scope: str, types: list[str], layers: list[int], t: float) -> None:
@@ -420,7 +420,7 @@ def run_budget_sweep(
             if refit
             else plan
         )
-        with target.patched(fitted.weights(ranks)):
+        with target.patched(fitted.weights(ranks, np.float32)):
             ppl = timed("eval_s", perplexity, target, eval_tokens, window)
         kept = model_params(plan, total, ranks, costs)
         by_role: dict[str, list[int]] = {}

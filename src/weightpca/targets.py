@@ -194,3 +194,29 @@ def prepare_hf_model(source: str, out_dir) -> dict:
     apply_umask(out_dir)
     n = sum(p.numel() for p in model.parameters())
     return {"architecture": type(model).__name__, "params": n, "layers": model.config.num_hidden_layers}
+
+
+def write_target_tokens(target, train_text, val_text, out_dir) -> dict:
+    """The corpus's train and validation texts through the target's own tokenizer, as the training loop's
+    token files (``train.bin``, ``val.bin``, ``meta.json`` in ``out_dir``; weightpca.tokens' format).
+
+    Each text is encoded whole, as :func:`text_tokens` encodes its prefix, so the first tokens of
+    ``val.bin`` are the surgery's evaluation tokens of this target and a recovery is evaluated on them.
+    """
+    from .io import write_json
+    from .tokens import token_dtype, write_memmap
+
+    vocab_size = int(target.model.config.vocab_size)
+    dtype = token_dtype(vocab_size)
+    out_dir = Path(out_dir)
+    counts = {}
+    for split, path in (("train", train_text), ("val", val_text)):
+        ids = np.asarray(target.encode(Path(path).read_text()), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise TargetError(f"{path}: token ids outside the model's vocabulary of {vocab_size}")
+        write_memmap(out_dir / f"{split}.bin", ids, dtype)
+        counts[f"{split}_tokens"] = int(ids.size)
+    eos = getattr(target.tokenizer, "eos_token_id", None)
+    meta = dict(vocab_size=vocab_size, dtype=dtype.name, eot_id=eos, **counts, tokenizer={"kind": "target"})
+    write_json(out_dir / "meta.json", meta)
+    return meta

@@ -103,6 +103,28 @@ BAD = [
         {"surgery.whole_model.allocation": ["uniform"], "compress.enabled": False},
         r"surgery\.whole_model\.refit \(gpt\): \['calibrated'\] not in surgery\.whole_model\.allocation",
     ),
+    (
+        "recovery recipe of a target without a recovered point",
+        {"recovery.target_train": {"smollm2": {"lr": 0.001}}},
+        r"recovery\.target_train: \['smollm2'\] recover no point",
+    ),
+    (
+        "whole-model point at a tolerance its target does not bisect",
+        {
+            "surgery.targets.gpt.whole_model": {"removed": [0.1, 0.3], "refit": ["calibrated"], "tolerances": [0.1]},
+            "compress.points": [
+                {
+                    "name": "w5",
+                    "target": "gpt",
+                    "mode": "activation_aware",
+                    "allocation": "calibrated",
+                    "tolerance": 0.05,
+                }
+            ],
+            "recovery.enabled": False,
+        },
+        r"tolerance 0\.05 is not one of the whole-model tolerances of target gpt \[0\.1\]",
+    ),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),
     (
         "corpus archive missing",

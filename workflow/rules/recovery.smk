@@ -1,7 +1,28 @@
-"""Recovery: compress points fine-tuned back, against the dense original fine-tuned the same way."""
+"""Recovery: compress points fine-tuned back, against the dense original fine-tuned the same way; a Hugging Face
+target's token files through its own tokenizer."""
 
 
 include: "functions/recovery.smk"
+
+
+rule tokenize_target:
+    input:
+        config=rules.prepare_hf_target.output.config,
+        train_text=rules.prepare_corpus.output.train,
+        val_text=rules.prepare_corpus.output.val,
+    output:
+        meta=f"{RESULTS}/models/{{target}}/tokens/meta.json",
+        train=f"{RESULTS}/models/{{target}}/tokens/train.bin",
+        val=f"{RESULTS}/models/{{target}}/tokens/val.bin",
+    log:
+        f"{LOGS}/tokenize_target/{{target}}.log",
+    benchmark:
+        f"{BENCH}/tokenize_target/{{target}}.tsv"
+    conda:
+        "../../envs/surgery.yaml"
+    threads: cpu_slots("tokenize")
+    script:
+        "../scripts/tokenize_target.py"
 
 
 rule recovery_point:
@@ -22,6 +43,7 @@ rule recovery_point:
         "../../envs/surgery.yaml"
     threads: cpu_slots("train")
     params:
+        kind=lambda w: surgery_target(w.target)["kind"],
         run=lambda w: runs.recovery_run(config, w.target, w.point, int(w.seed)),
         work_dir=lambda w: f"{RESULTS}/recovery/{w.target}/{w.point}/seed{w.seed}/_work",
         wandb_dir=f"{RESULTS}/wandb",
@@ -31,7 +53,7 @@ rule recovery_point:
 
 rule recovery_control:
     input:
-        **recovery_tokens(),
+        unpack(recovery_tokens),
     output:
         model=f"{RESULTS}/recovery/{{target}}/dense/seed{{seed}}/model.safetensors",
         config=f"{RESULTS}/recovery/{{target}}/dense/seed{{seed}}/config.json",
@@ -46,6 +68,7 @@ rule recovery_control:
         "../../envs/surgery.yaml"
     threads: cpu_slots("train")
     params:
+        kind=lambda w: surgery_target(w.target)["kind"],
         run=lambda w: runs.recovery_run(config, w.target, "dense", int(w.seed)),
         work_dir=lambda w: f"{RESULTS}/recovery/{w.target}/dense/seed{w.seed}/_work",
         wandb_dir=f"{RESULTS}/wandb",

@@ -133,6 +133,6 @@ rule surgery_whole_model_frontier:
     conda:
         "../../envs/report.yaml"
     params:
-        tolerances=SURGERY["tolerances"],
+        tolerances=lambda w: whole_model_settings(w.target)["tolerances"],
     script:
         "../scripts/surgery_whole_model_frontier.py"

@@ -2,18 +2,17 @@
 
 from pathlib import Path
 
-import torch
-
 from weightpca.compress import export_point, frontier_threshold, whole_model_ranks
 from weightpca.evaluate import resolve_device
 from weightpca.io import read_json, write_json
 from weightpca.logs import job_log
+from weightpca.resources import use_threads
 from weightpca.speed import measure_in_subprocess
 from weightpca.targets import load_target
 
 with job_log(snakemake.log[0]):
     threads = snakemake.config["threads"]["surgery"]  # snakemake.threads: cores reserved (cpu_slots)
-    torch.set_num_threads(threads)
+    use_threads(threads)
     s, point, kind = snakemake.params.settings, snakemake.params.point, snakemake.params.kind
     device = resolve_device(snakemake.config["device"])
     inputs = dict(snakemake.input.items())

@@ -17,7 +17,11 @@ with job_log(snakemake.log[0]):
         TokenFiles(Path(inp.meta), Path(inp.train), Path(inp.val)),
         TrainOutputs(Path(out.model), Path(out.config), Path(out.metrics), Path(out.summary), None),
         snakemake.params.work_dir,
-        dense={"model": inp.dense_model, "config": inp.dense_config},
+        dense=(
+            {"kind": "gpt", "model": inp.dense_model, "config": inp.dense_config}
+            if snakemake.params.kind == "gpt"
+            else {"kind": "hf", "folder": str(Path(inp.dense_config).parent)}
+        ),
         export=export,
         recipe=run["recipe"],
         device=snakemake.config["device"],

@@ -3,14 +3,13 @@
 import json
 from pathlib import Path
 
-import torch
-
 from weightpca.evaluate import resolve_device
 from weightpca.logs import job_log
+from weightpca.resources import use_threads
 from weightpca.sketch import SafetensorsSamples, run_method
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.config["threads"]["sketch"])  # snakemake.threads: cores reserved (cpu_slots)
+    use_threads(snakemake.config["threads"]["sketch"])  # snakemake.threads: cores reserved (cpu_slots)
     p = snakemake.params
     optimum = json.loads(Path(snakemake.input.optimum).read_text()) if "optimum" in snakemake.input.keys() else None
     with SafetensorsSamples(sorted(Path(snakemake.input.snapshots).glob("*.safetensors"))) as src:

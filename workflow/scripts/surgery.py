@@ -1,16 +1,16 @@
 """One surgery sweep: perplexity, ranks and parameters at every threshold of one mode."""
 
 import pandas as pd
-import torch
 
 from weightpca.evaluate import resolve_device
 from weightpca.io import write_csv, write_json
 from weightpca.logs import job_log
+from weightpca.resources import use_threads
 from weightpca.surgery import run_sweep
 from weightpca.targets import load_target
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
+    use_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     s = snakemake.params.settings
     device = resolve_device(snakemake.config["device"])
     target, val, calib, window = load_target(

@@ -1,16 +1,16 @@
 """Which matrix types (and which layers) carry a target's surgery loss: one type, then one layer, at a time."""
 
 import pandas as pd
-import torch
 
 from weightpca.evaluate import resolve_device
 from weightpca.io import write_csv
 from weightpca.logs import job_log
+from weightpca.resources import use_threads
 from weightpca.surgery import run_sensitivity
 from weightpca.targets import load_target
 
 with job_log(snakemake.log[0]):
-    torch.set_num_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
+    use_threads(snakemake.config["threads"]["surgery"])  # snakemake.threads: cores reserved (cpu_slots)
     s = snakemake.params.settings
     target, val, _, window = load_target(
         snakemake.params.kind,

@@ -14,21 +14,37 @@ def recovery_targets():
     return list(dict.fromkeys(t for t, _ in recovery_points()))
 
 
-def recovery_tokens():
+def recovery_tokens(wildcards):
+    """The model's token files and the dense original (the control, and the teacher of a distilling
+    recipe): our GPT's corpus tokens and D, or a Hugging Face target's own tokens and its prepared folder.
+    """
+    if surgery_target(wildcards.target)["kind"] == "gpt":
+        return {
+            "meta": rules.tokenize.output.meta,
+            "train": rules.tokenize.output.train,
+            "val": rules.tokenize.output.val,
+            "dense_model": baseline_output("model"),
+            "dense_config": baseline_output("config"),
+        }
+    tokens = rules.tokenize_target.output
+    prepared = rules.prepare_hf_target.output
     return {
-        "meta": rules.tokenize.output.meta,
-        "train": rules.tokenize.output.train,
-        "val": rules.tokenize.output.val,
-        "dense_model": baseline_output("model"),
-        "dense_config": baseline_output("config"),
+        name: expand(path, target=wildcards.target)[0]
+        for name, path in (
+            ("meta", tokens.meta),
+            ("train", tokens.train),
+            ("val", tokens.val),
+            ("dense_model", prepared.weights),
+            ("dense_config", prepared.config),
+        )
     }
 
 
 def recovery_point_inputs(wildcards):
-    """The tokens, the dense original (the teacher of a distilling recipe) and the exported point."""
+    """The tokens, the dense original and the exported point."""
     folder = f"{RESULTS}/compress/{wildcards.target}/{wildcards.point}"
     return {
-        **recovery_tokens(),
+        **recovery_tokens(wildcards),
         "weights": f"{folder}/model.safetensors",
         "export_config": f"{folder}/config.json",
         "record": f"{folder}/compress.json",
@@ -74,4 +90,10 @@ def recovery_benchmarks():
             seed=RECOVERY["seeds"],
         ),
         *expand(rules.recovery_table.benchmark, target=recovery_targets()),
+        *expand(
+            rules.tokenize_target.benchmark,
+            target=[
+                t for t in recovery_targets() if surgery_target(t)["kind"] != "gpt"
+            ],
+        ),
     ]

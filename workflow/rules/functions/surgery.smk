@@ -85,7 +85,7 @@ def whole_model_targets():
 
 def whole_model_settings(target):
     """What a whole-model sweep job reads: the target's sweep settings and the whole_model block (with the
-    target's own removed and refit where it sets them)."""
+    target's own removed, refit and tolerances where it sets them)."""
     s = surgery_settings(target)
     keys = ("eval_tokens", "calib_tokens", "window", "tolerances", "refine")
     return {**{k: s[k] for k in keys}, **target_whole_model(SURGERY, target)}

@@ -1,0 +1,216 @@
+"""Recovery of a Hugging Face model's whole-model compression points, against the dense model fine-tuned
+the same way, with a preset's recipe (the GPU preset's: config/gpu-smoke.yaml).
+
+    python benchmarks/recovery_bench.py MODEL --val-text val.txt --train-text train.txt --work DIR \\
+        [--config config/config.yaml config/gpu-smoke.yaml] [--target smollm2] \\
+        [--removed 0.1 0.2 0.3] [--allocation calibrated] [--no-refit] [--device auto] \\
+        --json out.json [--markdown out.md]
+
+MODEL is a save_pretrained folder or a GGUF file (converted once into the folder ``hf`` beside it, as
+the workflow's prepare_hf_target does). The library calls of the workflow's stages, with the sizes and
+the recipe of the merged ``--config`` files (surgery's eval/calibration tokens and window, the
+whole-model sensitivity tokens and refit ridge, ``recovery.train`` with the target's
+``recovery.target_train``, ``recovery.seeds``): the target's token files (``weightpca.targets
+.write_target_tokens``); one whole-model sweep of ``--allocation`` at every ``--removed`` fraction for
+its ranks (``weightpca.surgery.run_budget_sweep``); each point exported factored, its factors refit
+unless ``--no-refit`` (``weightpca.compress.export_point``); per seed, the dense control and every
+point fine-tuned (``weightpca.recovery.recover``); the table (``weightpca.recovery.recovery_table``).
+
+Everything lands in ``--work`` and is reused when there: a run killed at any moment (a command time
+limit) continues where it stopped when started again, a training run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from weightpca import runs  # noqa: E402
+from weightpca.allocation import parse_ranks  # noqa: E402
+from weightpca.compress import export_point  # noqa: E402
+from weightpca.config import merged_config  # noqa: E402
+from weightpca.evaluate import resolve_device  # noqa: E402
+from weightpca.io import read_json, write_json  # noqa: E402
+from weightpca.plan import model_plan  # noqa: E402
+from weightpca.recovery import recover, recovery_table  # noqa: E402
+from weightpca.surgery import run_budget_sweep  # noqa: E402
+from weightpca.targets import load_target, prepare_hf_model, write_target_tokens  # noqa: E402
+from weightpca.train import TokenFiles, TrainOutputs  # noqa: E402
+
+MODE = "activation_aware"
+
+
+def point_name(removed: float) -> str:
+    return f"whole{round(removed * 100):d}"
+
+
+def markdown(result: dict, table) -> str:
+    """Per point: perplexity before and after recovery (mean over seeds), the control's, the ratio."""
+    recipe = result["recipe"]
+    lines = [
+        f"Measured with `{result['command']}` on {result['device']} (torch {result['torch']}): "
+        f"{result['eval_tokens']} validation tokens in windows of {result['window']}, seeds "
+        f"{result['seeds']}; recipe {recipe['max_steps']} steps x {recipe['batch_size']} x {result['window']} "
+        f"tokens ({result['tokens_per_run']:,} per run), lr {recipe['lr']:g} to {recipe['min_lr']:g} "
+        f"(cosine, {recipe['warmup_steps']} warm-up steps), every parameter trained"
+        + (", LoRA" if result["lora"] else "")
+        + (", distilled" if result["distill"] else "")
+        + f". Dense control: {table.control_before.mean():.2f} -> {table.control_after.mean():.2f}.",
+        "",
+        "| removed | kept | before recovery | after recovery | x dense+FT (per seed) | gap closed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for removed, rows in table.groupby("removed"):
+        lines.append(
+            f"| {removed:.0%} | {rows.fraction_kept.mean():.3f} | {rows.ppl_before.mean():.2f} | "
+            f"{rows.ppl_after.mean():.2f} | {rows.ratio_to_control.mean():.3f}x "
+            f"({', '.join(f'{x:.3f}' for x in rows.ratio_to_control)}) | {rows.gap_closed.mean():.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--val-text", type=Path, required=True)
+    ap.add_argument("--train-text", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument(
+        "--config", nargs="+", type=Path, default=[Path("config/config.yaml"), Path("config/gpu-smoke.yaml")]
+    )
+    ap.add_argument("--target", default="smollm2", help="the config's surgery target whose recipe applies")
+    ap.add_argument("--removed", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    ap.add_argument("--allocation", default="calibrated", choices=["threshold", "uniform", "calibrated"])
+    ap.add_argument("--no-refit", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--markdown", type=Path, default=None)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    config = merged_config(*args.config)
+    surgery, whole, rec = config["surgery"], config["surgery"]["whole_model"], config["recovery"]
+    folder = args.model
+    if args.model.suffix == ".gguf":
+        folder = args.model.parent / "hf"
+        if not (folder / "config.json").is_file():
+            prepare_hf_model(str(args.model), folder)
+    device = resolve_device(args.device)
+    work = args.work
+    paths = {"model_config": folder / "config.json", "val_text": args.val_text, "train_text": args.train_text}
+    target, val, calib, window = load_target(
+        "hf", paths, surgery["eval_tokens"], surgery["calib_tokens"], surgery["window"], device
+    )
+    tokens = work / "tokens"
+    if not (tokens / "meta.json").is_file():
+        write_target_tokens(target, args.train_text, args.val_text, tokens)
+    data = TokenFiles(tokens / "meta.json", tokens / "train.bin", tokens / "val.bin")
+
+    # the ranks of every point: one sweep of the allocation (no refit rows: the export refits each point)
+    sweep_json = work / "sweep.json"
+    if not sweep_json.is_file():
+        rows, info = run_budget_sweep(
+            target,
+            MODE,
+            None,
+            [args.allocation],
+            args.removed,
+            val,
+            window,
+            calib_tokens=calib,
+            sensitivity_tokens=calib[: whole["sensitivity_tokens"] + 1],
+            trial_keep=whole["trial_keep"],
+        )
+        write_json(sweep_json, {"rows": rows, "info": info})
+    sweep = read_json(sweep_json)["rows"]
+    points = {
+        point_name(f): next(r for r in sweep if r["removed"] == f and r["source"] == "grid") for f in args.removed
+    }
+    plan = None
+    refit_ridge = None if args.no_refit else whole["refit_ridge"]
+    for name, row in points.items():
+        record_path = work / "compress" / name / "compress.json"  # save_compressed's, the record merged in
+        if record_path.is_file() and "params_factored" in read_json(record_path):
+            continue
+        if plan is None:
+            plan = model_plan(target, MODE, None, calib, window)
+        record = export_point(
+            target,
+            MODE,
+            parse_ranks(row["ranks"]),
+            whole["matrices"],
+            val,
+            calib,
+            window,
+            record_path.parent,
+            read_json(folder / "config.json"),
+            surgery["prompt"],
+            refit_ridge=refit_ridge,
+            plan=plan,
+        )
+        write_json(
+            record_path, dict(read_json(record_path), **record, removed=row["removed"], allocation=args.allocation)
+        )
+    del plan, target
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
+
+    # per seed, the control and every point: the same recipe, seed and batches
+    config["recovery"]["points"] = [{"target": args.target, "point": name} for name in points]
+    dense = {"kind": "hf", "folder": str(folder)}
+    records = {"points": [], "controls": []}
+    for seed in rec["seeds"]:
+        for name in ["dense", *points]:
+            out = work / "recovery" / name / f"seed{seed}"
+            record_path = out / "recovery.json"
+            if not record_path.is_file():
+                run = runs.recovery_run(config, args.target, name, seed)
+                record = recover(
+                    run,
+                    data,
+                    TrainOutputs(
+                        out / "model.safetensors", out / "config.json", out / "metrics.csv", out / "summary.json", None
+                    ),
+                    out / "_work",
+                    dense,
+                    None if name == "dense" else work / "compress" / name,
+                    run["recipe"],
+                    device,
+                )
+                write_json(record_path, dict(record, target=args.target, point=name))
+                print(record, flush=True)
+            records["controls" if name == "dense" else "points"].append(record_path)
+    table = recovery_table(
+        records["points"], records["controls"], [work / "compress" / n / "compress.json" for n in points]
+    )
+    run = runs.recovery_run(config, args.target, "dense", rec["seeds"][0])
+    result = dict(
+        command=" ".join(["python", "benchmarks/recovery_bench.py", *sys.argv[1:]]),
+        device=torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        torch=torch.__version__,
+        eval_tokens=int(len(val) - 1),
+        window=window,
+        seeds=rec["seeds"],
+        recipe=run["train"],
+        tokens_per_run=run["train"]["max_steps"] * run["train"]["batch_size"] * run["train"]["grad_accum"] * window,
+        lora=rec["lora"],
+        distill=rec["distill"],
+        sweep=sweep,
+        rows=table.replace({np.nan: None}).to_dict("records"),
+        wall_s=time.perf_counter() - started,
+    )
+    args.json.write_text(json.dumps(result, indent=1))
+    text = markdown(result, table)
+    if args.markdown:
+        args.markdown.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
