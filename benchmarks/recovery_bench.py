@@ -158,8 +158,9 @@ def main() -> None:
         write_json(
             record_path, dict(read_json(record_path), **record, removed=row["removed"], allocation=args.allocation)
         )
-    del plan, target
-    torch.cuda.empty_cache() if device.startswith("cuda") else None
+    del plan, target  # the training runs load their own copies
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
     # per seed, the control and every point: the same recipe, seed and batches
     config["recovery"]["points"] = [{"target": args.target, "point": name} for name in points]
