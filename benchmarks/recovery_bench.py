@@ -42,7 +42,7 @@ from weightpca.io import read_json, write_json  # noqa: E402
 from weightpca.plan import model_plan  # noqa: E402
 from weightpca.recovery import recover, recovery_table  # noqa: E402
 from weightpca.surgery import run_budget_sweep  # noqa: E402
-from weightpca.targets import load_target, prepare_hf_model, write_target_tokens  # noqa: E402
+from weightpca.targets import load_target, prepared_folder, write_target_tokens  # noqa: E402
 from weightpca.train import TokenFiles, TrainOutputs  # noqa: E402
 
 MODE = "activation_aware"
@@ -97,11 +97,7 @@ def main() -> None:
     started = time.perf_counter()
     config = merged_config(*args.config)
     surgery, whole, rec = config["surgery"], config["surgery"]["whole_model"], config["recovery"]
-    folder = args.model
-    if args.model.suffix == ".gguf":
-        folder = args.model.parent / "hf"
-        if not (folder / "config.json").is_file():
-            prepare_hf_model(str(args.model), folder)
+    folder = prepared_folder(args.model)
     device = resolve_device(args.device)
     work = args.work
     paths = {"model_config": folder / "config.json", "val_text": args.val_text, "train_text": args.train_text}

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from weightpca.evaluate import resolve_device  # noqa: E402
 from weightpca.surgery import budget_frontier, run_budget_sweep  # noqa: E402
-from weightpca.targets import load_target, prepare_hf_model  # noqa: E402
+from weightpca.targets import load_target, prepared_folder  # noqa: E402
 
 RULES = ("threshold", "uniform", "calibrated")
 TOLERANCES = (0.01, 0.05, 0.10)
@@ -95,11 +95,7 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args()
     started = time.perf_counter()
-    folder = args.model
-    if args.model.suffix == ".gguf":
-        folder = args.model.parent / "hf"
-        if not (folder / "config.json").is_file():
-            prepare_hf_model(str(args.model), folder)
+    folder = prepared_folder(args.model)
     device = resolve_device(args.device)
     paths = {"model_config": folder / "config.json", "val_text": args.val_text, "train_text": args.train_text}
     target, val, calib, window = load_target("hf", paths, args.eval_tokens, args.calib_tokens, args.window, device)

