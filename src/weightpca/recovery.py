@@ -139,11 +139,12 @@ def recover(
     device = resolve_device(device)
     t = TrainSettings.from_dict(run["train"])
     torch.set_num_threads(threads)
-    if dense.get("kind", "gpt") not in ("gpt", "hf"):
-        raise ValueError(f"recovery: dense kind {dense['kind']!r}, expected gpt or hf")
+    kind = dense.get("kind", "gpt")
+    if kind not in ("gpt", "hf"):
+        raise ValueError(f"recovery: dense kind {kind!r}, expected gpt or hf")
 
     def original() -> nn.Module:
-        if dense.get("kind", "gpt") == "gpt":
+        if kind == "gpt":
             return adapters.load("gpt", dense["model"], dense["config"], device).model
         return adapters.load("hf", dense["folder"], device=device).model
 
