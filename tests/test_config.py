@@ -12,6 +12,10 @@ def test_default_and_preset_configs_are_valid(tmp_path):
         assert ("results/surgery/smollm2/" in done.stdout) == (name != "config/gpt2.yaml")
         assert "results/compress/" in done.stdout
         assert ("results/surgery/tinyllama/" in done.stdout) == (name == "config/gpt2.yaml")
+        # SmolLM2's q/k/v in two modes of its own (targets.smollm2.modes; the GPU preset: all four), D in all four
+        assert "results/surgery/gpt/shared_kv.csv" in done.stdout
+        assert ("results/surgery/smollm2/shared_kv.csv" in done.stdout) == (name == "config/gpu-smoke.yaml")
+        assert ("results/surgery/smollm2/separate.csv" in done.stdout) == (name != "config/gpt2.yaml")
         # the GPU preset recovers SmolLM2 on its own tokens, at 10, 20 and 30 % removed, two seeds
         gpu = name == "config/gpu-smoke.yaml"
         assert ("results/models/smollm2/tokens/train.bin" in done.stdout) == gpu

@@ -109,6 +109,12 @@ def check_config(config: dict) -> None:
                     key = f"the whole-model tolerances of target {point['target']}"
                 if point["tolerance"] not in listed:
                     raise ConfigError(f"{where}: tolerance {point['tolerance']} is not one of {key} {listed}")
+                modes = target_modes(surgery, point["target"])
+                if "allocation" not in point and point["mode"] not in modes:
+                    raise ConfigError(
+                        f"{where}: mode '{point['mode']}' is not swept for target {point['target']} (its modes "
+                        f"{modes}); add it to surgery.targets.{point['target']}.modes or pick one of those"
+                    )
             if "allocation" in point:
                 _check_whole_model_point(where, point, surgery)
     if surgery and surgery["whole_model"]["enabled"]:
@@ -155,6 +161,11 @@ def check_config(config: dict) -> None:
         for split, path in (corpus.get("data_files") or {}).items():
             if "://" not in path and not Path(path).is_file():
                 raise ConfigError(f"corpus.data_files.{split}: file '{path}' does not exist")
+
+
+def target_modes(surgery: dict, target: str) -> list[str]:
+    """The q/k/v sweep modes of one target: its own `modes`, else surgery.modes."""
+    return surgery["targets"][target].get("modes") or surgery["modes"]
 
 
 def target_whole_model(surgery: dict, target: str) -> dict:

@@ -125,6 +125,16 @@ BAD = [
         },
         r"tolerance 0\.05 is not one of the whole-model tolerances of target gpt \[0\.1\]",
     ),
+    (
+        "tolerance point of a mode its target does not sweep",
+        {
+            "surgery.targets.gpt.modes": ["separate"],
+            "compress.points": [{"name": "aa", "target": "gpt", "mode": "activation_aware", "tolerance": 0.05}],
+            "recovery.enabled": False,
+        },
+        r"mode 'activation_aware' is not swept for target gpt \(its modes \['separate'\]\); add it to "
+        r"surgery\.targets\.gpt\.modes",
+    ),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),
     (
         "corpus archive missing",

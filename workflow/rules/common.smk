@@ -20,7 +20,7 @@ os.environ.update(
 from snakemake.exceptions import WorkflowError
 
 from weightpca import runs
-from weightpca.config import check_config, target_whole_model
+from weightpca.config import check_config, target_modes, target_whole_model
 from weightpca.hf_folder import check_hf_folder, fingerprint as hf_fingerprint
 from weightpca.slurm import check_status_command, default_site_names
 
@@ -59,7 +59,13 @@ wildcard_constraints:
     seed=r"\d+",
     k=r"\d+",
     variant="A|B|C",
-    mode="|".join(dict.fromkeys(SURGERY["modes"] + SURGERY["whole_model"]["modes"]))
+    mode="|".join(
+        dict.fromkeys(
+            SURGERY["modes"]
+            + [m for t in SURGERY["targets"] for m in target_modes(SURGERY, t)]
+            + SURGERY["whole_model"]["modes"]
+        )
+    )
     or "none",
     point="|".join(p["name"] for p in COMPRESS["points"]) or "none",
     target="|".join(SURGERY["targets"]) or "none",

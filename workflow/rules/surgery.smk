@@ -76,7 +76,7 @@ rule surgery_frontier:
     conda:
         "../../envs/report.yaml"
     params:
-        modes=SURGERY["modes"],
+        modes=lambda w: surgery_modes(w.target),
         tolerances=SURGERY["tolerances"],
     script:
         "../scripts/surgery_frontier.py"

@@ -31,11 +31,7 @@ def report_inputs(wildcards):
     if LOWRANK["enabled"]:
         inputs["lowrank"] = lowrank_files(rules.lowrank_sweep.output.sweep)
     if SURGERY["enabled"]:
-        inputs["surgery"] = expand(
-            rules.surgery.output.table,
-            target=list(SURGERY["targets"]),
-            mode=SURGERY["modes"],
-        )
+        inputs["surgery"] = surgery_files(rules.surgery.output.table)
         inputs["frontier"] = expand(
             rules.surgery_frontier.output[0], target=list(SURGERY["targets"])
         )

@@ -59,10 +59,26 @@ def hf_targets():
     return [n for n, t in SURGERY["targets"].items() if t["kind"] != "gpt"]
 
 
+def surgery_modes(target):
+    """The q/k/v sweep modes of one target (its own `modes`, else surgery.modes)."""
+    return target_modes(SURGERY, target)
+
+
+def surgery_files(pattern):
+    """``pattern`` (an output or benchmark of rule surgery) for every target and each of its modes."""
+    return [
+        f
+        for t in SURGERY["targets"]
+        for f in expand(pattern, target=t, mode=surgery_modes(t))
+    ]
+
+
 def surgery_tables(wildcards):
     """Every mode's sweep of one target."""
     return expand(
-        rules.surgery.output.table, target=wildcards.target, mode=SURGERY["modes"]
+        rules.surgery.output.table,
+        target=wildcards.target,
+        mode=surgery_modes(wildcards.target),
     )
 
 
@@ -119,11 +135,7 @@ def surgery_benchmarks():
     return [
         *expand(rules.fetch_gguf.benchmark, target=gguf),
         *expand(rules.prepare_hf_target.benchmark, target=hf_targets()),
-        *expand(
-            rules.surgery.benchmark,
-            target=list(SURGERY["targets"]),
-            mode=SURGERY["modes"],
-        ),
+        *surgery_files(rules.surgery.benchmark),
         *expand(rules.surgery_frontier.benchmark, target=list(SURGERY["targets"])),
         *expand(
             rules.surgery_sensitivity.benchmark,
