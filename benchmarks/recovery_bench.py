@@ -3,21 +3,24 @@ the same way, with a preset's recipe (the GPU preset's: config/gpu-smoke.yaml).
 
     python benchmarks/recovery_bench.py MODEL --val-text val.txt --train-text train.txt --work DIR \\
         [--config config/config.yaml config/gpu-smoke.yaml] [--target smollm2] \\
-        [--removed 0.1 0.2 0.3] [--allocation calibrated] [--no-refit] [--device auto] \\
-        --json out.json [--markdown out.md]
+        [--removed 0.1 0.2 0.3] [--allocation calibrated [uniform ...]] [--no-refit] [--balance] \\
+        [--seeds 1 2] [--device auto] --json out.json [--markdown out.md]
 
 MODEL is a save_pretrained folder or a GGUF file (converted once into the folder ``hf`` beside it, as
 the workflow's prepare_hf_target does). The library calls of the workflow's stages, with the sizes and
 the recipe of the merged ``--config`` files (surgery's eval/calibration tokens and window, the
 whole-model sensitivity tokens and refit ridge, ``recovery.train`` with the target's
-``recovery.target_train``, ``recovery.seeds``): the target's token files (``weightpca.targets
-.write_target_tokens``); one whole-model sweep of ``--allocation`` at every ``--removed`` fraction for
-its ranks (``weightpca.surgery.run_budget_sweep``); each point exported factored, its factors refit
-unless ``--no-refit`` (``weightpca.compress.export_point``); per seed, the dense control and every
-point fine-tuned (``weightpca.recovery.recover``); the table (``weightpca.recovery.recovery_table``).
+``recovery.target_train``, ``recovery.seeds`` unless ``--seeds``, ``recovery.balance`` or
+``--balance``): the target's token files (``weightpca.targets.write_target_tokens``); one whole-model
+sweep of each ``--allocation`` at every ``--removed`` fraction for its ranks
+(``weightpca.surgery.run_budget_sweep``); each point exported factored, its factors refit unless
+``--no-refit`` (``weightpca.compress.export_point``); per seed, the dense control and every point
+fine-tuned (``weightpca.recovery.recover``); the table (``weightpca.recovery.recovery_table``).
 
 Everything lands in ``--work`` and is reused when there: a run killed at any moment (a command time
-limit) continues where it stopped when started again, a training run from its last checkpoint.
+limit) continues where it stopped when started again, a training run from its last checkpoint. Calls
+with other allocations, refit or balance in the same ``--work`` reuse its tokens, sweeps, exports and
+dense controls; the table holds the points of the call.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from weightpca.train import TokenFiles, TrainOutputs  # noqa: E402
 MODE = "activation_aware"
 
 
-def point_name(removed: float) -> str:
-    return f"whole{round(removed * 100):d}"
+def point_name(allocation: str, removed: float, refit: bool) -> str:
+    return f"{allocation}{round(removed * 100):d}" + ("_refit" if refit else "")
 
 
 def markdown(result: dict, table) -> str:
@@ -63,14 +66,17 @@ def markdown(result: dict, table) -> str:
         f"(cosine, {recipe['warmup_steps']} warm-up steps), every parameter trained"
         + (", LoRA" if result["lora"] else "")
         + (", distilled" if result["distill"] else "")
+        + (", factors balanced" if result["balance"] else "")
         + f". Dense control: {table.control_before.mean():.2f} -> {table.control_after.mean():.2f}.",
         "",
-        "| removed | kept | before recovery | after recovery | x dense+FT (per seed) | gap closed |",
-        "|---|---|---|---|---|---|",
+        "| allocation | refit | removed | kept | before recovery | after recovery | x dense+FT (per seed) "
+        "| gap closed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for removed, rows in table.groupby("removed"):
+    for (allocation, refit, removed), rows in table.groupby(["allocation", "refit", "removed"]):
         lines.append(
-            f"| {removed:.0%} | {rows.fraction_kept.mean():.3f} | {rows.ppl_before.mean():.2f} | "
+            f"| {allocation} | {'yes' if refit else 'no'} | {removed:.0%} | {rows.fraction_kept.mean():.3f} | "
+            f"{rows.ppl_before.mean():.2f} | "
             f"{rows.ppl_after.mean():.2f} | {rows.ratio_to_control.mean():.3f}x "
             f"({', '.join(f'{x:.3f}' for x in rows.ratio_to_control)}) | {rows.gap_closed.mean():.2f} |"
         )
@@ -88,8 +94,10 @@ def main() -> None:
     )
     ap.add_argument("--target", default="smollm2", help="the config's surgery target whose recipe applies")
     ap.add_argument("--removed", nargs="+", type=float, default=[0.1, 0.2, 0.3])
-    ap.add_argument("--allocation", default="calibrated", choices=["threshold", "uniform", "calibrated"])
+    ap.add_argument("--allocation", nargs="+", default=["calibrated"], choices=["threshold", "uniform", "calibrated"])
     ap.add_argument("--no-refit", action="store_true")
+    ap.add_argument("--balance", action="store_true", help="the recipe's balance: true (default: the config's)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the config's recovery.seeds")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--markdown", type=Path, default=None)
@@ -97,6 +105,8 @@ def main() -> None:
     started = time.perf_counter()
     config = merged_config(*args.config)
     surgery, whole, rec = config["surgery"], config["surgery"]["whole_model"], config["recovery"]
+    rec["balance"] = rec["balance"] or args.balance
+    rec["seeds"] = args.seeds or rec["seeds"]
     folder = prepared_folder(args.model)
     device = resolve_device(args.device)
     work = args.work
@@ -109,26 +119,30 @@ def main() -> None:
         write_target_tokens(target, args.train_text, args.val_text, tokens)
     data = TokenFiles(tokens / "meta.json", tokens / "train.bin", tokens / "val.bin")
 
-    # the ranks of every point: one sweep of the allocation (no refit rows: the export refits each point)
-    sweep_json = work / "sweep.json"
-    if not sweep_json.is_file():
-        rows, info = run_budget_sweep(
-            target,
-            MODE,
-            None,
-            [args.allocation],
-            args.removed,
-            val,
-            window,
-            calib_tokens=calib,
-            sensitivity_tokens=calib[: whole["sensitivity_tokens"] + 1],
-            trial_keep=whole["trial_keep"],
-        )
-        write_json(sweep_json, {"rows": rows, "info": info})
-    sweep = read_json(sweep_json)["rows"]
-    points = {
-        point_name(f): next(r for r in sweep if r["removed"] == f and r["source"] == "grid") for f in args.removed
-    }
+    # the ranks of every point: one sweep per allocation (no refit rows: the export refits each point)
+    sweep, points = [], {}
+    for allocation in args.allocation:
+        # one sweep per allocation and list of fractions (the calibrated one measures sensitivities first)
+        sweep_json = work / f"sweep_{allocation}_{'-'.join(str(round(f * 100)) for f in args.removed)}.json"
+        if not sweep_json.is_file():
+            rows, info = run_budget_sweep(
+                target,
+                MODE,
+                None,
+                [allocation],
+                args.removed,
+                val,
+                window,
+                calib_tokens=calib,
+                sensitivity_tokens=calib[: whole["sensitivity_tokens"] + 1],
+                trial_keep=whole["trial_keep"],
+            )
+            write_json(sweep_json, {"rows": rows, "info": info})
+        rows = read_json(sweep_json)["rows"]
+        sweep += rows
+        for f in args.removed:
+            row = next(r for r in rows if r["removed"] == f and r["source"] == "grid")
+            points[point_name(allocation, f, not args.no_refit)] = dict(row, allocation=allocation)
     plan = None
     refit_ridge = None if args.no_refit else whole["refit_ridge"]
     for name, row in points.items():
@@ -152,7 +166,7 @@ def main() -> None:
             plan=plan,
         )
         write_json(
-            record_path, dict(read_json(record_path), **record, removed=row["removed"], allocation=args.allocation)
+            record_path, dict(read_json(record_path), **record, removed=row["removed"], allocation=row["allocation"])
         )
     del plan, target  # the training runs load their own copies
     if device.startswith("cuda"):
@@ -164,7 +178,8 @@ def main() -> None:
     records = {"points": [], "controls": []}
     for seed in rec["seeds"]:
         for name in ["dense", *points]:
-            out = work / "recovery" / name / f"seed{seed}"
+            trained = name + ("_balanced" if rec["balance"] and name != "dense" else "")
+            out = work / "recovery" / trained / f"seed{seed}"
             record_path = out / "recovery.json"
             if not record_path.is_file():
                 run = runs.recovery_run(config, args.target, name, seed)
@@ -198,6 +213,7 @@ def main() -> None:
         tokens_per_run=run["train"]["max_steps"] * run["train"]["batch_size"] * run["train"]["grad_accum"] * window,
         lora=rec["lora"],
         distill=rec["distill"],
+        balance=rec["balance"],
         sweep=sweep,
         rows=table.replace({np.nan: None}).to_dict("records"),
         wall_s=time.perf_counter() - started,

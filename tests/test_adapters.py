@@ -79,3 +79,57 @@ def test_llama_shares_inputs_and_leaves_the_training_mode_alone():
 def test_the_one_loader_names_the_kinds():
     with pytest.raises(ValueError, match="unknown model kind 'onnx'; choose from gpt, hf, compressed"):
         load("onnx", "x")
+
+
+def qwen3_tiny():
+    """Qwen3's layout: a Llama with per-head q/k RMS norms (its config class from transformers)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    return LlamaAdapter(Qwen3ForCausalLM(cfg).eval())
+
+
+def factored_llama():
+    """The tiny Llama with every matrix factored (shared K/V bases): the cached forward runs its modules."""
+    from weightpca.compress import factorize_model
+    from weightpca.plan import model_plan
+
+    target = LlamaAdapter(tiny_llama(None)[0].eval())
+    calib = np.random.default_rng(0).integers(0, 27, 200)
+    plan = model_plan(target, "shared_kv", None, calib, 32)
+    return LlamaAdapter(factorize_model(target, plan.factors(0.6))[0].eval())
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "qwen3", "factored"])
+@pytest.mark.parametrize("capacity", [None, 24])
+def test_cached_logits_equal_the_full_forward(family, capacity):
+    """A prefill of 5 tokens then single tokens, through a growing or a static cache, give the full
+    forward's logits at every position (grouped-query heads, factored modules, q/k norms included)."""
+    from weightpca.adapters import KVCache
+
+    adapter = {
+        "gpt": lambda: GPTAdapter(small_gpt().eval()),
+        "llama": lambda: LlamaAdapter(tiny_llama(None)[0].eval()),
+        "qwen3": qwen3_tiny,
+        "factored": factored_llama,
+    }[family]()
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, 27, (2, 9)))
+    with torch.no_grad():
+        full = adapter.logits(ids)
+        cache = KVCache.empty(adapter.kv_shape(), 2, torch.float32, "cpu", capacity)
+        parts = [adapter.cached_logits(ids[:, :5], cache)]
+        parts += [adapter.cached_logits(ids[:, i : i + 1], cache) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert cache.keys.shape[3] == (capacity or 9)
+    if capacity:
+        assert int(cache.position) == 9 and cache.keys[:, :, :, 9:].abs().sum() == 0

@@ -123,7 +123,7 @@ def test_recovery_bench_on_a_tiny_llama_folder_resumes_after_a_kill(tmp_path):
     # stopped and killed at step 4 of its first run (the control of seed 1; its checkpoint is step 3's)
     kill_training_at(json.dumps(argv(tmp_path / "killed")), "step", 4, body=BENCH_IN_SUBPROCESS)
     assert not (tmp_path / "killed" / "recovery" / "dense" / "seed1" / "recovery.json").exists()
-    assert (tmp_path / "killed" / "compress" / "whole30" / "model.safetensors").is_file()
+    assert (tmp_path / "killed" / "compress" / "calibrated30_refit" / "model.safetensors").is_file()
     again = bench(tmp_path / "killed")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming recovery/smollm2/dense/seed1" in again.stdout + again.stderr
@@ -131,13 +131,27 @@ def test_recovery_bench_on_a_tiny_llama_folder_resumes_after_a_kill(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "whole" / "out.json").read_text())
     rows = result["rows"]
-    assert sorted((r["point"], r["seed"]) for r in rows) == [(p, s) for p in ("whole10", "whole30") for s in (1, 2)]
+    points = ("calibrated10_refit", "calibrated30_refit")
+    assert sorted((r["point"], r["seed"]) for r in rows) == [(p, s) for p in points for s in (1, 2)]
     assert all(r["refit"] and r["ppl_after"] < r["ppl_before"] for r in rows)
     assert all(r["val_tokens"] == 128 and r["steps"] == 6 for r in rows)
     assert rows[0]["fraction_kept"] > rows[-1]["fraction_kept"]
     assert result["tokens_per_run"] == 6 * 2 * 32
-    assert "| removed | kept | before recovery | after recovery | x dense+FT (per seed) | gap closed |" in done.stdout
+    assert "| calibrated | yes | 30% |" in done.stdout
     resumed = json.loads((tmp_path / "killed" / "out.json").read_text())["rows"]
     assert [(r["control_after"], r["ppl_after"]) for r in resumed] == [
         (r["control_after"], r["ppl_after"]) for r in rows
     ]
+    # another allocation, unrefit, balanced, one seed, in the same folder: its dense control is reused
+    control = tmp_path / "whole" / "recovery" / "dense" / "seed1" / "recovery.json"
+    written = control.stat().st_mtime_ns
+    other = argv(tmp_path / "whole")[:-1] + [str(tmp_path / "other.json")]
+    other += ["--allocation", "uniform", "--no-refit", "--balance", "--seeds", "1"]
+    variant = subprocess.run([sys.executable, *other], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert variant.returncode == 0, variant.stderr[-3000:]
+    assert control.stat().st_mtime_ns == written
+    rows = json.loads((tmp_path / "other.json").read_text())["rows"]
+    assert [(r["point"], r["seed"], r["balance"], r["refit"]) for r in rows] == [
+        (f"uniform{p}", 1, True, False) for p in (10, 30)
+    ]
+    assert (tmp_path / "whole" / "recovery" / "uniform30_balanced" / "seed1" / "recovery.json").is_file()

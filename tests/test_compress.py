@@ -9,14 +9,17 @@ from torch.nn import functional as F
 
 from weightpca.adapters import GPTAdapter, LlamaAdapter
 from weightpca.compress import (
+    RELOAD_TOLERANCE,
     CompressedModelError,
     LowRankLinear,
+    balance_factors,
     count_parameters,
     export_point,
     factorize_model,
     frontier_threshold,
     load_compressed,
     save_compressed,
+    storage_dtype,
     unique_tensors,
     whole_model_ranks,
 )
@@ -202,6 +205,67 @@ def test_export_point_agrees_with_the_reconstruction_and_is_smaller(tmp_path):
     assert perplexity(target, TOKENS, 32) == pytest.approx(before, rel=1e-6)  # the target is restored
 
 
+def test_a_bfloat16_export_is_half_the_bytes_and_reloads_in_its_dtype(tmp_path):
+    """compress.dtype: stored in bfloat16, both byte counts in bfloat16; reloaded in its own dtype, or upcast
+    for a CPU evaluation, within bfloat16's tolerance of the float32 reconstruction."""
+    target = tiny_target()
+    common = ("activation_aware", 0.6, ["qkv", "o", "mlp"], TOKENS, TOKENS, 32)
+    cfg, quiet = target.model.config.to_dict(), lambda *_: None
+    f32 = export_point(target, *common, tmp_path / "f32", cfg, "abc", progress=quiet)
+    bf16 = export_point(target, *common, tmp_path / "bf16", cfg, "abc", progress=quiet, dtype=torch.bfloat16)
+    assert (f32["dtype"], bf16["dtype"], bf16["eval_dtype"]) == ("float32", "bfloat16", "float32")
+    assert bf16["params_factored"] == f32["params_factored"]
+    # two bytes less per parameter (the files' headers, a few KiB here, about the same)
+    for which in ("dense", "factored"):
+        saved = f32[f"bytes_{which}"] - bf16[f"bytes_{which}"]
+        assert saved == pytest.approx(2 * f32[f"params_{which}"], rel=0.02)
+    assert bf16["loaded_vs_reconstructed"] <= bf16["reload_tolerance"] == RELOAD_TOLERANCE[torch.bfloat16]
+    assert bf16["loaded_vs_reconstructed"] > f32["loaded_vs_reconstructed"]  # the rounding shows
+    assert {p.dtype for p in load_compressed(tmp_path / "bf16").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_compressed(tmp_path / "bf16", dtype=torch.float32).parameters()} == {torch.float32}
+    assert storage_dtype("auto", {"dtype": "bfloat16"}) == torch.bfloat16
+    assert storage_dtype("auto", {"torch_dtype": "float16"}) == torch.float16
+    assert storage_dtype("auto", {}) == torch.float32 and storage_dtype("auto", {}, "bfloat16") == torch.bfloat16
+    assert storage_dtype("float32", {"dtype": "bfloat16"}) == torch.float32
+    with pytest.raises(ValueError, match="export dtype 'int8'"):
+        storage_dtype("auto", {"dtype": "int8"})
+
+
+def test_ranks_rounded_to_a_multiple_are_the_point_exported(tmp_path):
+    """compress.rank_multiple: the nearest multiple, at least one, at most the full rank; counted honestly."""
+    target = tiny_target()
+    plan = model_plan(target, "activation_aware", None, TOKENS, 32)
+    ranks = plan.ranks(0.6)
+    rounded = plan.rounded_ranks(0.6, 8)
+    full = {g.key: len(plan.bases[g.key].s) for g in plan.groups}
+    for key, r in ranks.items():
+        assert rounded[key] == min(full[key], max(8, 8 * round(r / 8)))
+        assert rounded[key] % 8 == 0 or rounded[key] == full[key]
+    assert rounded != ranks
+    cfg, quiet = target.model.config.to_dict(), lambda *_: None
+    record = export_point(
+        target,
+        "activation_aware",
+        0.6,
+        ["qkv", "o", "mlp"],
+        TOKENS,
+        TOKENS,
+        32,
+        tmp_path,
+        cfg,
+        "abc",
+        progress=quiet,
+        rank_multiple=8,
+        plan=plan,
+    )
+    spec = json.loads((tmp_path / "compress.json").read_text())["modules"]
+    smaller = [r for key, r in rounded.items() if r * sum(plan.shapes[key]) < np.prod(plan.shapes[key])]
+    assert sorted(p["rank"] for e in spec for p in e["parts"] if p["kind"] == "lowrank") == sorted(smaller)
+    assert record["threshold"] == 0.6 and record["rank_multiple"] == 8
+    with target.patched(plan.weights(rounded, np.float32)):
+        assert record["ppl_reconstructed"] == pytest.approx(perplexity(target, TOKENS, 32), rel=1e-6)
+
+
 def test_refit_export_agrees_with_its_refit_reconstruction(tmp_path):
     """A refit whole-model point: the saved factors are the refit ones (not the plan's), reloaded exactly."""
     from weightpca.allocation import trial_ranks
@@ -302,3 +366,32 @@ def test_factors_are_linear_modules_that_can_be_trained():
     shared = model.model.layers[0].self_attn.v_proj.basis.weight
     assert shared is k.basis.weight and shared.grad is not None and shared.grad.abs().sum() > 0
     assert k.coef.weight.grad.abs().sum() > 0 and k.row_mean.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["activation_aware", "shared_kv"])
+def test_balance_factors_keeps_the_model_and_equalises_each_component(mode):
+    """Every rank component's coefficient column and basis row end with equal norms (a shared basis: its
+    members' columns stacked), the logits unchanged; activation_aware's ``U S`` / ``Vt L⁻¹`` start far
+    from that."""
+    target = tiny_target()
+    factors = plan_factors(target, mode, 0.6, ["qkv", "o", "mlp"], TOKENS, 32)
+    model, _ = factorize_model(target, factors)
+    x = torch.tensor(TOKENS[:40])[None]
+    with torch.no_grad():
+        before = model(x).logits
+
+    def norms(m):
+        members = [o for o in model.modules() if isinstance(o, LowRankLinear) and o.basis is m.basis]
+        coef = torch.sqrt(sum(o.coef.weight.square().sum(0) for o in members))
+        return coef, m.basis.weight.norm(dim=1)
+
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    start = [norms(m) for m in layers]
+    assert max((c / b).log().abs().max() for c, b in start) > 0.5  # not balanced to begin with
+    bases = {id(m.basis) for m in layers}
+    assert balance_factors(model) == len(bases) and (mode != "shared_kv" or len(bases) < len(layers))
+    for m in layers:
+        coef, basis = norms(m)
+        torch.testing.assert_close(coef, basis, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-4)

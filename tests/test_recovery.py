@@ -130,6 +130,18 @@ def test_distillation_changes_the_result_and_is_the_kl_to_the_teacher(point, tin
     assert not any(k.startswith("_teacher") for k in Distilled(student, teacher, 0.5).state_dict())
 
 
+def test_balanced_factors_start_from_the_same_model_and_train_differently(point, tiny_data):
+    plain, _ = recovered(point, tiny_data, "b_plain")
+    balanced, out = recovered(point, tiny_data, "b_balanced", recipe={"balance": True})
+    assert balanced["balance"] and not plain["balance"]
+    assert balanced["ppl_before"] == pytest.approx(plain["ppl_before"], rel=1e-5)
+    assert balanced["ppl_after"] != pytest.approx(plain["ppl_after"], rel=1e-6)
+    assert balanced["ppl_after"] < balanced["ppl_before"]
+    # the control has no factors: the same run with or without it
+    control = recovered(point, tiny_data, "b_control", export=False, recipe={"balance": True})[0]
+    assert control["ppl_after"] == recovered(point, tiny_data, "b_control_plain", export=False)[0]["ppl_after"]
+
+
 def test_recovery_resumes_bitwise_after_a_kill(point, tiny_data):
     root, dense, folder = point
     args = lambda name: json.dumps(  # noqa: E731

@@ -18,6 +18,12 @@ by several modules, saved once. A matrix group whose factors are not smaller
 than its dense matrices is stored dense, as its reconstruction, so the model
 equals the surgery's at that point and never grows.
 
+Exports are stored in one dtype (``compress.dtype``; ``auto``: the model's own, e.g. SmolLM2's
+bfloat16, our GPT's float32), and their bytes are compared with the dense model's in that dtype.
+Reloaded for the perplexity check, an export is evaluated in its own dtype on CUDA and upcast to
+float32 on the CPU (which has no fast bfloat16 matmul everywhere); it must agree with the float32
+reconstruction within ``RELOAD_TOLERANCE`` of its dtype.
+
 Output folder: ``model.safetensors`` (factors and every other weight; a
 tensor shared by several modules is saved once and listed under
 ``aliases``), ``config.json`` (the model's own config) and ``compress.json``
@@ -44,6 +50,31 @@ from .refit import refit_plan
 
 # 2: factors are nn.Linear weights ("<path>.basis.weight", "<path>.coef.weight"/".bias"); 1 had bare tensors
 FORMAT = "weightpca-compressed-2"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# relative perplexity agreement of a reloaded export with its float32 reconstruction, per storage dtype:
+# float32 only reorders sums; a 16-bit dtype rounds every weight (bfloat16 to 8 significant bits)
+RELOAD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def storage_dtype(setting: str, model_config: dict, own: str | None = None) -> torch.dtype:
+    """The dtype exports are stored in: ``setting`` (compress.dtype) by name, or ``auto``: the model's
+    own, which a target states (``own``: a dequantised GGUF's files do not say it) or its config.json
+    (``dtype``, older transformers ``torch_dtype``); float32 when neither does (our GPT)."""
+    name = setting if setting != "auto" else own or model_config.get("dtype") or model_config.get("torch_dtype")
+    name = name or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"export dtype {name!r}: choose from {sorted(DTYPES)} (or auto, the model's own)")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def compute_dtype(stored: torch.dtype, device: str) -> torch.dtype:
+    """What an export stored in ``stored`` runs in on ``device``: its own dtype on CUDA, float32 on a CPU."""
+    return stored if str(device).startswith("cuda") else torch.float32
 
 
 class CompressedModelError(ValueError):
@@ -72,6 +103,40 @@ class LowRankLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         w = self.coef.weight @ self.basis.weight
         return w + self.row_mean if self.row_mean is not None else w
+
+
+@torch.no_grad()
+def balance_factors(model: nn.Module) -> int:
+    """Rescale every factored matrix's rank components to equal norms in its two factors; returns how many
+    bases were balanced. The product, hence the model, is unchanged.
+
+    ``W = C B`` (``C = coef [n, r]``, ``B = basis [r, m]``) equals ``(C D⁻¹)(D B)`` for any positive
+    diagonal ``D``, but gradient training of the factors does not: a component whose basis row is large
+    and whose coefficient column is small moves W little per step along one factor and much along the
+    other. ``activation_aware`` factors are far from balanced: ``C = U S`` carries the singular values of
+    ``W L`` (the inputs' scale), ``B = Vt L⁻¹`` its inverse. With
+
+        d_i = sqrt(‖C[:, i]‖ / ‖B[i, :]‖),   C ← C D⁻¹,   B ← D B,
+
+    both norms become ``sqrt(‖C[:, i]‖ ‖B[i, :]‖)``: the balanced split ``U √S``, ``√S Vt`` of a plain SVD
+    (and the state gradient flow conserves, Du, Hu & Lee 2018, "Algorithmic regularization in learning
+    deep homogeneous models: layers are automatically balanced"). A basis shared by several modules
+    (``shared_kv``, ``cross_layer``) is balanced against all of their coefficient columns together.
+    A PCA mean row is a separate rank-one term and is left as it is.
+    """
+    sharing: dict[int, list[LowRankLinear]] = {}
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            sharing.setdefault(id(m.basis), []).append(m)
+    for members in sharing.values():
+        basis = members[0].basis.weight
+        coef_norm = torch.sqrt(sum(m.coef.weight.float().square().sum(0) for m in members))
+        basis_norm = basis.float().norm(dim=1)
+        d = torch.where((coef_norm > 0) & (basis_norm > 0), torch.sqrt(coef_norm / basis_norm.clamp_min(1e-30)), 1.0)
+        basis.mul_(d.unsqueeze(1).to(basis.dtype))
+        for m in members:
+            m.coef.weight.div_(d.unsqueeze(0).to(m.coef.weight.dtype))
+    return len(sharing)
 
 
 class ConcatLinear(nn.Module):
@@ -228,8 +293,9 @@ def save_compressed(
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def load_compressed(folder, device: str = "cpu") -> nn.Module:
-    """Rebuild a saved compressed model: native model class, factored modules substituted, weights loaded.
+def load_compressed(folder, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a saved compressed model: native model class, factored modules substituted, weights loaded,
+    in ``dtype`` (None: the dtype it was stored in).
 
     Refused with a message naming the file: a pickled weight file in the
     folder (never unpickled), a missing or extra tensor, a shape that does
@@ -264,6 +330,8 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
         check_state_dict(tensors, model.state_dict(), weights)
     except WeightFileError as e:
         raise CompressedModelError(str(e)) from e
+    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    model = model.to(dtype or (stored.pop() if len(stored) == 1 else torch.float32))
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval()
 
@@ -325,11 +393,14 @@ def whole_model_ranks(
     return parse_ranks(row.ranks)
 
 
-def dense_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s weights as one safetensors file, written the way compressed models are."""
+def dense_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``model``'s weights as one safetensors file in ``dtype`` (None: their own), written the way
+    compressed models are."""
     import tempfile
 
     tensors, _ = unique_tensors(model)
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     with tempfile.TemporaryDirectory() as tmp:
         save_tensors(Path(tmp) / "dense.safetensors", tensors)
         return (Path(tmp) / "dense.safetensors").stat().st_size
@@ -349,6 +420,8 @@ def export_point(
     refit_ridge: float | None = None,
     progress=print,
     plan=None,
+    dtype: torch.dtype = torch.float32,
+    rank_multiple: int = 1,
 ) -> dict:
     """Factor ``target`` at one operating point, save it, reload it and check it against the dense path.
 
@@ -357,16 +430,22 @@ def export_point(
     a rank per group key (a whole-model sweep's point). ``refit_ridge`` (a rank map only): the factors
     are refit to the inputs the compressed model feeds them (``weightpca.refit``) on ``calib``, with this
     ridge. ``plan``: the decomposed plan of ``mode`` over ``groups`` (calibrated on ``calib``) when the
-    caller exports several points of one sweep; None decomposes here. Returns the record: perplexity
-    of the unmodified model, of the dense reconstruction (the surgery's measurement) and of the
-    reloaded factored model, which must agree with the reconstruction to a relative 1e-3; parameters
-    and bytes of both; ranks; a greedy continuation of ``prompt`` by the reloaded model.
+    caller exports several points of one sweep; None decomposes here. ``dtype``: the storage dtype
+    (``storage_dtype``). ``rank_multiple``: every rank rounded to a multiple of it first
+    (``Plan.rounded_ranks``), the point then being those ranks (reconstruction, refit, parameters).
+    Returns the record: perplexity of the unmodified model, of the dense reconstruction (the surgery's
+    measurement) and of the reloaded factored model (in ``compute_dtype``), which must agree with the
+    reconstruction within ``RELOAD_TOLERANCE`` of the dtype; parameters and bytes of both in that
+    dtype; ranks; a greedy continuation of ``prompt`` by the reloaded model.
     """
     from .targets import perplexity
 
     base_ppl = perplexity(target, val, window)
     if plan is None:
         plan = model_plan(target, mode, target.roles(groups), calib, window)
+    threshold = None if isinstance(allocation, dict) else allocation
+    if rank_multiple > 1:
+        allocation = plan.rounded_ranks(allocation, rank_multiple)
     if refit_ridge is not None:
         if not isinstance(allocation, dict):
             raise ValueError("refit applies to a whole-model point (a rank map), not a threshold")
@@ -374,26 +453,28 @@ def export_point(
     with target.patched(plan.weights(allocation, np.float32)):
         ppl_reconstructed = perplexity(target, val, window)
     model, spec = factorize_model(target, plan.factors(allocation))
-    save_compressed(model, spec, folder, target.family, model_config)
+    save_compressed(model.to(dtype), spec, folder, target.family, model_config, {"dtype": dtype_name(dtype)})
     del model
-    loaded = adapter_for(load_compressed(folder, str(target.device)), target.tokenizer)
+    evaluated = compute_dtype(dtype, str(target.device))
+    loaded = adapter_for(load_compressed(folder, str(target.device), evaluated), target.tokenizer)
     ppl_loaded = perplexity(loaded, val, window)
-    agreement = abs(ppl_loaded / ppl_reconstructed - 1)
+    agreement, tolerance = abs(ppl_loaded / ppl_reconstructed - 1), RELOAD_TOLERANCE[dtype]
     at = f"t={allocation:.6g}" if not isinstance(allocation, dict) else f"{len(allocation)} allocated ranks"
     progress(
-        f"{mode} {at}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, "
-        f"reloaded factored {ppl_loaded:.4f} (|ratio - 1| = {agreement:.2e})"
+        f"{mode} {at}: ppl base {base_ppl:.4f}, reconstructed {ppl_reconstructed:.4f}, reloaded factored "
+        f"({dtype_name(dtype)}, evaluated in {dtype_name(evaluated)}) {ppl_loaded:.4f} (|ratio - 1| = {agreement:.2e})"
     )
-    if agreement > 1e-3:
+    if agreement > tolerance:
         raise AssertionError(
             f"{folder}: the reloaded factored model's perplexity {ppl_loaded} differs from the "
-            f"dense reconstruction's {ppl_reconstructed} by more than 1e-3 (relative)"
+            f"dense reconstruction's {ppl_reconstructed} by more than {tolerance:g} (relative, {dtype})"
         )
     prompt_ids = target.encode(prompt) or [0]
     factored_parts = [p for e in spec for p in e["parts"] if p["kind"] == "lowrank"]
     return dict(
         mode=mode,
-        threshold=None if isinstance(allocation, dict) else allocation,
+        threshold=threshold,
+        rank_multiple=rank_multiple,
         refit=refit_ridge is not None,
         matrices=list(groups),
         base_ppl=base_ppl,
@@ -401,9 +482,12 @@ def export_point(
         ppl_loaded=ppl_loaded,
         ppl_ratio=ppl_loaded / base_ppl,
         loaded_vs_reconstructed=agreement,
+        reload_tolerance=tolerance,
+        dtype=dtype_name(dtype),
+        eval_dtype=dtype_name(evaluated),
         params_dense=count_parameters(target.model),
         params_factored=count_parameters(loaded.model),
-        bytes_dense=dense_bytes(target.model),
+        bytes_dense=dense_bytes(target.model, dtype),
         bytes_factored=(Path(folder) / "model.safetensors").stat().st_size,
         matrices_factored=len(factored_parts),
         matrices_dense_kept=sum(len(e["parts"]) for e in spec) - len(factored_parts),

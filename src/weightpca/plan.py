@@ -159,6 +159,15 @@ class Plan:
             out[g.key] = r
         return out
 
+    def rounded_ranks(self, allocation, multiple: int) -> dict[str, int]:
+        """Group key -> its rank under ``allocation`` rounded to the nearest multiple of ``multiple``, at
+        least one multiple and at most the full rank: shapes GPU matmul kernels tile without remainder."""
+        full = {g.key: len(self.bases[g.key].s) for g in self.groups}
+        return {
+            key: min(full[key], max(multiple, multiple * round(r / multiple)))
+            for key, r in self.ranks(allocation).items()
+        }
+
     def params(self, allocation) -> dict[str, int]:
         """Group key -> parameters of its factored form (the basis and mean once)."""
         ranks = self.ranks(allocation)

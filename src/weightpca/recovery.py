@@ -12,6 +12,8 @@ A recipe (``recovery`` in the config) may add
 - ``lora: {r, alpha}``: only LoRA adapters (peft) on the linear modules of the transformer layers are
   trained (the factors' ``basis`` and ``coef`` of a compressed model, the dense matrices of the
   control); merged into them after training, so the export keeps its ranks (Hu et al. 2021);
+- ``balance: true``: every factored matrix's rank components rescaled to equal norms in its two
+  factors before training (``compress.balance_factors``; the model unchanged, its training not);
 - ``distill: {weight, temperature}``: the loss is ``(1 − w) CE + w T² KL(p_teacher ‖ p_student)`` at
   temperature T, the teacher the dense original (Hinton et al. 2015, "Distilling the knowledge in a
   neural network").
@@ -129,7 +131,7 @@ def recover(
     from pathlib import Path
 
     from . import adapters
-    from .compress import load_compressed, save_compressed
+    from .compress import DTYPES, RELOAD_TOLERANCE, balance_factors, load_compressed, save_compressed
     from .evaluate import evaluate, resolve_device
     from .io import read_json
     from .tokens import eval_windows, open_tokens
@@ -148,7 +150,8 @@ def recover(
             return adapters.load("gpt", dense["model"], dense["config"], device).model
         return adapters.load("hf", dense["folder"], device=device).model
 
-    model = original() if export is None else load_compressed(export, device)
+    # trained in float32 (autocast as the run says), whatever the export is stored in
+    model = original() if export is None else load_compressed(export, device, torch.float32)
     model.requires_grad_(True)  # the loaders return inference models; a recovery trains every parameter
     adapter = adapters.adapter_for(model)
     if run["model"]["block_size"] > adapter.max_len:
@@ -169,6 +172,8 @@ def recover(
     def ppl(m: nn.Module) -> float:
         return math.exp(evaluate(trainable(m), windows, t.batch_size, device, autocast)[0])
 
+    if recipe.get("balance") and export is not None:
+        balance_factors(model)
     before = ppl(model)
     if recipe.get("lora"):
         lora = recipe["lora"]
@@ -192,18 +197,27 @@ def recover(
         tokens_seen=summary["tokens_seen"],
         lora=recipe.get("lora"),
         distill=recipe.get("distill"),
+        balance=bool(recipe.get("balance")),
     )
     if export is not None:
         info = read_json(Path(export) / "compress.json")
         folder = Path(outputs.summary).parent / RECOVERED
-        save_compressed(model, info["modules"], folder, info["kind"], read_json(Path(export) / "config.json"))
         record["ppl_merged"] = ppl(model.eval())
-        record["ppl_loaded"] = ppl(load_compressed(folder, device))
-        agreement = abs(record["ppl_loaded"] / record["ppl_merged"] - 1)
-        if agreement > 1e-3:
+        stored = DTYPES[info.get("dtype", "float32")]  # saved in the export's dtype, evaluated in float32
+        save_compressed(
+            model.to(stored),
+            info["modules"],
+            folder,
+            info["kind"],
+            read_json(Path(export) / "config.json"),
+            {"dtype": info.get("dtype", "float32")},
+        )
+        record["ppl_loaded"] = ppl(load_compressed(folder, device, torch.float32))
+        agreement, tolerance = abs(record["ppl_loaded"] / record["ppl_merged"] - 1), RELOAD_TOLERANCE[stored]
+        if agreement > tolerance:
             raise AssertionError(
                 f"{folder}: the reloaded recovered model's perplexity {record['ppl_loaded']} differs from the "
-                f"trained model's {record['ppl_merged']} by more than 1e-3 (relative)"
+                f"trained model's {record['ppl_merged']} by more than {tolerance:g} (relative, {stored})"
             )
     return record
 
@@ -245,6 +259,7 @@ def recovery_table(points, controls, compress_records):
                 val_tokens=r["val_tokens"],
                 lora=r["lora"] is not None,
                 distill=r["distill"] is not None,
+                balance=r.get("balance", False),
             )
         )
     return pd.DataFrame(rows)

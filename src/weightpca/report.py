@@ -11,9 +11,11 @@ the rules below, never typed by hand:
 - baselines: perplexity with every head attending uniformly over perplexity
   as trained; below ``ATTENTION_USE`` the model barely uses its attention and
   surgery results on it are flagged as uninformative;
-- compressed models: bytes, parameters and peak memory of the factored
-  model over the dense original's; prefill and decode "faster" or "slower"
-  only when every timed repeat of one beats every repeat of the other;
+- compressed models: bytes (in the export's dtype), parameters and peak
+  memory of the factored model over the dense original's; per speed regime
+  (prefill batch x context, decode batch) "faster" or "slower" only when
+  every timed repeat of one beats every repeat of the other, each figure
+  next to its bandwidth bound;
 - sketch methods: ratio of mean reconstruction error to exact PCA's at the
   same k; "near optimal" within ``SKETCH_TOLERANCE``;
 - low-rank regulariser: per λ > 0 and fraction of rank kept, the per-seed
@@ -540,8 +542,8 @@ def recovery_verdicts(recovery: pd.DataFrame) -> list[dict]:
 
 
 def compress_verdicts(paths) -> list[dict]:
-    """Per exported point: bytes, parameters, peak memory, prefill and decode speed against the dense original."""
-    from .speed import speed_verdict
+    """Per exported point: bytes, parameters, peak memory, and every speed regime against the dense original."""
+    from .speed import compare
 
     lines = []
     for p in paths:
@@ -559,30 +561,67 @@ def compress_verdicts(paths) -> list[dict]:
         else:
             at = f"threshold {c['threshold']:g}"
         bytes_ratio = c["bytes_factored"] / c["bytes_dense"]
-        prefill, decode = (fact[k] / dense[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s"))
+        regimes = compare(dense, fact)
+        speeds = "; ".join(
+            f"{r['regime']} {r['speedup']:.2f}x ({r['factored_tokens_per_s']:.4g} vs {r['dense_tokens_per_s']:.4g} "
+            f"tokens/s, bounds {r['factored_bound']:.4g} / {r['dense_bound']:.4g})"
+            for r in regimes
+        )
         numbers = (
-            f"{bytes_ratio:.3f}x the bytes ({c['bytes_factored'] / 2**20:.1f} vs {c['bytes_dense'] / 2**20:.1f} "
-            f"MiB), {c['params_factored'] / c['params_dense']:.3f}x the parameters, peak memory "
-            f"{fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}x; prefill ({dense['context']} tokens) "
-            f"{prefill:.2f}x ({fact['prefill_tokens_per_s']:.0f} vs {dense['prefill_tokens_per_s']:.0f} "
-            f"tokens/s), decode {decode:.2f}x ({fact['decode_tokens_per_s']:.1f} vs "
-            f"{dense['decode_tokens_per_s']:.1f} tokens/s) on {c['device']}; perplexity {c['ppl_ratio']:.3f}x "
-            f"base (reloaded factored model = dense reconstruction within {c['loaded_vs_reconstructed']:.1e})"
+            f"{bytes_ratio:.3f}x the bytes in {c['dtype']} ({c['bytes_factored'] / 2**20:.1f} vs "
+            f"{c['bytes_dense'] / 2**20:.1f} MiB), {c['params_factored'] / c['params_dense']:.3f}x the parameters, "
+            f"peak memory {fact['peak_memory_mb'] / dense['peak_memory_mb']:.3f}x; timed in {dense['dtype']} on "
+            f"{c['device']}: {speeds}; perplexity {c['ppl_ratio']:.3f}x base (reloaded factored model, evaluated "
+            f"in {c['eval_dtype']}, = dense reconstruction within {c['loaded_vs_reconstructed']:.1e}, "
+            f"tolerance {c['reload_tolerance']:g})"
         )
         size = "smaller" if bytes_ratio < 1 else "not smaller"
-        verdict = (
-            f"{size}; prefill {speed_verdict(dense['prefill_s'], fact['prefill_s'])}, decode "
-            f"{speed_verdict(dense['decode_s'], fact['decode_s'])}"
-        )
+        verdict = f"{size}; " + ", ".join(f"{r['regime']} {r['verdict']}" for r in regimes)
         lines.append(
             dict(
                 stage="compress",
                 subject=f"{c['target']} {c['name']}",
                 question=f"what {c['mode']} at {at} buys, {'+'.join(c['matrices'])} factored",
                 numbers=numbers,
-                spread=f"{len(fact['prefill_s'])} timed repeats each (speed: every "
+                spread=f"{min(r['repeats'] for r in regimes)} timed repeats per regime (speed: every "
                 "repeat of one beats every repeat of the other, or not distinguishable)",
                 verdict=verdict,
+            )
+        )
+    return lines
+
+
+def onnx_verdicts(paths) -> list[dict]:
+    """Per ONNX export: whether onnxruntime, in a process without weightpca, gives PyTorch's logits, and its
+    prefill and KV-cache decode speed factored against dense."""
+    lines = []
+    for p in paths:
+        o = json.loads(Path(p).read_text())
+        dense, fact = o["dense"], o["factored"]
+        clean = not any(fact["imported"].values()) and not any(dense["imported"].values())
+        matches = max(fact["relative_error"], dense["relative_error"]) <= o["logits_tolerance"]
+        lines.append(
+            dict(
+                stage="onnx",
+                subject=f"{o['target']} {o['point']}",
+                question="does a stock runtime (onnxruntime, without weightpca or torch) run the factored model",
+                numbers=(
+                    f"ONNX {fact['bytes'] / 2**20:.1f} vs {dense['bytes'] / 2**20:.1f} MiB (float32); logits vs "
+                    f"PyTorch: {fact['relative_error']:.1e} (dense {dense['relative_error']:.1e}) of the largest; "
+                    + "; ".join(
+                        f"{r['regime']} {r['speedup']:.2f}x ({r['factored_tokens_per_s']:.4g} vs "
+                        f"{r['dense_tokens_per_s']:.4g} tokens/s)"
+                        for r in o["regimes"]
+                    )
+                    + f" on {o['threads']} CPU thread(s)"
+                ),
+                spread=f"{min(r['repeats'] for r in o['regimes'])} timed repeats per regime",
+                verdict=(
+                    ("runs, logits match" if matches else "runs, logits do not match")
+                    + ("" if clean else " (but its process could import weightpca or torch)")
+                    + "; "
+                    + ", ".join(f"{r['regime']} {r['verdict']}" for r in o["regimes"])
+                ),
             )
         )
     return lines
@@ -931,6 +970,7 @@ def build_report(
 
     if inputs.get("compress"):
         lines += compress_verdicts(inputs["compress"])
+        lines += onnx_verdicts(inputs.get("onnx") or [])
     else:
         not_run["compress"] = "compress.enabled is false or no points"
     if inputs.get("recovery"):

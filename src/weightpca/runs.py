@@ -116,7 +116,7 @@ def lowrank_run(config: dict, lam, seed: int) -> dict:
 def recovery_run(config: dict, target: str, point: str, seed: int) -> dict:
     """One run of a recovery: a compress point, or ``point`` "dense" (the control: the original). Both
     take the train block with the recipe's overrides (``recovery.train``, then the target's own in
-    ``recovery.target_train``) and the seed, hence the same batches; the recipe's lora and distill are
+    ``recovery.target_train``) and the seed, hence the same batches; the recipe's lora, distill and balance are
     part of the run, so that changing them retrains (checkpoints included). Our GPT trains at its own
     block size; a Hugging Face target on windows of ``surgery.window`` tokens, evaluated on its surgery
     evaluation tokens (the first of its val.bin: the tokens its sweep measured)."""
@@ -133,7 +133,7 @@ def recovery_run(config: dict, target: str, point: str, seed: int) -> dict:
         "seed": seed,
         "model": model,
         "train": train,
-        "recipe": {"lora": rec["lora"], "distill": rec["distill"]},
+        "recipe": {"lora": rec["lora"], "distill": rec["distill"], "balance": rec["balance"]},
         "init": {},
         "freeze": {},
     }

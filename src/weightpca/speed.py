@@ -1,17 +1,31 @@
-"""What a compressed model buys: parameters, bytes on disk, peak memory, prefill and decode speed.
+"""What a compressed model buys: parameters, bytes, peak memory, and speed in the regimes models are run in.
 
 Each model is measured in a fresh Python process holding only that model
-(``python -m weightpca.speed``), so that peak memory is the model's own: on
-CUDA the peak of ``torch.cuda.max_memory_allocated`` during prefill, on the
-CPU the process's peak resident set during prefill (VmHWM, reset after
-loading; it includes the Python and torch runtime, the same for both models
-of a comparison). Speed:
+(``python -m weightpca.speed``), in one dtype (on CUDA the export's own, e.g.
+bfloat16; on the CPU float32, which every CPU runs fast), so that peak
+memory is the model's own: on CUDA the peak of
+``torch.cuda.max_memory_allocated`` during prefill, on the CPU the process's
+peak resident set during prefill (VmHWM, reset after loading; it includes
+the Python and torch runtime, the same for both models of a comparison).
 
-- prefill: one forward pass of ``context`` tokens (batch 1), tokens / s,
-  median of ``repeats`` after a warm-up;
-- decode: greedy generation of ``new_tokens`` tokens after a 16-token prompt
-  (batch 1; Hugging Face models with their KV cache, our GPT recomputes its
-  window), new tokens / s, median of ``repeats``.
+Regimes (``compress.speed``):
+
+- prefill: one forward pass of ``batch × context`` tokens for each pair of
+  ``prefill`` (the context capped at the model's), tokens / s;
+- decode: greedy decoding of ``new_tokens`` tokens at each batch size of
+  ``decode_batches`` after a ``prompt``-token prefill, through the model's
+  explicit key/value cache (``ModelAdapter.cached_logits``) preallocated for
+  the whole sequence (a static cache: every step has one shape). On CUDA one
+  decode step (forward, argmax, cache write, position) is captured as a CUDA
+  graph and replayed once per token, so no Python runs between tokens; on
+  the CPU the same step runs eagerly. New tokens / s over the batch.
+
+Every figure is the median of ``repeats`` timed runs after an untimed warm-up
+(graph capture included), with every run recorded, and its *bound*: what the
+device's measured copy bandwidth allows if each forward only had to read its
+bytes from memory once, the weights (prefill) plus the keys and values a
+decode step attends to. A figure near its bound is bandwidth-bound; far below
+it, compute or overhead dominates.
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ import numpy as np
 import torch
 
 from . import adapters
+from .adapters import KVCache
+from .compress import DTYPES
 from .resources import peak_rss_mb, reset_peak_rss, sync
 
 
@@ -36,61 +52,173 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def copy_bandwidth(device: str, mib: int | None = None, repeats: int = 5) -> float:
+    """Bytes / s a device copy moves (read + write, median of ``repeats``): the memory bandwidth a forward
+    that only streams its weights could use. 1 GiB on CUDA (beyond any cache), 256 MiB on the CPU."""
+    n = (mib or (1024 if device.startswith("cuda") else 256)) * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / float(np.median(times))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers a forward reads (a tensor shared by several modules once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _timed(run, device: str, repeats: int) -> list[float]:
+    run()  # warm-up: allocations, kernel choice, graph capture
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class Decoder:
+    """Greedy decoding of ``batch`` sequences through a static KV cache of ``prompt + new_tokens`` positions.
+
+    ``run()`` prefills the prompt (the cache rewound to position 0) and decodes ``new_tokens`` tokens; on
+    CUDA with ``graph`` the decode step is captured once, at the first ``run``, and replayed per token.
+    """
+
+    def __init__(self, adapter, prompt: torch.Tensor, new_tokens: int, dtype, graph: bool):
+        self.adapter, self.prompt, self.new_tokens = adapter, prompt, new_tokens
+        batch, length = prompt.shape
+        self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, prompt.device, capacity=length + new_tokens)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)  # the last token of each
+        self.steps = torch.zeros((), dtype=torch.long, device=prompt.device)  # decode steps since the prefill
+        self.graph = None
+        self.use_graph = graph and prompt.device.type == "cuda"
+
+    def _step(self) -> None:
+        logits = self.adapter.cached_logits(self.ids, self.cache)
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.steps.add_(1)
+
+    def _prefill(self) -> None:
+        self.cache.position.zero_()
+        self.steps.zero_()
+        logits = self.adapter.cached_logits(self.prompt, self.cache)
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+
+    @torch.no_grad()
+    def run(self) -> None:
+        self._prefill()
+        if self.use_graph and self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up steps off the capture, as CUDA graphs require
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+            self._prefill()
+        for _ in range(self.new_tokens - 1):  # the prefill gave the first new token
+            self.graph.replay() if self.graph is not None else self._step()
+
+
 @torch.no_grad()
 def measure(
     kind: str,
     path: str,
     config: str | None = None,
     device: str = "cpu",
-    context: int = 512,
-    new_tokens: int = 64,
+    dtype: str = "float32",
+    prefill=((1, 512),),
+    decode_batches=(1,),
+    prompt: int = 16,
+    new_tokens: int = 32,
     repeats: int = 3,
+    graph: bool = True,
 ) -> dict:
-    """Parameters, peak memory, prefill and decode tokens/s of one model (run in its own process)."""
+    """Parameters, weight bytes, peak memory, and every prefill and decode regime of one model (run in its
+    own process), each with its bandwidth bound."""
     loaded = adapters.load(kind, path, config, device)
-    model = loaded.model
+    model = loaded.model.to(DTYPES[dtype])
     params = sum(p.numel() for p in model.parameters())
-    context = min(context, loaded.max_len)
+    weights = weight_bytes(model)
+    bandwidth = copy_bandwidth(device)
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.integers(0, model.config.vocab_size, (1, context))).to(device)
-    loaded.logits(x)  # warm-up (allocations, kernel choice)
+    vocab = model.config.vocab_size
+
+    def tokens(batch: int, length: int) -> torch.Tensor:
+        return torch.from_numpy(rng.integers(0, vocab, (batch, length))).to(device)
+
+    regimes = list(dict.fromkeys((int(b), min(int(t), loaded.max_len)) for b, t in prefill))
+    loaded.logits(tokens(*regimes[0]))  # warm-up before the peak is reset
     sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         peak_includes_loading = False
     else:
         peak_includes_loading = not reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        loaded.logits(x)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    prefills = []
+    for b, t in regimes:
+        x = tokens(b, t)
+        times = _timed(lambda: loaded.logits(x), device, repeats)
+        prefills.append(
+            dict(
+                batch=b,
+                context=t,
+                tokens_per_s=b * t / float(np.median(times)),
+                bound_tokens_per_s=b * t * bandwidth / weights,
+                repeats=repeats,
+                seconds=times,
+            )
+        )
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
-    prompt = x[0, :16].tolist()
 
-    def decode() -> int:
-        """New tokens generated greedily (our GPT recomputes its window; HF models use their KV cache)."""
-        return len(loaded.greedy(prompt, new_tokens, stop_at_eos=False))
-
-    decode()
-    decode_times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generated = decode()
-        sync(device)
-        decode_times.append(time.perf_counter() - t0)
-    assert generated == new_tokens
+    decodes = []
+    n_layers, kv_heads, head_dim = loaded.kv_shape()
+    prompt = min(prompt, loaded.max_len - new_tokens)
+    if prompt < 1:
+        raise ValueError(f"decode: {new_tokens} new tokens leave no prompt in the model's {loaded.max_len} positions")
+    for b in dict.fromkeys(int(b) for b in decode_batches):
+        decoder = Decoder(loaded, tokens(b, prompt), new_tokens, DTYPES[dtype], graph)
+        times = _timed(decoder.run, device, repeats)
+        assert int(decoder.steps) == new_tokens - 1
+        # a step attends to prompt + new_tokens / 2 positions on average
+        kv = 2 * n_layers * b * kv_heads * (prompt + new_tokens / 2) * head_dim * torch.finfo(DTYPES[dtype]).bits // 8
+        decodes.append(
+            dict(
+                batch=b,
+                prompt=prompt,
+                new_tokens=new_tokens,
+                tokens_per_s=b * new_tokens / float(np.median(times)),
+                bound_tokens_per_s=b * bandwidth / (weights + kv),
+                cuda_graph=decoder.graph is not None,
+                repeats=repeats,
+                seconds=times,
+            )
+        )
     return dict(
         params=params,
+        weight_bytes=weights,
+        dtype=dtype,
+        bandwidth_bytes_per_s=bandwidth,
         peak_memory_mb=peak,
         peak_includes_loading=peak_includes_loading,
-        context=context,
-        prefill_tokens_per_s=context / float(np.median(times)),
-        decode_tokens_per_s=new_tokens / float(np.median(decode_times)),
-        new_tokens=new_tokens,
-        prefill_s=times,
-        decode_s=decode_times,
+        prefill=prefills,
+        decode=decodes,
         device=device_name(device),
         threads=torch.get_num_threads(),
     )
@@ -103,6 +231,31 @@ def speed_verdict(dense_s: list[float], factored_s: list[float]) -> str:
     if min(factored_s) > max(dense_s):
         return "slower"
     return "not distinguishable"
+
+
+def regime_label(kind: str, row: dict) -> str:
+    return f"prefill {row['batch']}x{row['context']}" if kind == "prefill" else f"decode batch {row['batch']}"
+
+
+def compare(dense: dict, factored: dict) -> list[dict]:
+    """Per regime of two measurements: factored / dense tokens per second, both figures with their bounds
+    (NaN where a measurement has none), and the verdict (``speed_verdict`` of their timed repeats)."""
+    rows = []
+    for kind in ("prefill", "decode"):
+        for d, f in zip(dense[kind], factored[kind], strict=True):
+            rows.append(
+                dict(
+                    regime=regime_label(kind, d),
+                    speedup=f["tokens_per_s"] / d["tokens_per_s"],
+                    dense_tokens_per_s=d["tokens_per_s"],
+                    factored_tokens_per_s=f["tokens_per_s"],
+                    dense_bound=d.get("bound_tokens_per_s", float("nan")),
+                    factored_bound=f.get("bound_tokens_per_s", float("nan")),
+                    repeats=min(d["repeats"], f["repeats"]),
+                    verdict=speed_verdict(d["seconds"], f["seconds"]),
+                )
+            )
+    return rows
 
 
 def measure_in_subprocess(

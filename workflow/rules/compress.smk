@@ -22,6 +22,34 @@ rule compress:
         kind=lambda w: surgery_target(w.target)["kind"],
         point=lambda w: compress_point(w.target, w.point),
         settings=lambda w: compress_settings(w.target, w.point),
-        timing={k: COMPRESS[k] for k in ("context", "new_tokens", "repeats")},
+        speed=lambda w: {
+            **COMPRESS["speed"],
+            **compress_point(w.target, w.point).get("speed", {}),
+        },
+        own_dtype=lambda w: surgery_target(w.target).get("dtype"),
     script:
         "../scripts/compress.py"
+
+
+rule onnx:
+    input:
+        unpack(onnx_inputs),
+    output:
+        factored=f"{RESULTS}/compress/{{target}}/{{point}}/onnx/factored.onnx",
+        dense=f"{RESULTS}/compress/{{target}}/{{point}}/onnx/dense.onnx",
+        record=f"{RESULTS}/compress/{{target}}/{{point}}/onnx/onnx.json",
+    log:
+        f"{LOGS}/onnx/{{target}}/{{point}}.log",
+    benchmark:
+        f"{BENCH}/onnx/{{target}}/{{point}}.tsv"
+    conda:
+        "../../envs/surgery.yaml"
+    threads: cpu_slots("surgery")
+    params:
+        kind=lambda w: surgery_target(w.target)["kind"],
+        speed=lambda w: {
+            **COMPRESS["speed"],
+            **compress_point(w.target, w.point).get("speed", {}),
+        },
+    script:
+        "../scripts/onnx.py"

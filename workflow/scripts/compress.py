@@ -2,12 +2,19 @@
 
 from pathlib import Path
 
-from weightpca.compress import export_point, frontier_threshold, whole_model_ranks
+from weightpca.compress import (
+    compute_dtype,
+    dtype_name,
+    export_point,
+    frontier_threshold,
+    storage_dtype,
+    whole_model_ranks,
+)
 from weightpca.evaluate import resolve_device
 from weightpca.io import read_json, write_json
 from weightpca.logs import job_log
 from weightpca.resources import use_threads
-from weightpca.speed import measure_in_subprocess
+from weightpca.speed import compare, measure_in_subprocess
 from weightpca.targets import load_target
 
 with job_log(snakemake.log[0]):
@@ -30,6 +37,7 @@ with job_log(snakemake.log[0]):
         matrices = point.get("matrices", ["qkv"])
     folder = Path(snakemake.output.record).parent
     model_config = read_json(inputs["model_config"])
+    dtype = storage_dtype(snakemake.config["compress"]["dtype"], model_config, snakemake.params.own_dtype)
     record = export_point(
         target,
         point["mode"],
@@ -42,21 +50,23 @@ with job_log(snakemake.log[0]):
         model_config,
         s["prompt"],
         refit_ridge,
+        dtype=dtype,
+        rank_multiple=snakemake.config["compress"]["rank_multiple"],
     )
     del target
-    # dense original and factored model, each timed in a fresh process on this job's device
+    # dense original and factored model, each timed in a fresh process on this job's device, in one dtype
     dense = (
         dict(kind="gpt", path=inputs["model"], config=inputs["model_config"])
         if kind == "gpt"
         else dict(kind="hf", path=str(Path(inputs["model_config"]).parent))
     )
-    timing = snakemake.params.timing
+    timed = dtype_name(compute_dtype(dtype, device))
     speed = {
-        name: measure_in_subprocess(device=device, threads=threads, **where, **timing)
+        name: measure_in_subprocess(device=device, threads=threads, dtype=timed, **where, **snakemake.params.speed)
         for name, where in (("dense", dense), ("factored", dict(kind="compressed", path=str(folder))))
     }
-    for name, m in speed.items():
-        print(f"{name}: {m}")
+    for row in compare(speed["dense"], speed["factored"]):
+        print(row)
     info = read_json(snakemake.output.record)
     info.update(
         record,

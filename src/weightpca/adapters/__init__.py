@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AdapterError, CausalLM, Matrix, ModelAdapter
+from .base import AdapterError, CausalLM, KVCache, Matrix, ModelAdapter
 from .gpt import GPTAdapter
 from .llama import MODEL_TYPES as LLAMA_MODEL_TYPES
 from .llama import LlamaAdapter
@@ -20,6 +20,7 @@ __all__ = [
     "AdapterError",
     "CausalLM",
     "GPTAdapter",
+    "KVCache",
     "LLAMA_MODEL_TYPES",
     "LlamaAdapter",
     "Matrix",

@@ -5,7 +5,10 @@ names every linear matrix by *role* (``q k v o gate up down``; our GPT:
 ``q k v o fc proj``) as a :class:`Matrix`: the module that holds it and,
 for fused modules, its row block. It says which roles read the same input
 (``SHARED_INPUT``: calibration statistics are gathered once per input), and
-runs the model: logits, encode/decode, greedy continuation. Subclasses set
+runs the model: logits, encode/decode, greedy continuation, and a forward
+with an explicit key/value cache (:meth:`ModelAdapter.cached_logits`, over a
+:class:`KVCache`: what the speed measurements decode with and the ONNX export
+traces). Subclasses set
 the class attributes and the few methods marked below; everything else (read
 a matrix, write one, patch and restore) is written once here.
 
@@ -45,10 +48,84 @@ class Matrix:
         return f"{self.layer}.{self.role}"
 
 
+class KVCache:
+    """Every layer's keys and values, ``[L, B, H_kv, S, D]``, for forwards of ``T`` new tokens at a time.
+
+    - growing (``capacity`` None): ``update`` concatenates; ``keys``/``values`` hold exactly the
+      positions seen and the next position is their length. Its shapes follow its inputs, so an
+      exported graph (ONNX) takes the past as inputs and returns the present;
+    - static (``capacity`` S): preallocated buffers written in place at ``position`` (a 0-dim long
+      tensor, ``index_copy_``) and attended to in full under a mask of the positions written: every
+      step has the same shapes and no host-side value, so a decode step can be captured once as a
+      CUDA graph and replayed.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, static: bool = False):
+        self.keys, self.values, self.static = keys, values, static
+        self.position = torch.zeros((), dtype=torch.long, device=keys.device)  # static: the next position
+        self._new_k: list[torch.Tensor] = []
+        self._new_v: list[torch.Tensor] = []
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int], batch: int, dtype, device, capacity: int | None = None):
+        """``shape`` = (layers, kv heads, head dim) (``ModelAdapter.kv_shape``)."""
+        n_layers, heads, dim = shape
+        size = (n_layers, batch, heads, capacity or 0, dim)
+        make = lambda: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
+        return cls(make(), make(), static=capacity is not None)
+
+    def positions(self, t: int) -> torch.Tensor:
+        """``[T]`` positions of the next ``t`` tokens."""
+        offset = torch.arange(t, device=self.keys.device)
+        return self.position + offset if self.static else self.keys.shape[3] + offset
+
+    def mask(self, t: int) -> torch.Tensor:
+        """``[T, S_total]`` boolean: the query at position p attends to key positions j <= p (static: of
+        the whole buffer, so only positions already written)."""
+        total = self.keys.shape[3] if self.static else self.keys.shape[3] + t
+        keys = torch.arange(total, device=self.keys.device)
+        return keys.unsqueeze(0) <= self.positions(t).unsqueeze(1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """This layer's new keys/values ``[B, H_kv, T, D]`` stored; returns every key and value to attend to."""
+        if self.static:
+            where = self.positions(k.shape[2])
+            self.keys[layer].index_copy_(2, where, k.to(self.keys.dtype))
+            self.values[layer].index_copy_(2, where, v.to(self.values.dtype))
+            return self.keys[layer], self.values[layer]
+        k_all = torch.cat([self.keys[layer], k.to(self.keys.dtype)], dim=2)
+        v_all = torch.cat([self.values[layer], v.to(self.values.dtype)], dim=2)
+        self._new_k.append(k_all)
+        self._new_v.append(v_all)
+        return k_all, v_all
+
+    def advance(self, t: int) -> None:
+        """After a forward of ``t`` tokens: the next position moves on (static, in place) or the keys and
+        values become what the forward attended to (growing)."""
+        if self.static:
+            self.position.add_(t)
+        else:
+            self.keys, self.values = torch.stack(self._new_k), torch.stack(self._new_v)
+            self._new_k, self._new_v = [], []
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None):
+    """Softmax attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, S, D]`` under ``mask [T, S]``; grouped
+    query heads (H a multiple of H_kv) share their key/value head. Returns ``[B, T, H·D]``."""
+    if k.shape[1] != q.shape[1]:  # expand, not repeat_interleave: no host sync (CUDA graphs), plain ONNX ops
+        b, h_kv, s, d = k.shape
+        n = q.shape[1] // h_kv
+        k = k[:, :, None].expand(b, h_kv, n, s, d).reshape(b, h_kv * n, s, d)
+        v = v[:, :, None].expand(b, h_kv, n, s, d).reshape(b, h_kv * n, s, d)
+    y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
 class ModelAdapter:
     """A model of one family with its tokenizer. Subclasses define the class attributes and
     :meth:`layer_matrices`, :meth:`logits`, :meth:`encode`, :meth:`decode`, :meth:`greedy`,
-    :meth:`load`, :meth:`empty_model` and :meth:`expected_shapes`."""
+    :meth:`kv_shape`, :meth:`cached_logits`, :meth:`load`, :meth:`empty_model` and
+    :meth:`expected_shapes`."""
 
     family: str = ""  # the kind recorded in a compressed model's compress.json
     ROLES: tuple[str, ...] = ()  # every matrix role of a layer, in module order
@@ -89,6 +166,16 @@ class ModelAdapter:
 
     def greedy(self, prompt_ids: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
         """The ``n_new`` (fewer if it stops at the end-of-text token) greedy next tokens after a prompt."""
+        raise NotImplementedError
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim): the shape of a :class:`KVCache` of this model."""
+        raise NotImplementedError
+
+    def cached_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of tokens ``ids [B, T]`` at the cache's next positions, attending to what it
+        holds; their keys and values are stored and the cache advanced. Equal to :meth:`logits` of the
+        whole sequence at those positions. Built from the model's own modules (factored ones included)."""
         raise NotImplementedError
 
     # ---- written once for every family

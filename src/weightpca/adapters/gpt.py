@@ -13,7 +13,7 @@ from torch import nn
 
 from ..io import check_state_dict, load_tensors, read_json
 from ..model import GPT, GPTConfig
-from .base import Matrix, ModelAdapter
+from .base import KVCache, Matrix, ModelAdapter, attend
 
 
 class GPTAdapter(ModelAdapter):
@@ -58,6 +58,32 @@ class GPTAdapter(ModelAdapter):
             nxt = self.logits(ids[:, -self.max_len :])[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
         return ids[0, len(prompt_ids) :].tolist()
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return c.n_layer, c.n_head, c.n_embd // c.n_head
+
+    def cached_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """``GPT.forward`` written out block by block, attention over ``cache`` (positions below
+        ``block_size``: the learned position embedding ends there)."""
+        gpt, (b, t) = self.model, ids.shape
+        c, tr = gpt.config, gpt.transformer
+        _, heads, head_dim = self.kv_shape()
+        tok = tr.wte(ids)
+        if c.factorized:
+            tok = tok @ gpt.scale_up
+        if c.embd_bias:
+            tok = tok + gpt.embd_bias
+        x = tok + tr.wpe(cache.positions(t))
+        mask = cache.mask(t)
+        for i, block in enumerate(tr.h):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(c.n_embd, dim=2)
+            q, k, v = (z.view(b, t, heads, head_dim).transpose(1, 2) for z in (q, k, v))
+            k, v = cache.update(i, k, v)
+            x = x + block.attn.c_proj(attend(q, k, v, mask))
+            x = x + block.mlp(block.ln_2(x))
+        cache.advance(t)
+        return gpt.logits_from_hidden(tr.ln_f(x))
 
     @classmethod
     def load(cls, model_path, config_path, tokenizer_path=None, device: str = "cpu") -> "GPTAdapter":

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import AdapterError, Matrix, ModelAdapter
+from .base import AdapterError, KVCache, Matrix, ModelAdapter, attend
 
 # model_type values whose transformers class has this layout
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+# those whose forward ``cached_logits`` writes out (Gemma scales its embeddings and soft-caps its logits)
+CACHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTN = ("q", "k", "v", "o")
 _MLP = ("gate", "up", "down")
 
@@ -75,6 +77,43 @@ class LlamaAdapter(ModelAdapter):
             **({} if stop_at_eos else {"min_new_tokens": n_new}),
         )
         return out[0, len(prompt_ids) :].tolist()
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        return (
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads or heads,
+            getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads),
+        )
+
+    def cached_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The decoder layer written out with its own modules (norms, projections, rotary embedding, MLP),
+        attention over ``cache``; Qwen3's per-head q/k norms included."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        kind = self.model.config.model_type
+        if kind not in CACHED_MODEL_TYPES:
+            raise AdapterError(
+                f"model type {kind!r}: its cached forward is not written out (only {', '.join(CACHED_MODEL_TYPES)})"
+            )
+        body = self.model.model
+        b, t = ids.shape
+        _, _, head_dim = self.kv_shape()
+        h = body.embed_tokens(ids)
+        cos, sin = body.rotary_emb(h, cache.positions(t).unsqueeze(0).expand(b, t))
+        mask = cache.mask(t)
+        for i, layer in enumerate(body.layers):
+            a, x = layer.self_attn, layer.input_layernorm(h)
+            q, k, v = (proj(x).view(b, t, -1, head_dim) for proj in (a.q_proj, a.k_proj, a.v_proj))
+            if hasattr(a, "q_norm"):
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            k, v = cache.update(i, k, v.transpose(1, 2))
+            h = h + a.o_proj(attend(q, k, v, mask, a.scaling))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        cache.advance(t)
+        return self.model.lm_head(body.norm(h))
 
     @classmethod
     def load(cls, path_or_id: str, gguf_file: str | None = None, device: str = "cpu") -> "LlamaAdapter":

@@ -45,3 +45,25 @@ def compress_files(pattern):
         expand(pattern, target=p["target"], point=p["name"])[0]
         for p in COMPRESS["points"]
     ]
+
+
+def onnx_files(pattern):
+    """``pattern`` (an output or benchmark of the onnx rule) for every compress point with ``onnx: true``."""
+    if not COMPRESS["enabled"]:
+        return []
+    return [
+        expand(pattern, target=p["target"], point=p["name"])[0]
+        for p in COMPRESS["points"]
+        if p.get("onnx")
+    ]
+
+
+def onnx_inputs(wildcards):
+    """The point's export (its compress.json names the dense source) and the dense model's files."""
+    inputs = {
+        "record": expand(rules.compress.output.record, **wildcards)[0],
+        "weights": expand(rules.compress.output.weights, **wildcards)[0],
+    }
+    source = surgery_inputs(wildcards)
+    inputs["model"], inputs["model_config"] = source["model"], source["model_config"]
+    return inputs

@@ -9,6 +9,7 @@ def benchmark_files():
         *factorize_benchmarks(),
         *surgery_benchmarks(),
         *compress_files(rules.compress.benchmark),
+        *onnx_files(rules.onnx.benchmark),
         *recovery_benchmarks(),
         *sketch_files(rules.sketch.benchmark),
         *lowrank_files(rules.train_lowrank.benchmark),
@@ -46,6 +47,7 @@ def report_inputs(wildcards):
         )
     if COMPRESS["enabled"]:
         inputs["compress"] = compress_files(rules.compress.output.record)
+        inputs["onnx"] = onnx_files(rules.onnx.output.record)
     if recovery_points():
         inputs["recovery"] = recovery_outputs()
     return inputs
@@ -56,6 +58,7 @@ def all_outputs():
         rules.extract_baseline.output.manifest,
         *surgery_outputs(),
         *compress_files(rules.compress.output.record),
+        *onnx_files(rules.onnx.output.record),
         *recovery_outputs(),
         *sketch_files(rules.sketch.output.errors),
         *lowrank_files(rules.lowrank_sweep.output.sweep),
