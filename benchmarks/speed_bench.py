@@ -1,15 +1,16 @@
 """Speed of a model shape, dense against every linear matrix factored, in every regime (weightpca.speed).
 
-    python benchmarks/speed_bench.py MODEL_FOLDER --work DIR [--cut 0.2] [--rank-multiple 64] \\
+    python benchmarks/speed_bench.py MODEL_FOLDER --work DIR [--cut 0.2 | --removed 0.2] [--rank-multiple 64] \\
         [--dtype bfloat16] [--device auto] [--prefill 1x512 1x2048 8x2048] [--decode-batches 1 64] \\
-        [--new-tokens 32] [--repeats 3] --json out.json [--markdown out.md]
+        [--new-tokens 32] [--repeats 3] [--compile] --json out.json [--markdown out.md]
 
 Speed does not depend on the weights' values, only on the shapes: MODEL_FOLDER needs a Llama-style
 ``config.json`` and its tokenizer files, not its weights. Two models of that shape with random weights
 are saved in ``--work`` in ``--dtype``: the dense one (``save_pretrained``) and a factored one
 (``weightpca.compress.save_compressed``) in which every linear matrix of every layer keeps ``1 - cut``
 of its parameters (rank ``(1 - cut) n m / (n + m)``, rounded to the nearest multiple of
-``--rank-multiple``). Each is then measured in a fresh process (``weightpca.speed.measure``): prefill at
+``--rank-multiple``; ``--removed``: the cut that removes that fraction of the whole model, embeddings
+counted). Each is then measured in a fresh process (``weightpca.speed.measure``): prefill at
 each batch x context, greedy decode through a static KV cache at each batch size (on CUDA one decode
 step captured as a CUDA graph and replayed), each figure with its bandwidth bound.
 """
@@ -30,7 +31,14 @@ import torch  # noqa: E402
 from compress_bench import parse_prefill, regime_table  # noqa: E402
 
 from weightpca.adapters import LlamaAdapter  # noqa: E402
-from weightpca.compress import DTYPES, dense_bytes, dtype_name, factorize_model, save_compressed  # noqa: E402
+from weightpca.compress import (  # noqa: E402
+    DTYPES,
+    count_parameters,
+    dense_bytes,
+    dtype_name,
+    factorize_model,
+    save_compressed,
+)
 from weightpca.evaluate import resolve_device  # noqa: E402
 from weightpca.plan import Factor  # noqa: E402
 from weightpca.speed import measure_in_subprocess  # noqa: E402
@@ -44,8 +52,11 @@ def cut_rank(n: int, m: int, cut: float, multiple: int) -> int:
     return int(min(min(n, m), max(multiple, multiple * round(r / multiple))))
 
 
-def random_models(folder: Path, work: Path, cut: float, multiple: int, dtype: torch.dtype) -> tuple[Path, Path, dict]:
-    """The dense and factored models of ``folder``'s shape, random weights, saved under ``work``."""
+def random_models(
+    folder: Path, work: Path, cut: float, multiple: int, dtype: torch.dtype, removed: float | None = None
+) -> tuple[Path, Path, dict]:
+    """The dense and factored models of ``folder``'s shape, random weights, saved under ``work``; every
+    linear matrix cut by ``cut``, or (``removed``) by the cut that removes that fraction of the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dense_dir, factored_dir = work / "dense", work / "factored"
@@ -53,6 +64,9 @@ def random_models(folder: Path, work: Path, cut: float, multiple: int, dtype: to
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
     target = LlamaAdapter(model)
+    if removed is not None:
+        linear = sum(target.weight_view(m).numel() for m in target.matrices())
+        cut = removed * count_parameters(model) / linear
     rng = np.random.default_rng(0)
     factors, ranks = {}, {}
     for m in target.matrices():
@@ -74,6 +88,7 @@ def random_models(folder: Path, work: Path, cut: float, multiple: int, dtype: to
             if (folder / name).is_file():
                 shutil.copy(folder / name, d / name)
     info = dict(
+        cut=cut,
         ranks=sorted(set(ranks.values())),
         bytes_dense=dense_bytes(model, dtype),
         bytes_factored=(factored_dir / "model.safetensors").stat().st_size,
@@ -93,6 +108,13 @@ def main() -> None:
     ap.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before its capture")
+    ap.add_argument(
+        "--removed",
+        type=float,
+        default=None,
+        help="instead of --cut: this fraction of the whole model's parameters removed, from its linear matrices",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--markdown", type=Path, default=None)
@@ -100,7 +122,7 @@ def main() -> None:
     started = time.perf_counter()
     device = resolve_device(args.device)
     dense_dir, factored_dir, info = random_models(
-        args.folder, args.work, args.cut, args.rank_multiple, DTYPES[args.dtype]
+        args.folder, args.work, args.cut, args.rank_multiple, DTYPES[args.dtype], args.removed
     )
     speed = dict(
         dtype=args.dtype,
@@ -108,6 +130,7 @@ def main() -> None:
         decode_batches=args.decode_batches,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        compile=args.compile,
     )
     dense = measure_in_subprocess("hf", dense_dir, device=device, threads=args.threads, **speed)
     factored = measure_in_subprocess("compressed", factored_dir, device=device, threads=args.threads, **speed)
@@ -115,7 +138,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/speed_bench.py", *sys.argv[1:]])
     text = (
         f"Measured with `{command}` on {dense['device']} (torch {torch.__version__}), {args.dtype}, random "
-        f"weights of {args.folder.name}'s shape; factored: every linear matrix at {1 - args.cut:.0%} of its "
+        f"weights of {args.folder.name}'s shape; factored: every linear matrix at {1 - info['cut']:.1%} of its "
         f"parameters, ranks {info['ranks']} (multiple of {args.rank_multiple}); bytes {info['bytes_factored']:,} "
         f"vs {info['bytes_dense']:,} ({info['bytes_factored'] / info['bytes_dense']:.3f}x); copy bandwidth "
         f"{dense['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; bounds: bytes read per forward / bandwidth.\n\n"
@@ -125,7 +148,6 @@ def main() -> None:
         json.dumps(
             dict(
                 command=command,
-                cut=args.cut,
                 rank_multiple=args.rank_multiple,
                 **info,
                 dense=dense,

@@ -11,8 +11,9 @@ Every key of the request is optional. Prints one JSON line:
   two single-token steps through the returned key/value cache, concatenated;
 - ``prefill``: per (batch, context), tokens / s of one forward pass (median of ``repeats`` after a
   warm-up; ``seconds``: every run);
-- ``decode``: per batch, greedy decoding of ``new_tokens`` tokens after a ``prompt``-token prefill,
-  the cache passed from step to step; new tokens / s.
+- ``decode``: per batch, greedy decoding of ``new_tokens`` tokens after a ``prompt``-token prefill
+  (untimed: it makes the first token; the ``new_tokens - 1`` steps after it are timed), the cache
+  passed from step to step; new tokens / s.
 
 It imports neither weightpca nor torch, so that it shows what a user of the exported file needs.
 """
@@ -42,23 +43,36 @@ def forward(s: ort.InferenceSession, ids: np.ndarray, keys: np.ndarray, values: 
     return s.run(None, {"input_ids": ids.astype(np.int64), "past_keys": keys, "past_values": values})
 
 
-def greedy(s: ort.InferenceSession, meta: dict, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+def prefill(s: ort.InferenceSession, meta: dict, prompt: np.ndarray):
+    """The prompt's forward: (the first new token [B, 1], its keys, its values)."""
     keys = values = empty_past(meta, len(prompt))
     logits, keys, values = forward(s, prompt, keys, values)
-    out = [logits[:, -1].argmax(-1)[:, None]]
-    for _ in range(new_tokens - 1):
+    return logits[:, -1].argmax(-1)[:, None], keys, values
+
+
+def decode(s: ort.InferenceSession, first: np.ndarray, keys: np.ndarray, values: np.ndarray, steps: int):
+    """``steps`` greedy tokens after ``first``, one call each, the cache passed from call to call."""
+    out = [first]
+    for _ in range(steps):
         logits, keys, values = forward(s, out[-1], keys, values)
         out.append(logits[:, -1].argmax(-1)[:, None])
     return np.concatenate(out, axis=1)
 
 
-def timed(run, repeats: int) -> list[float]:
-    run()
+def greedy(s: ort.InferenceSession, meta: dict, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    """``new_tokens`` greedy tokens after ``prompt [B, T]``."""
+    return decode(s, *prefill(s, meta, prompt), new_tokens - 1)
+
+
+def timed(run, repeats: int, before=None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``run(state)`` after a warm-up; ``state = before()``, untimed."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        state = before() if before is not None else None
         t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+        run(state)
+        if i:
+            times.append(time.perf_counter() - t0)
     return times
 
 
@@ -81,7 +95,7 @@ def main() -> None:
     for b, t in dict.fromkeys((int(b), min(int(t), meta["max_len"])) for b, t in request.get("prefill", [])):
         ids = rng.integers(0, meta["vocab_size"], (b, t))
         past = empty_past(meta, b)
-        seconds = timed(lambda: forward(s, ids, past, past), repeats)
+        seconds = timed(lambda _: forward(s, ids, past, past), repeats)
         answer["prefill"].append(
             dict(batch=b, context=t, tokens_per_s=b * t / float(np.median(seconds)), repeats=repeats, seconds=seconds)
         )
@@ -90,13 +104,14 @@ def main() -> None:
     prompt = min(int(request.get("prompt", 16)), meta["max_len"] - new_tokens)
     for b in dict.fromkeys(int(b) for b in request.get("decode_batches", [])):
         ids = rng.integers(0, meta["vocab_size"], (b, prompt))
-        seconds = timed(lambda: greedy(s, meta, ids, new_tokens), repeats)
+        seconds = timed(lambda state: decode(s, *state, new_tokens - 1), repeats, lambda: prefill(s, meta, ids))
         answer["decode"].append(
             dict(
                 batch=b,
                 prompt=prompt,
                 new_tokens=new_tokens,
-                tokens_per_s=b * new_tokens / float(np.median(seconds)),
+                steps=new_tokens - 1,
+                tokens_per_s=b * (new_tokens - 1) / float(np.median(seconds)),
                 repeats=repeats,
                 seconds=seconds,
             )

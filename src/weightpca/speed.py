@@ -13,12 +13,15 @@ Regimes (``compress.speed``):
 - prefill: one forward pass of ``batch × context`` tokens for each pair of
   ``prefill`` (the context capped at the model's), tokens / s;
 - decode: greedy decoding of ``new_tokens`` tokens at each batch size of
-  ``decode_batches`` after a ``prompt``-token prefill, through the model's
+  ``decode_batches`` after a ``prompt``-token prefill (untimed: it makes the
+  first new token; the ``new_tokens - 1`` steps after it are timed), through the model's
   explicit key/value cache (``ModelAdapter.cached_logits``) preallocated for
   the whole sequence (a static cache: every step has one shape). On CUDA one
   decode step (forward, argmax, cache write, position) is captured as a CUDA
-  graph and replayed once per token, so no Python runs between tokens; on
-  the CPU the same step runs eagerly. New tokens / s over the batch.
+  graph and replayed once per token, so no Python runs between tokens (with
+  ``compile``, the step is compiled by ``torch.compile`` first: fewer, fused
+  kernels); on the CPU the same step runs eagerly. New tokens / s over the
+  batch.
 
 Every figure is the median of ``repeats`` timed runs after an untimed warm-up
 (graph capture included), with every run recorded, and its *bound*: what the
@@ -79,26 +82,33 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _timed(run, device: str, repeats: int) -> list[float]:
-    run()  # warm-up: allocations, kernel choice, graph capture
-    sync(device)
+def _timed(run, device: str, repeats: int, before=None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after an untimed warm-up; ``before`` runs untimed
+    ahead of every call (a decode's prefill)."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):  # the first: warm-up (allocations, kernel choice, compilation, capture)
+        if before is not None:
+            before()
+        sync(device)
         t0 = time.perf_counter()
         run()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        if i:
+            times.append(time.perf_counter() - t0)
     return times
 
 
 class Decoder:
     """Greedy decoding of ``batch`` sequences through a static KV cache of ``prompt + new_tokens`` positions.
 
-    ``run()`` prefills the prompt (the cache rewound to position 0) and decodes ``new_tokens`` tokens; on
-    CUDA with ``graph`` the decode step is captured once, at the first ``run``, and replayed per token.
+    ``prefill()`` runs the prompt (the cache rewound to position 0), which gives the first new token;
+    ``decode()`` the ``new_tokens - 1`` steps after it. On CUDA with ``graph`` the decode step is captured
+    once, at the first ``decode``, and replayed per token.
+    ``compile``: the step is compiled first (``torch.compile``, inductor: the elementwise operations of
+    norms, rotary embedding and cache writes fused into few kernels), then captured.
     """
 
-    def __init__(self, adapter, prompt: torch.Tensor, new_tokens: int, dtype, graph: bool):
+    def __init__(self, adapter, prompt: torch.Tensor, new_tokens: int, dtype, graph: bool, compile: bool = False):
         self.adapter, self.prompt, self.new_tokens = adapter, prompt, new_tokens
         batch, length = prompt.shape
         self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, prompt.device, capacity=length + new_tokens)
@@ -106,34 +116,40 @@ class Decoder:
         self.steps = torch.zeros((), dtype=torch.long, device=prompt.device)  # decode steps since the prefill
         self.graph = None
         self.use_graph = graph and prompt.device.type == "cuda"
+        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def _step(self) -> None:
         logits = self.adapter.cached_logits(self.ids, self.cache)
         self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.steps.add_(1)
 
-    def _prefill(self) -> None:
+    @torch.no_grad()
+    def prefill(self) -> None:
         self.cache.position.zero_()
         self.steps.zero_()
         logits = self.adapter.cached_logits(self.prompt, self.cache)
         self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
 
     @torch.no_grad()
-    def run(self) -> None:
-        self._prefill()
+    def decode(self) -> None:
         if self.use_graph and self.graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up steps off the capture, as CUDA graphs require
-                for _ in range(2):
-                    self._step()
+            with torch.cuda.stream(stream):  # warm-up steps (and compilation) off the capture
+                for _ in range(3):
+                    self.step()
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._step()
-            self._prefill()
+                self.step()
+            self.prefill()  # the warm-up steps moved the cache on
         for _ in range(self.new_tokens - 1):  # the prefill gave the first new token
-            self.graph.replay() if self.graph is not None else self._step()
+            self.graph.replay() if self.graph is not None else self.step()
+
+    def run(self) -> None:
+        """A whole greedy continuation: prefill, then decode."""
+        self.prefill()
+        self.decode()
 
 
 @torch.no_grad()
@@ -149,6 +165,7 @@ def measure(
     new_tokens: int = 32,
     repeats: int = 3,
     graph: bool = True,
+    compile: bool = False,
 ) -> dict:
     """Parameters, weight bytes, peak memory, and every prefill and decode regime of one model (run in its
     own process), each with its bandwidth bound."""
@@ -193,8 +210,8 @@ def measure(
     if prompt < 1:
         raise ValueError(f"decode: {new_tokens} new tokens leave no prompt in the model's {loaded.max_len} positions")
     for b in dict.fromkeys(int(b) for b in decode_batches):
-        decoder = Decoder(loaded, tokens(b, prompt), new_tokens, DTYPES[dtype], graph)
-        times = _timed(decoder.run, device, repeats)
+        decoder = Decoder(loaded, tokens(b, prompt), new_tokens, DTYPES[dtype], graph, compile)
+        times = _timed(decoder.decode, device, repeats, before=decoder.prefill)
         assert int(decoder.steps) == new_tokens - 1
         # a step attends to prompt + new_tokens / 2 positions on average
         kv = 2 * n_layers * b * kv_heads * (prompt + new_tokens / 2) * head_dim * torch.finfo(DTYPES[dtype]).bits // 8
@@ -203,9 +220,11 @@ def measure(
                 batch=b,
                 prompt=prompt,
                 new_tokens=new_tokens,
-                tokens_per_s=b * new_tokens / float(np.median(times)),
+                steps=new_tokens - 1,
+                tokens_per_s=b * (new_tokens - 1) / float(np.median(times)),
                 bound_tokens_per_s=b * bandwidth / (weights + kv),
                 cuda_graph=decoder.graph is not None,
+                compiled=compile,
                 repeats=repeats,
                 seconds=times,
             )
