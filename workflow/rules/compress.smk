@@ -27,6 +27,9 @@ rule compress:
             **compress_point(w.target, w.point).get("speed", {}),
         },
         own_dtype=lambda w: surgery_target(w.target).get("dtype"),
+        # params, not config reads in the script: changing them reruns the exports
+        dtype=COMPRESS["dtype"],
+        rank_multiple=COMPRESS["rank_multiple"],
     script:
         "../scripts/compress.py"
 

@@ -37,7 +37,7 @@ with job_log(snakemake.log[0]):
         matrices = point.get("matrices", ["qkv"])
     folder = Path(snakemake.output.record).parent
     model_config = read_json(inputs["model_config"])
-    dtype = storage_dtype(snakemake.config["compress"]["dtype"], model_config, snakemake.params.own_dtype)
+    dtype = storage_dtype(snakemake.params.dtype, model_config, snakemake.params.own_dtype)
     record = export_point(
         target,
         point["mode"],
@@ -51,7 +51,7 @@ with job_log(snakemake.log[0]):
         s["prompt"],
         refit_ridge,
         dtype=dtype,
-        rank_multiple=snakemake.config["compress"]["rank_multiple"],
+        rank_multiple=snakemake.params.rank_multiple,
     )
     del target
     # dense original and factored model, each timed in a fresh process on this job's device, in one dtype
