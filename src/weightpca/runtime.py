@@ -131,13 +131,20 @@ def run_onnx(path, request: dict, threads: int = 1) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_logits(adapter: ModelAdapter, path, ids: np.ndarray, threads: int = 1) -> dict:
+def check_logits(adapter: ModelAdapter, path, ids: np.ndarray, threads: int = 1, timing: dict | None = None) -> dict:
     """The ONNX model's logits of ``ids [B, T]`` (prefill of T - 2 tokens, then two single-token steps
     through its returned cache) against the PyTorch model's full forward: max |difference| over max
-    |logit|."""
-    answer = run_onnx(path, {"logits": ids.tolist()}, threads)
+    |logit|. ``timing``: regimes the same runner process also times (its ``prefill`` and ``decode``
+    answers are returned), so the session is loaded once."""
+    answer = run_onnx(path, dict(timing or {}, logits=ids.tolist()), threads)
     with torch.no_grad():
         reference = adapter.logits(torch.from_numpy(ids)).float().cpu().numpy()
     got = np.asarray(answer["logits"], dtype=np.float32)
     error = float(np.abs(got - reference).max() / np.abs(reference).max())
-    return dict(relative_error=error, imported=answer["imported"], tokens=ids.shape)
+    return dict(
+        relative_error=error,
+        imported=answer["imported"],
+        tokens=ids.shape,
+        prefill=answer["prefill"],
+        decode=answer["decode"],
+    )

@@ -9,7 +9,7 @@ from weightpca import adapters
 from weightpca.io import write_json
 from weightpca.logs import job_log
 from weightpca.resources import use_threads
-from weightpca.runtime import LOGITS_TOLERANCE, check_logits, export_onnx, run_onnx
+from weightpca.runtime import LOGITS_TOLERANCE, check_logits, export_onnx
 from weightpca.speed import compare
 
 with job_log(snakemake.log[0]):
@@ -30,15 +30,14 @@ with job_log(snakemake.log[0]):
     for name, adapter in models.items():
         path = snakemake.output[name]
         meta = export_onnx(adapter, path)
-        check = check_logits(adapter, path, ids, threads)
+        check = check_logits(adapter, path, ids, threads, speed)  # logits and timing in one runner process
         print(f"{name}: {meta['bytes'] / 2**20:.1f} MiB, logits relative error {check['relative_error']:.2e}")
         if check["relative_error"] > LOGITS_TOLERANCE or any(check["imported"].values()):
             raise AssertionError(
                 f"{path}: onnxruntime's logits differ from PyTorch's by {check['relative_error']:.2e} of the "
                 f"largest (tolerance {LOGITS_TOLERANCE:g}), or its process could import {check['imported']}"
             )
-        timing = run_onnx(path, speed, threads)
-        record[name] = dict(meta, **check, prefill=timing["prefill"], decode=timing["decode"])
+        record[name] = dict(meta, **check)
     record["regimes"] = compare(record["dense"], record["factored"])
     for row in record["regimes"]:
         print(row)
