@@ -99,15 +99,20 @@ def qwen3_tiny():
     return LlamaAdapter(Qwen3ForCausalLM(cfg).eval())
 
 
-def factored_llama():
-    """The tiny Llama with every matrix factored (shared K/V bases): the cached forward runs its modules."""
+def factored_model(family: str, mode: str):
+    """Our GPT or the tiny Llama with every matrix factored in ``mode`` (bases at threshold 0.6)."""
     from weightpca.compress import factorize_model
     from weightpca.plan import model_plan
 
-    target = LlamaAdapter(tiny_llama(None)[0].eval())
+    target = GPTAdapter(small_gpt().eval()) if family == "gpt" else LlamaAdapter(tiny_llama(None)[0].eval())
     calib = np.random.default_rng(0).integers(0, 27, 200)
-    plan = model_plan(target, "shared_kv", None, calib, 32)
-    return LlamaAdapter(factorize_model(target, plan.factors(0.6))[0].eval())
+    plan = model_plan(target, mode, None, calib, min(32, target.max_len))
+    return type(target)(factorize_model(target, plan.factors(0.6))[0].eval())
+
+
+def factored_llama():
+    """The tiny Llama with every matrix factored (shared K/V bases): the cached forward runs its modules."""
+    return factored_model("llama", "shared_kv")
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama", "qwen3", "factored"])
@@ -133,3 +138,47 @@ def test_cached_logits_equal_the_full_forward(family, capacity):
     assert cache.keys.shape[3] == (capacity or 9)
     if capacity:
         assert int(cache.position) == 9 and cache.keys[:, :, :, 9:].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "family, mode, fused",
+    [
+        ("llama", None, 4),  # q/k/v and gate/up of 2 layers, dense
+        ("llama", "separate", 4),  # factored, PCA mean rows in the stack
+        ("llama", "shared_kv", 4),  # K and V one basis, stacked once
+        ("llama", "cross_layer", 2),  # q/k/v share bases across layers: left alone; gate/up fused
+        ("gpt", None, 0),  # c_attn is one GEMM already
+        ("gpt", "activation_aware", 2),  # c_attn's three factored parts
+    ],
+)
+def test_fused_projections_give_the_same_logits_and_hold_the_weights_once(family, mode, fused):
+    """Fusing a layer's matrices of one input (one stacked GEMM) leaves the cached forward's logits as
+    they were; the members' weights become views of the stack, so the bytes a forward reads are unchanged."""
+    from weightpca.adapters import KVCache
+    from weightpca.compress import fuse_shared_inputs
+    from weightpca.speed import weight_bytes
+
+    if mode is None:
+        adapter = GPTAdapter(small_gpt().eval()) if family == "gpt" else LlamaAdapter(tiny_llama(None)[0].eval())
+    else:
+        adapter = factored_model(family, mode)
+    ids = torch.from_numpy(np.random.default_rng(4).integers(0, 27, (2, 7)))
+
+    def cached(last=False):
+        cache = KVCache.empty(adapter.kv_shape(), 2, torch.float32, "cpu", 16)
+        return adapter.cached_logits(ids, cache, last=last)
+
+    with torch.no_grad():
+        before, storage = cached(), weight_bytes(adapter.model)
+        assert fuse_shared_inputs(adapter) == fused
+        calls = []
+        for module in adapter.fused.values():
+            module.register_forward_hook(lambda *_: calls.append(1))
+        torch.testing.assert_close(cached(), before, rtol=1e-5, atol=1e-6)
+        assert len(calls) == fused  # the cached forward ran through every fused module
+        torch.testing.assert_close(cached(last=True), before[:, -1:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.logits(ids), before, rtol=1e-4, atol=1e-5)  # the model's own forward
+    tensors = [*adapter.model.parameters(), *adapter.model.buffers(), *(f.weight for f in adapter.fused.values())]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(held.values()) == storage  # the stacks are the members' storage, not copies
+    assert weight_bytes(adapter.model) == storage

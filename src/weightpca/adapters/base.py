@@ -7,8 +7,9 @@ for fused modules, its row block. It says which roles read the same input
 (``SHARED_INPUT``: calibration statistics are gathered once per input), and
 runs the model: logits, encode/decode, greedy continuation, and a forward
 with an explicit key/value cache (:meth:`ModelAdapter.cached_logits`, over a
-:class:`KVCache`: what the speed measurements decode with and the ONNX export
-traces). Subclasses set
+:class:`KVCache`: what the speed measurements run and the ONNX export
+traces), in which the matrices of one input are applied by :meth:`ModelAdapter.project`
+(one stacked GEMM once ``weightpca.compress.fuse_shared_inputs`` has fused them). Subclasses set
 the class attributes and the few methods marked below; everything else (read
 a matrix, write one, patch and restore) is written once here.
 
@@ -140,6 +141,8 @@ class ModelAdapter:
         self.device = next(model.parameters()).device
         self.n_layers = self.count_layers(model)
         self.max_len = self.context_length(model)
+        # (layer, SHARED_INPUT roles) -> a module giving their outputs from one stacked GEMM (see project)
+        self.fused: dict[tuple[int, tuple[str, ...]], nn.Module] = {}
 
     # ---- what a subclass defines
     @staticmethod
@@ -172,13 +175,32 @@ class ModelAdapter:
         """(layers, key/value heads, head dim): the shape of a :class:`KVCache` of this model."""
         raise NotImplementedError
 
-    def cached_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def cached_logits(self, ids: torch.Tensor, cache: KVCache, last: bool = False) -> torch.Tensor:
         """Logits ``[B, T, V]`` of tokens ``ids [B, T]`` at the cache's next positions, attending to what it
         holds; their keys and values are stored and the cache advanced. Equal to :meth:`logits` of the
-        whole sequence at those positions. Built from the model's own modules (factored ones included)."""
+        whole sequence at those positions. Built from the model's own modules (factored ones included),
+        the matrices of one input through :meth:`project`. ``last``: only the last position's logits
+        ``[B, 1, V]`` (a prefill that only needs the next token skips the others' output layer)."""
         raise NotImplementedError
 
     # ---- written once for every family
+    def project(self, i: int, roles: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs ``x Wᵀ`` of layer i's matrices ``roles`` (a ``SHARED_INPUT`` group) on their input:
+        from the group's fused module when there is one (``self.fused``), else from each matrix's module
+        (a fused module of several row blocks, our GPT's ``c_attn``, run once and sliced)."""
+        fused = self.fused.get((i, roles))
+        if fused is not None:
+            return fused(x)
+        layer, outputs = self.layer_matrices(i), {}
+        for r in roles:
+            m = layer[r]
+            if m.path not in outputs:
+                outputs[m.path] = self.module(m)(x)
+        return tuple(
+            outputs[layer[r].path] if layer[r].rows is None else outputs[layer[r].path][..., layer[r].rows]
+            for r in roles
+        )
+
     def roles(self, groups=None) -> list[str]:
         """The roles of config matrix groups (``[qkv, o, mlp]``); every role when ``groups`` is None."""
         if groups is None:

@@ -63,7 +63,7 @@ class GPTAdapter(ModelAdapter):
         c = self.model.config
         return c.n_layer, c.n_head, c.n_embd // c.n_head
 
-    def cached_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def cached_logits(self, ids: torch.Tensor, cache: KVCache, last: bool = False) -> torch.Tensor:
         """``GPT.forward`` written out block by block, attention over ``cache`` (positions below
         ``block_size``: the learned position embedding ends there)."""
         gpt, (b, t) = self.model, ids.shape
@@ -77,13 +77,13 @@ class GPTAdapter(ModelAdapter):
         x = tok + tr.wpe(cache.positions(t))
         mask = cache.mask(t)
         for i, block in enumerate(tr.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(c.n_embd, dim=2)
-            q, k, v = (z.view(b, t, heads, head_dim).transpose(1, 2) for z in (q, k, v))
+            qkv = self.project(i, self.SHARED_INPUT[0], block.ln_1(x))
+            q, k, v = (z.reshape(b, t, heads, head_dim).transpose(1, 2) for z in qkv)
             k, v = cache.update(i, k, v)
             x = x + block.attn.c_proj(attend(q, k, v, mask))
             x = x + block.mlp(block.ln_2(x))
         cache.advance(t)
-        return gpt.logits_from_hidden(tr.ln_f(x))
+        return gpt.logits_from_hidden(tr.ln_f(x[:, -1:] if last else x))
 
     @classmethod
     def load(cls, model_path, config_path, tokenizer_path=None, device: str = "cpu") -> "GPTAdapter":

@@ -87,9 +87,9 @@ class LlamaAdapter(ModelAdapter):
             getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads),
         )
 
-    def cached_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The decoder layer written out with its own modules (norms, projections, rotary embedding, MLP),
-        attention over ``cache``; Qwen3's per-head q/k norms included."""
+    def cached_logits(self, ids: torch.Tensor, cache: KVCache, last: bool = False) -> torch.Tensor:
+        """The decoder layer written out with its own modules (norms, projections, rotary embedding, the
+        MLP's activation), attention over ``cache``; Qwen3's per-head q/k norms included."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         kind = self.model.config.model_type
@@ -105,15 +105,16 @@ class LlamaAdapter(ModelAdapter):
         mask = cache.mask(t)
         for i, layer in enumerate(body.layers):
             a, x = layer.self_attn, layer.input_layernorm(h)
-            q, k, v = (proj(x).view(b, t, -1, head_dim) for proj in (a.q_proj, a.k_proj, a.v_proj))
+            q, k, v = (y.reshape(b, t, -1, head_dim) for y in self.project(i, ("q", "k", "v"), x))
             if hasattr(a, "q_norm"):
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             k, v = cache.update(i, k, v.transpose(1, 2))
             h = h + a.o_proj(attend(q, k, v, mask, a.scaling))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            gate, up = self.project(i, ("gate", "up"), layer.post_attention_layernorm(h))
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         cache.advance(t)
-        return self.model.lm_head(body.norm(h))
+        return self.model.lm_head(body.norm(h[:, -1:] if last else h))
 
     @classmethod
     def load(cls, path_or_id: str, gguf_file: str | None = None, device: str = "cpu") -> "LlamaAdapter":
