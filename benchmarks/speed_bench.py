@@ -2,7 +2,7 @@
 
     python benchmarks/speed_bench.py MODEL_FOLDER --work DIR [--cut 0.2 | --removed 0.2] [--rank-multiple 64] \\
         [--dtype bfloat16] [--device auto] [--prefill 1x512 1x2048 8x2048] [--decode-batches 1 64] \\
-        [--new-tokens 32] [--repeats 3] [--compile] --json out.json [--markdown out.md]
+        [--new-tokens 32] [--repeats 3] [--compile] [--no-fuse] --json out.json [--markdown out.md]
 
 Speed does not depend on the weights' values, only on the shapes: MODEL_FOLDER needs a Llama-style
 ``config.json`` and its tokenizer files, not its weights. Two models of that shape with random weights
@@ -11,8 +11,10 @@ are saved in ``--work`` in ``--dtype``: the dense one (``save_pretrained``) and 
 of its parameters (rank ``(1 - cut) n m / (n + m)``, rounded to the nearest multiple of
 ``--rank-multiple``; ``--removed``: the cut that removes that fraction of the whole model, embeddings
 counted). Each is then measured in a fresh process (``weightpca.speed.measure``): prefill at
-each batch x context, greedy decode through a static KV cache at each batch size (on CUDA one decode
-step captured as a CUDA graph and replayed), each figure with its bandwidth bound.
+each batch x context, greedy decode through a static KV cache at each batch size, both through the
+model's cached forward with a layer's matrices of one input fused into one stacked GEMM (unless
+``--no-fuse``) and on CUDA captured as CUDA graphs (compiled first with ``--compile``), each figure
+with its bandwidth bound.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def main() -> None:
     ap.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before its capture")
+    ap.add_argument("--compile", action="store_true", help="torch.compile prefill and decode before their capture")
+    ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up (their bases) as separate GEMMs")
     ap.add_argument(
         "--removed",
         type=float,
@@ -131,6 +134,7 @@ def main() -> None:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         compile=args.compile,
+        fuse=not args.no_fuse,
     )
     dense = measure_in_subprocess("hf", dense_dir, device=device, threads=args.threads, **speed)
     factored = measure_in_subprocess("compressed", factored_dir, device=device, threads=args.threads, **speed)

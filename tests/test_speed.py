@@ -6,9 +6,9 @@ import torch
 from test_adapters import factored_llama, small_gpt
 
 from weightpca.adapters import GPTAdapter, LlamaAdapter
-from weightpca.compress import factorize_model, save_compressed
+from weightpca.compress import factorize_model, fuse_shared_inputs, save_compressed
 from weightpca.plan import model_plan
-from weightpca.speed import Decoder, compare, measure, speed_verdict, weight_bytes
+from weightpca.speed import Decoder, Prefill, compare, measure, speed_verdict, weight_bytes
 
 from test_surgery import tiny_llama
 
@@ -30,6 +30,22 @@ def test_static_cache_decoder_continues_like_the_full_forward(family, compile):
     assert torch.equal(decoder.ids, ids[:, -1:])
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_prefill_gives_the_last_positions_logits_again_and_again(fuse):
+    """The timed prefill (fused projections or not) is the full forward's last position, every call."""
+    adapter = factored_llama()
+    tokens = torch.from_numpy(np.random.default_rng(5).integers(0, 27, (2, 11)))
+    with torch.no_grad():
+        full = adapter.logits(tokens)[:, -1:]
+        if fuse:
+            assert fuse_shared_inputs(adapter) == 4
+        prefill = Prefill(adapter, tokens, torch.float32, graph=True)
+        for _ in range(2):  # the cache rewound each time
+            prefill.run()
+            torch.testing.assert_close(prefill.logits, full, rtol=1e-4, atol=1e-5)
+    assert int(prefill.cache.position) == 11
+
+
 def test_measure_times_every_regime_with_its_bound(tmp_path):
     model, tok = tiny_llama(tmp_path)
     target = LlamaAdapter(model.eval(), tok)
@@ -42,6 +58,7 @@ def test_measure_times_every_regime_with_its_bound(tmp_path):
     assert [(r["batch"], r["context"]) for r in record["prefill"]] == [(1, 20), (2, 64)]
     assert [(r["batch"], r["prompt"], r["new_tokens"]) for r in record["decode"]] == [(1, 5, 6), (3, 5, 6)]
     assert record["weight_bytes"] == weight_bytes(factored) and record["dtype"] == "float32"
+    assert record["fused_groups"] == 4  # q/k/v and gate/up of both layers
     bw = record["bandwidth_bytes_per_s"]
     for r in record["prefill"]:
         assert len(r["seconds"]) == r["repeats"] == 2
@@ -68,3 +85,29 @@ def test_speed_verdict_needs_every_repeat_to_win():
     assert speed_verdict([2.0, 2.1], [1.0, 1.9]) == "faster"
     assert speed_verdict([2.0, 2.1], [1.0, 2.05]) == "not distinguishable"
     assert speed_verdict([1.0, 1.1], [1.2, 1.5]) == "slower"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_prefill_and_decode_replay_the_eager_forward_on_cuda(compile):
+    """On CUDA the prefill and the decode step are CUDA graphs (compiled or not) over fused projections:
+    replayed, they give the eager forward's logits and greedy tokens."""
+    adapter = factored_llama()
+    adapter.model.cuda()
+    adapter.device = torch.device("cuda")
+    fuse_shared_inputs(adapter)
+    tokens = torch.from_numpy(np.random.default_rng(6).integers(0, 27, (2, 6))).cuda()
+    with torch.no_grad():
+        ids = tokens
+        for _ in range(5):
+            ids = torch.cat([ids, adapter.logits(ids)[:, -1:].argmax(-1)], dim=1)
+        prefill = Prefill(adapter, tokens, torch.float32, graph=True, compile=compile)
+        for _ in range(2):
+            prefill.run()
+        assert prefill.run.graph is not None
+        torch.testing.assert_close(prefill.logits, adapter.logits(tokens)[:, -1:], rtol=1e-3, atol=1e-4)
+    decoder = Decoder(adapter, tokens, 5, torch.float32, graph=True, compile=compile)
+    for _ in range(2):
+        decoder.run()
+        assert decoder.graph is not None and int(decoder.steps) == 4
+        assert torch.equal(decoder.ids, ids[:, -1:])

@@ -8,20 +8,24 @@ memory is the model's own: on CUDA the peak of
 peak resident set during prefill (VmHWM, reset after loading; it includes
 the Python and torch runtime, the same for both models of a comparison).
 
-Regimes (``compress.speed``):
+Both regimes run the model's cached forward (``ModelAdapter.cached_logits``)
+as inference engines run a model: a layer's matrices of one input fused into
+one stacked GEMM (``fuse``, ``weightpca.compress.fuse_shared_inputs``: dense
+q/k/v and gate/up one GEMM each, factored ones their bases stacked) and, on
+CUDA, each forward captured as a CUDA graph and replayed (``graph``), compiled
+by ``torch.compile`` first with ``compile``. Regimes (``compress.speed``):
 
 - prefill: one forward pass of ``batch × context`` tokens for each pair of
-  ``prefill`` (the context capped at the model's), tokens / s;
+  ``prefill`` (the context capped at the model's) into an empty static cache,
+  the output layer on the last position only (what a prompt needs), tokens / s;
 - decode: greedy decoding of ``new_tokens`` tokens at each batch size of
   ``decode_batches`` after a ``prompt``-token prefill (untimed: it makes the
   first new token; the ``new_tokens - 1`` steps after it are timed), through the model's
   explicit key/value cache (``ModelAdapter.cached_logits``) preallocated for
   the whole sequence (a static cache: every step has one shape). On CUDA one
-  decode step (forward, argmax, cache write, position) is captured as a CUDA
-  graph and replayed once per token, so no Python runs between tokens (with
-  ``compile``, the step is compiled by ``torch.compile`` first: fewer, fused
-  kernels); on the CPU the same step runs eagerly. New tokens / s over the
-  batch.
+  decode step (forward, argmax, cache write, position) is the captured graph,
+  replayed once per token, so no Python runs between tokens; on the CPU the
+  same step runs eagerly. New tokens / s over the batch.
 
 Every figure is the median of ``repeats`` timed runs after an untimed warm-up
 (graph capture included), with every run recorded, and its *bound*: what the
@@ -98,14 +102,57 @@ def _timed(run, device: str, repeats: int, before=None) -> list[float]:
     return times
 
 
+class Captured:
+    """``fn()`` (no arguments; it reads and writes fixed tensors) compiled by ``torch.compile`` when
+    ``compile``, and with ``graph`` on CUDA captured as a CUDA graph at its first call (after three
+    warm-up calls on a side stream, compilation included) and replayed by every call after it. The
+    warm-up calls run ``fn`` for real: a caller whose ``fn`` moves state on resets it after the first call."""
+
+    def __init__(self, fn, device: torch.device, graph: bool, compile: bool = False):
+        self.fn = torch.compile(fn, dynamic=False) if compile else fn
+        self.use_graph = graph and device.type == "cuda"
+        self.graph = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.use_graph:
+            self.fn()
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (and compilation) off the capture
+            for _ in range(3):
+                self.fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.fn()
+
+
+class Prefill:
+    """One forward of a prompt ``tokens [B, T]`` into an empty static cache of ``T`` positions, the
+    output layer on the last position only; ``Captured`` (a CUDA graph on CUDA)."""
+
+    def __init__(self, adapter, tokens: torch.Tensor, dtype, graph: bool, compile: bool = False):
+        self.adapter, self.tokens = adapter, tokens
+        batch, length = tokens.shape
+        self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, tokens.device, capacity=length)
+        self.run = Captured(self._forward, tokens.device, graph, compile)
+
+    def _forward(self) -> None:
+        self.cache.position.zero_()
+        self.logits = self.adapter.cached_logits(self.tokens, self.cache, last=True)
+
+
 class Decoder:
     """Greedy decoding of ``batch`` sequences through a static KV cache of ``prompt + new_tokens`` positions.
 
     ``prefill()`` runs the prompt (the cache rewound to position 0), which gives the first new token;
-    ``decode()`` the ``new_tokens - 1`` steps after it. On CUDA with ``graph`` the decode step is captured
-    once, at the first ``decode``, and replayed per token.
-    ``compile``: the step is compiled first (``torch.compile``, inductor: the elementwise operations of
-    norms, rotary embedding and cache writes fused into few kernels), then captured.
+    ``decode()`` the ``new_tokens - 1`` steps after it, one ``Captured`` step each (on CUDA a graph
+    captured at the first ``decode``; with ``compile`` compiled first: the elementwise operations of
+    norms, rotary embedding and cache writes fused into few kernels).
     """
 
     def __init__(self, adapter, prompt: torch.Tensor, new_tokens: int, dtype, graph: bool, compile: bool = False):
@@ -114,9 +161,11 @@ class Decoder:
         self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, prompt.device, capacity=length + new_tokens)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)  # the last token of each
         self.steps = torch.zeros((), dtype=torch.long, device=prompt.device)  # decode steps since the prefill
-        self.graph = None
-        self.use_graph = graph and prompt.device.type == "cuda"
-        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.step = Captured(self._step, prompt.device, graph, compile)
+
+    @property
+    def graph(self):
+        return self.step.graph
 
     def _step(self) -> None:
         logits = self.adapter.cached_logits(self.ids, self.cache)
@@ -127,24 +176,18 @@ class Decoder:
     def prefill(self) -> None:
         self.cache.position.zero_()
         self.steps.zero_()
-        logits = self.adapter.cached_logits(self.prompt, self.cache)
+        logits = self.adapter.cached_logits(self.prompt, self.cache, last=True)
         self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
 
     @torch.no_grad()
     def decode(self) -> None:
-        if self.use_graph and self.graph is None:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up steps (and compilation) off the capture
-                for _ in range(3):
-                    self.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.step()
-            self.prefill()  # the warm-up steps moved the cache on
-        for _ in range(self.new_tokens - 1):  # the prefill gave the first new token
-            self.graph.replay() if self.graph is not None else self.step()
+        first = self.graph is None and self.step.use_graph
+        self.step()  # the prefill gave the first new token
+        if first:  # capture: its warm-up steps moved the cache on
+            self.prefill()
+            self.step()
+        for _ in range(self.new_tokens - 2):
+            self.step()
 
     def run(self) -> None:
         """A whole greedy continuation: prefill, then decode."""
@@ -166,11 +209,15 @@ def measure(
     repeats: int = 3,
     graph: bool = True,
     compile: bool = False,
+    fuse: bool = True,
 ) -> dict:
     """Parameters, weight bytes, peak memory, and every prefill and decode regime of one model (run in its
     own process), each with its bandwidth bound."""
+    from .compress import fuse_shared_inputs
+
     loaded = adapters.load(kind, path, config, device)
     model = loaded.model.to(DTYPES[dtype])
+    fused = fuse_shared_inputs(loaded) if fuse else 0
     params = sum(p.numel() for p in model.parameters())
     weights = weight_bytes(model)
     bandwidth = copy_bandwidth(device)
@@ -181,7 +228,7 @@ def measure(
         return torch.from_numpy(rng.integers(0, vocab, (batch, length))).to(device)
 
     regimes = list(dict.fromkeys((int(b), min(int(t), loaded.max_len)) for b, t in prefill))
-    loaded.logits(tokens(*regimes[0]))  # warm-up before the peak is reset
+    Prefill(loaded, tokens(*regimes[0]), DTYPES[dtype], graph=False).run()  # warm-up before the peak is reset
     sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -190,14 +237,15 @@ def measure(
         peak_includes_loading = not reset_peak_rss()
     prefills = []
     for b, t in regimes:
-        x = tokens(b, t)
-        times = _timed(lambda: loaded.logits(x), device, repeats)
+        times = _timed(Prefill(loaded, tokens(b, t), DTYPES[dtype], graph, compile).run, device, repeats)
         prefills.append(
             dict(
                 batch=b,
                 context=t,
                 tokens_per_s=b * t / float(np.median(times)),
                 bound_tokens_per_s=b * t * bandwidth / weights,
+                cuda_graph=graph and device.startswith("cuda"),
+                compiled=compile,
                 repeats=repeats,
                 seconds=times,
             )
@@ -233,6 +281,7 @@ def measure(
         params=params,
         weight_bytes=weights,
         dtype=dtype,
+        fused_groups=fused,
         bandwidth_bytes_per_s=bandwidth,
         peak_memory_mb=peak,
         peak_includes_loading=peak_includes_loading,
