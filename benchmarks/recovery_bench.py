@@ -4,7 +4,7 @@ the same way, with a preset's recipe (the GPU preset's: config/gpu-smoke.yaml).
     python benchmarks/recovery_bench.py MODEL --val-text val.txt --train-text train.txt --work DIR \\
         [--config config/config.yaml config/gpu-smoke.yaml] [--target smollm2] \\
         [--removed 0.1 0.2 0.3] [--allocation calibrated [uniform ...]] [--no-refit] [--balance] \\
-        [--seeds 1 2] [--device auto] --json out.json [--markdown out.md]
+        [--distill WEIGHT [--teacher control]] [--seeds 1 2] [--device auto] --json out.json [--markdown out.md]
 
 MODEL is a save_pretrained folder or a GGUF file (converted once into the folder ``hf`` beside it, as
 the workflow's prepare_hf_target does). The library calls of the workflow's stages, with the sizes and
@@ -65,7 +65,12 @@ def markdown(result: dict, table) -> str:
         f"tokens ({result['tokens_per_run']:,} per run), lr {recipe['lr']:g} to {recipe['min_lr']:g} "
         f"(cosine, {recipe['warmup_steps']} warm-up steps), every parameter trained"
         + (", LoRA" if result["lora"] else "")
-        + (", distilled" if result["distill"] else "")
+        + (
+            f", distilled (weight {result['distill']['weight']:g}, from the "
+            f"{result['distill'].get('teacher', 'original')})"
+            if result["distill"]
+            else ""
+        )
         + (", factors balanced" if result["balance"] else "")
         + f". Dense control: {table.control_before.mean():.2f} -> {table.control_after.mean():.2f}.",
         "",
@@ -98,6 +103,14 @@ def main() -> None:
     ap.add_argument("--no-refit", action="store_true")
     ap.add_argument("--balance", action="store_true", help="the recipe's balance: true (default: the config's)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the config's recovery.seeds")
+    ap.add_argument(
+        "--distill",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="the recipe's distill weight (default: the config's)",
+    )
+    ap.add_argument("--teacher", choices=["original", "control"], default="original", help="with --distill")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--markdown", type=Path, default=None)
@@ -106,6 +119,8 @@ def main() -> None:
     config = merged_config(*args.config)
     surgery, whole, rec = config["surgery"], config["surgery"]["whole_model"], config["recovery"]
     rec["balance"] = rec["balance"] or args.balance
+    if args.distill is not None:
+        rec["distill"] = {"weight": args.distill, "temperature": 1.0, "teacher": args.teacher}
     rec["seeds"] = args.seeds or rec["seeds"]
     folder = prepared_folder(args.model)
     device = resolve_device(args.device)
@@ -178,7 +193,10 @@ def main() -> None:
     records = {"points": [], "controls": []}
     for seed in rec["seeds"]:
         for name in ["dense", *points]:
-            trained = name + ("_balanced" if rec["balance"] and name != "dense" else "")
+            trained = name
+            if name != "dense":  # a recipe's controls are the same when it only changes the points
+                trained += "_balanced" if rec["balance"] else ""
+                trained += "_from_control" if (rec["distill"] or {}).get("teacher") == "control" else ""
             out = work / "recovery" / trained / f"seed{seed}"
             record_path = out / "recovery.json"
             if not record_path.is_file():
@@ -194,6 +212,7 @@ def main() -> None:
                     None if name == "dense" else work / "compress" / name,
                     run["recipe"],
                     device,
+                    teacher_weights=work / "recovery" / "dense" / f"seed{seed}" / "model.safetensors",
                 )
                 write_json(record_path, dict(record, target=args.target, point=name))
                 print(record, flush=True)

@@ -130,6 +130,33 @@ def test_distillation_changes_the_result_and_is_the_kl_to_the_teacher(point, tin
     assert not any(k.startswith("_teacher") for k in Distilled(student, teacher, 0.5).state_dict())
 
 
+def test_distilling_from_the_trained_control_uses_its_weights(point, tiny_data):
+    """teacher: control: the control trains by cross-entropy alone (the plain control), and the point
+    distils from its trained weights: a result of its own, refused without them."""
+    recipe = {"distill": {"weight": 0.9, "temperature": 2.0, "teacher": "control"}}
+    plain_control, _ = recovered(point, tiny_data, "t_plain", export=False)
+    control, control_out = recovered(point, tiny_data, "t_control", export=False, recipe=recipe)
+    assert control["ppl_after"] == plain_control["ppl_after"] and control["distill"] is None
+    root, dense, folder = point
+    with pytest.raises(ValueError, match="teacher_weights"):
+        recovered(point, tiny_data, "t_missing", recipe=recipe)
+    from_original, _ = recovered(
+        point, tiny_data, "t_original", recipe={"distill": dict(recipe["distill"], teacher="original")}
+    )
+    out = root / "t_student"
+    student = recover(
+        run_of("t_student"),
+        *train_files(tiny_data, out),
+        root / "t_student_work",
+        dense,
+        folder,
+        recipe,
+        teacher_weights=control_out / "model.safetensors",
+    )
+    assert student["distill"]["teacher"] == "control"
+    assert student["ppl_after"] != pytest.approx(from_original["ppl_after"], rel=1e-6)
+
+
 def test_balanced_factors_start_from_the_same_model_and_train_differently(point, tiny_data):
     plain, _ = recovered(point, tiny_data, "b_plain")
     balanced, out = recovered(point, tiny_data, "b_balanced", recipe={"balance": True})

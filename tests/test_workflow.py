@@ -358,3 +358,18 @@ def test_readme_slurm_command_keeps_every_gpu_request(tmp_path):
         else:
             assert "gpu" not in res and res["slurm_partition"] == "cpu-test", (rule, res)
     assert gpu_rules & {"train_baseline", "train_variant", "surgery"} <= seen
+
+
+@pytest.mark.parametrize("teacher", ["original", "control"])
+def test_distilling_from_the_control_makes_each_point_wait_for_it(tmp_path, teacher):
+    """distill.teacher: control adds the trained control of the point's seed to the point's inputs."""
+    import re
+
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "ci.yaml", **{"recovery.distill": {"weight": 0.5, "teacher": teacher}})
+    dag = snakemake(tmp_path, "--dag", "--cores", "1", "all", configfile=cfg).stdout
+    labels = dict(re.findall(r'\t(\d+)\[label = "(\w+)', dag))
+    edges = {(labels[a], labels[b]) for a, b in re.findall(r"\t(\d+) -> (\d+)", dag)}
+    assert (("recovery_control", "recovery_point") in edges) == (teacher == "control")
+    assert ("compress", "recovery_point") in edges

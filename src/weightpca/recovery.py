@@ -14,9 +14,11 @@ A recipe (``recovery`` in the config) may add
   control); merged into them after training, so the export keeps its ranks (Hu et al. 2021);
 - ``balance: true``: every factored matrix's rank components rescaled to equal norms in its two
   factors before training (``compress.balance_factors``; the model unchanged, its training not);
-- ``distill: {weight, temperature}``: the loss is ``(1 − w) CE + w T² KL(p_teacher ‖ p_student)`` at
-  temperature T, the teacher the dense original (Hinton et al. 2015, "Distilling the knowledge in a
-  neural network").
+- ``distill: {weight, temperature, teacher}``: the loss is ``(1 − w) CE + w T² KL(p_teacher ‖ p_student)``
+  at temperature T (Hinton et al. 2015, "Distilling the knowledge in a neural network"). ``teacher:
+  original`` (default) distils from the dense original, the control too; ``teacher: control`` from the
+  control after its training (the dense model fine-tuned on the same batches, trained then by
+  cross-entropy alone): the student learns the domain from the best dense model of the same tokens.
 
 The fraction of the compression gap a recovery closes, in log perplexity,
 
@@ -65,6 +67,15 @@ class Distilled(nn.Module):
             F.log_softmax(flat / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
         )
         return None, (1 - self.weight) * ce + self.weight * t * t * kl
+
+
+def control_state(weights, kind: str) -> dict[str, torch.Tensor]:
+    """The state dict of a trained control's model.safetensors for its model class: our GPT's as saved, a
+    Hugging Face model's without the ``model.`` of the ``adapters.CausalLM`` it trained in."""
+    from .io import load_tensors
+
+    state = load_tensors(weights)
+    return state if kind == "gpt" else {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def layer_linears(model: nn.Module, layers_path: str) -> list[str]:
@@ -118,6 +129,7 @@ def recover(
     recipe: dict | None = None,
     device: str = "auto",
     threads: int = 1,
+    teacher_weights=None,
 ) -> dict:
     """Fine-tune one model of a recovery: the compressed export in folder ``export``, or (None) the dense
     original itself, the control. ``dense``: the original (and the teacher of a distilling recipe), our
@@ -127,6 +139,8 @@ def recover(
     and its control: same seed, same batches). Trains with ``weightpca.train.train`` to ``outputs``;
     a compressed model is then saved factored to ``<outputs.summary's folder>/recovered`` (its LoRA
     merged), reloaded and evaluated, which must agree with the trained model to a relative 1e-3.
+    ``teacher_weights``: the trained control's model.safetensors, the teacher of a ``distill.teacher:
+    control`` recipe (of the same seed).
     Returns the record: perplexity before and after on the run's validation windows, and the reload's."""
     from pathlib import Path
 
@@ -179,9 +193,19 @@ def recover(
         lora = recipe["lora"]
         model = with_lora(model, layer_linears(model, layers), lora["r"], lora["alpha"], run["seed"])
     trained = trainable(model)
-    if recipe.get("distill"):
-        d = recipe["distill"]
-        trained = Distilled(trained, trainable(original()), d["weight"], d.get("temperature", 1.0))
+    distill = recipe.get("distill")
+    if distill and distill.get("teacher", "original") == "control" and export is None:
+        distill = None  # the control is the teacher: it trains by cross-entropy
+    if distill:
+        teacher = original()
+        if distill.get("teacher", "original") == "control":
+            if teacher_weights is None:
+                raise ValueError(
+                    f"{run['name']}: distill.teacher is 'control' but no trained control was given "
+                    "(teacher_weights: the control's model.safetensors of this seed)"
+                )
+            teacher.load_state_dict(control_state(teacher_weights, kind))
+        trained = Distilled(trained, trainable(teacher), distill["weight"], distill.get("temperature", 1.0))
     summary = train(run, data, outputs, work_dir, device, threads, model=trained)
     if recipe.get("lora"):
         model = merge_lora(model)
@@ -196,7 +220,7 @@ def recover(
         steps=summary["steps"],
         tokens_seen=summary["tokens_seen"],
         lora=recipe.get("lora"),
-        distill=recipe.get("distill"),
+        distill=distill,
         balance=bool(recipe.get("balance")),
     )
     if export is not None:

@@ -26,6 +26,7 @@ with job_log(snakemake.log[0]):
         recipe=run["recipe"],
         device=snakemake.config["device"],
         threads=snakemake.config["threads"]["train"],
+        teacher_weights=inp.teacher if hasattr(inp, "teacher") else None,
     )
     record.update(target=snakemake.wildcards.target, point=Path(out.record).parent.parent.name)
     write_json(out.record, record)

@@ -40,14 +40,27 @@ def recovery_tokens(wildcards):
     }
 
 
+def distills_from_control():
+    return (RECOVERY["distill"] or {}).get("teacher", "original") == "control"
+
+
 def recovery_point_inputs(wildcards):
-    """The tokens, the dense original and the exported point."""
+    """The tokens, the dense original, the exported point and, distilling from the control, the trained
+    control of the same seed (its teacher)."""
     folder = f"{RESULTS}/compress/{wildcards.target}/{wildcards.point}"
+    teacher = {}
+    if distills_from_control():
+        teacher["teacher"] = expand(
+            rules.recovery_control.output.model,
+            target=wildcards.target,
+            seed=wildcards.seed,
+        )[0]
     return {
         **recovery_tokens(wildcards),
         "weights": f"{folder}/model.safetensors",
         "export_config": f"{folder}/config.json",
         "record": f"{folder}/compress.json",
+        **teacher,
     }
 
 
