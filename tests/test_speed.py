@@ -30,20 +30,22 @@ def test_static_cache_decoder_continues_like_the_full_forward(family, compile):
     assert torch.equal(decoder.ids, ids[:, -1:])
 
 
+@pytest.mark.parametrize("family", ["gpt", "factored"])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_prefill_gives_the_last_positions_logits_again_and_again(fuse):
-    """The timed prefill (fused projections or not) is the full forward's last position, every call."""
-    adapter = factored_llama()
+def test_prefill_gives_the_last_positions_logits_again_and_again(family, fuse):
+    """The timed prefill (a whole static cache filled: causal attention without a mask; fused
+    projections or not) is the full forward's last position, every call."""
+    adapter = GPTAdapter(small_gpt().eval()) if family == "gpt" else factored_llama()
     tokens = torch.from_numpy(np.random.default_rng(5).integers(0, 27, (2, 11)))
     with torch.no_grad():
         full = adapter.logits(tokens)[:, -1:]
         if fuse:
-            assert fuse_shared_inputs(adapter) == 4
+            assert fuse_shared_inputs(adapter) == (4 if family == "factored" else 0)
         prefill = Prefill(adapter, tokens, torch.float32, graph=True)
         for _ in range(2):  # the cache rewound each time
             prefill.run()
             torch.testing.assert_close(prefill.logits, full, rtol=1e-4, atol=1e-5)
-    assert int(prefill.cache.position) == 11
+    assert int(prefill.cache.position) == 11 and prefill.cache.mask(11) is None and prefill.cache.mask(1) is not None
 
 
 def test_measure_times_every_regime_with_its_bound(tmp_path):

@@ -80,9 +80,13 @@ class KVCache:
         offset = torch.arange(t, device=self.keys.device)
         return self.position + offset if self.static else self.keys.shape[3] + offset
 
-    def mask(self, t: int) -> torch.Tensor:
+    def mask(self, t: int) -> torch.Tensor | None:
         """``[T, S_total]`` boolean: the query at position p attends to key positions j <= p (static: of
-        the whole buffer, so only positions already written)."""
+        the whole buffer, so only positions already written). None for a forward that fills a whole
+        static cache (``T`` = its capacity, so from position 0): plain causal attention, which
+        ``attend`` runs without a mask (the fused kernels of a prompt's prefill)."""
+        if self.static and self.keys.shape[3] == t:
+            return None
         total = self.keys.shape[3] if self.static else self.keys.shape[3] + t
         keys = torch.arange(total, device=self.keys.device)
         return keys.unsqueeze(0) <= self.positions(t).unsqueeze(1)
@@ -110,9 +114,13 @@ class KVCache:
             self._new_k, self._new_v = [], []
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None):
-    """Softmax attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, S, D]`` under ``mask [T, S]``; grouped
-    query heads (H a multiple of H_kv) share their key/value head. Returns ``[B, T, H·D]``."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None):
+    """Softmax attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, S, D]`` under ``mask [T, S]`` (None:
+    causal, T = S); grouped query heads (H a multiple of H_kv) share their key/value head. Returns
+    ``[B, T, H·D]``."""
+    if mask is None:  # no mask: SDPA may take its flash kernel, grouped heads read in place
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
     if k.shape[1] != q.shape[1]:  # expand, not repeat_interleave: no host sync (CUDA graphs), plain ONNX ops
         b, h_kv, s, d = k.shape
         n = q.shape[1] // h_kv
