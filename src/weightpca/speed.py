@@ -181,12 +181,11 @@ class Decoder:
 
     @torch.no_grad()
     def decode(self) -> None:
-        first = self.graph is None and self.step.use_graph
-        self.step()  # the prefill gave the first new token
-        if first:  # capture: its warm-up steps moved the cache on
-            self.prefill()
-            self.step()
-        for _ in range(self.new_tokens - 2):
+        steps = self.new_tokens - 1  # the prefill gave the first new token
+        if steps and self.graph is None and self.step.use_graph:
+            self.step()  # warm-up and capture (the captured step does not run)
+            self.prefill()  # the warm-up steps moved the cache on
+        for _ in range(steps):
             self.step()
 
     def run(self) -> None:
