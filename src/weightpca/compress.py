@@ -105,6 +105,15 @@ class LowRankLinear(nn.Module):
         return w + self.row_mean if self.row_mean is not None else w
 
 
+def basis_users(model: nn.Module) -> dict[int, list[LowRankLinear]]:
+    """id of each basis module -> every ``LowRankLinear`` reading it (several for a shared basis)."""
+    users: dict[int, list[LowRankLinear]] = {}
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            users.setdefault(id(m.basis), []).append(m)
+    return users
+
+
 @torch.no_grad()
 def balance_factors(model: nn.Module) -> int:
     """Rescale every factored matrix's rank components to equal norms in its two factors; returns how many
@@ -124,10 +133,7 @@ def balance_factors(model: nn.Module) -> int:
     (``shared_kv``, ``cross_layer``) is balanced against all of their coefficient columns together.
     A PCA mean row is a separate rank-one term and is left as it is.
     """
-    sharing: dict[int, list[LowRankLinear]] = {}
-    for m in model.modules():
-        if isinstance(m, LowRankLinear):
-            sharing.setdefault(id(m.basis), []).append(m)
+    sharing = basis_users(model)
     for members in sharing.values():
         basis = members[0].basis.weight
         coef_norm = torch.sqrt(sum(m.coef.weight.float().square().sum(0) for m in members))
@@ -208,7 +214,7 @@ class FusedProjection(nn.Module):
         return tuple(out)
 
 
-def _fusable(adapter, layer: dict, roles: tuple[str, ...], basis_users: dict[int, int]) -> list[nn.Module] | None:
+def _fusable(adapter, layer: dict, roles: tuple[str, ...], users: dict[int, list]) -> list[nn.Module] | None:
     """The modules of ``roles`` if they can be one :class:`FusedProjection`: several ``nn.Linear`` /
     ``LowRankLinear`` (or one fused module's factored parts); None if they already are one GEMM, one of
     them is something else (a LoRA wrapper), or a basis is shared beyond the group (``cross_layer``:
@@ -220,7 +226,7 @@ def _fusable(adapter, layer: dict, roles: tuple[str, ...], basis_users: dict[int
     if len(modules) != len(roles) or not all(type(m) in (nn.Linear, LowRankLinear) for m in modules):
         return None
     bases = [id(m.basis) for m in modules if isinstance(m, LowRankLinear)]
-    if any(bases.count(b) != basis_users[b] for b in bases):
+    if any(bases.count(b) != len(users[b]) for b in bases):
         return None
     return modules
 
@@ -230,14 +236,11 @@ def fuse_shared_inputs(adapter) -> int:
     """Fuse every layer's ``SHARED_INPUT`` groups into :class:`FusedProjection` modules, used by the
     adapter's ``project`` (hence its cached forward, which speed measurements run); returns how many.
     Call it on a model in its final dtype and device, for inference: its weights become views."""
-    adapter.fused, basis_users = {}, {}
-    for m in adapter.model.modules():
-        if isinstance(m, LowRankLinear):
-            basis_users[id(m.basis)] = basis_users.get(id(m.basis), 0) + 1
+    adapter.fused, users = {}, basis_users(adapter.model)
     for i in range(adapter.n_layers):
         layer = adapter.layer_matrices(i)
         for roles in adapter.SHARED_INPUT:
-            members = _fusable(adapter, layer, roles, basis_users)
+            members = _fusable(adapter, layer, roles, users)
             if members is not None:
                 adapter.fused[(i, roles)] = FusedProjection(members)
     return len(adapter.fused)

@@ -199,15 +199,13 @@ class ModelAdapter:
         fused = self.fused.get((i, roles))
         if fused is not None:
             return fused(x)
-        layer, outputs = self.layer_matrices(i), {}
+        layer, outputs, result = self.layer_matrices(i), {}, []
         for r in roles:
             m = layer[r]
             if m.path not in outputs:
                 outputs[m.path] = self.module(m)(x)
-        return tuple(
-            outputs[layer[r].path] if layer[r].rows is None else outputs[layer[r].path][..., layer[r].rows]
-            for r in roles
-        )
+            result.append(outputs[m.path] if m.rows is None else outputs[m.path][..., m.rows])
+        return tuple(result)
 
     def roles(self, groups=None) -> list[str]:
         """The roles of config matrix groups (``[qkv, o, mlp]``); every role when ``groups`` is None."""
