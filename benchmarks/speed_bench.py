@@ -13,7 +13,7 @@ of its parameters (rank ``(1 - cut) n m / (n + m)``, rounded to the nearest mult
 counted). Each is then measured in a fresh process (``weightpca.speed.measure``): prefill at
 each batch x context, greedy decode through a static KV cache at each batch size, both through the
 model's cached forward with a layer's matrices of one input fused into one stacked GEMM (unless
-``--no-fuse``) and on CUDA captured as CUDA graphs (compiled first with ``--compile``), each figure
+``--no-fuse``) and on CUDA captured as CUDA graphs (the decode step compiled first with ``--compile``), each figure
 with its bandwidth bound.
 """
 
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile prefill and decode before their capture")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before its capture")
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up (their bases) as separate GEMMs")
     ap.add_argument(
         "--removed",
@@ -136,10 +136,18 @@ def main() -> None:
         compile=args.compile,
         fuse=not args.no_fuse,
     )
-    dense = measure_in_subprocess("hf", dense_dir, device=device, threads=args.threads, **speed)
-    factored = measure_in_subprocess("compressed", factored_dir, device=device, threads=args.threads, **speed)
-    table = regime_table(dense, factored)
     command = " ".join(["python", "benchmarks/speed_bench.py", *sys.argv[1:]])
+
+    def record(dense: dict, factored: dict | None) -> None:
+        payload = dict(command=command, rank_multiple=args.rank_multiple, **info, dense=dense, factored=factored)
+        args.json.write_text(json.dumps(dict(payload, wall_s=time.perf_counter() - started), indent=1))
+
+    dense = measure_in_subprocess("hf", dense_dir, device=device, threads=args.threads, **speed)
+    record(dense, None)  # the dense half kept if the factored measurement does not finish
+    print(f"dense measured ({time.perf_counter() - started:.0f} s)", flush=True)
+    factored = measure_in_subprocess("compressed", factored_dir, device=device, threads=args.threads, **speed)
+    record(dense, factored)
+    table = regime_table(dense, factored)
     text = (
         f"Measured with `{command}` on {dense['device']} (torch {torch.__version__}), {args.dtype}, random "
         f"weights of {args.folder.name}'s shape; factored: every linear matrix at {1 - info['cut']:.1%} of its "
@@ -147,19 +155,6 @@ def main() -> None:
         f"vs {info['bytes_dense']:,} ({info['bytes_factored'] / info['bytes_dense']:.3f}x); copy bandwidth "
         f"{dense['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; bounds: bytes read per forward / bandwidth.\n\n"
         f"{table}\n"
-    )
-    args.json.write_text(
-        json.dumps(
-            dict(
-                command=command,
-                rank_multiple=args.rank_multiple,
-                **info,
-                dense=dense,
-                factored=factored,
-                wall_s=time.perf_counter() - started,
-            ),
-            indent=1,
-        )
     )
     if args.markdown:
         args.markdown.write_text(text)

@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from weightpca.adapters import GPTAdapter, LlamaAdapter
+from weightpca.adapters.base import add_linear
 from weightpca.compress import (
     RELOAD_TOLERANCE,
     CompressedModelError,
@@ -61,6 +62,12 @@ def test_lowrank_linear_is_the_dense_reconstruction_with_its_mean():
     torch.testing.assert_close(layer.dense_weight(), dense)
     without_mean = LowRankLinear(linear(vt), linear(coef, bias), None)
     assert (without_mean(x) - layer(x)).abs().max() > 1.0
+    # a residual added by the coefficient GEMM itself (no bias, no mean) or after it
+    residual = torch.randn(3, 7, 24, dtype=torch.float64)
+    plain = LowRankLinear(linear(vt), linear(coef), None)
+    for m in (layer, plain):
+        torch.testing.assert_close(add_linear(residual, m, x), residual + m(x))
+    torch.testing.assert_close(add_linear(residual, linear(dense), x), residual + F.linear(x, dense))
 
 
 def test_activation_aware_factors_fold_the_whitening():

@@ -70,6 +70,7 @@ def test_measure_times_every_regime_with_its_bound(tmp_path):
     for r in record["decode"]:
         # the 5 steps after the prefill (which made the first token) are timed
         assert r["steps"] == 5 and r["tokens_per_s"] == pytest.approx(r["batch"] * 5 / np.median(r["seconds"]))
+        assert r["step_kernels"] is None  # profiled on CUDA only
         assert r["bound_tokens_per_s"] == pytest.approx(
             r["batch"] * bw / (record["weight_bytes"] + r["batch"] * kv_step)
         )
@@ -92,8 +93,8 @@ def test_speed_verdict_needs_every_repeat_to_win():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", [False, True])
 def test_captured_prefill_and_decode_replay_the_eager_forward_on_cuda(compile):
-    """On CUDA the prefill and the decode step are CUDA graphs (compiled or not) over fused projections:
-    replayed, they give the eager forward's logits and greedy tokens."""
+    """On CUDA the prefill and the decode step (compiled or not) are CUDA graphs over fused projections:
+    replayed, they give the eager forward's logits and greedy tokens; the profiled step launches kernels."""
     adapter = factored_llama()
     adapter.model.cuda()
     adapter.device = torch.device("cuda")
@@ -103,7 +104,7 @@ def test_captured_prefill_and_decode_replay_the_eager_forward_on_cuda(compile):
         ids = tokens
         for _ in range(5):
             ids = torch.cat([ids, adapter.logits(ids)[:, -1:].argmax(-1)], dim=1)
-        prefill = Prefill(adapter, tokens, torch.float32, graph=True, compile=compile)
+        prefill = Prefill(adapter, tokens, torch.float32, graph=True)
         for _ in range(2):
             prefill.run()
         assert prefill.run.graph is not None
@@ -113,3 +114,6 @@ def test_captured_prefill_and_decode_replay_the_eager_forward_on_cuda(compile):
         decoder.run()
         assert decoder.graph is not None and int(decoder.steps) == 4
         assert torch.equal(decoder.ids, ids[:, -1:])
+    launched = decoder.step_kernels(top=3)
+    assert launched["kernels"] >= 2 * len(adapter.model.model.layers) and 0 < launched["kernel_seconds"] < 1
+    assert len(launched["top"]) == 3 and all(calls >= 1 for _, calls, _ in launched["top"])

@@ -100,6 +100,14 @@ class LowRankLinear(nn.Module):
             y = y + (x @ self.row_mean).unsqueeze(-1)
         return y
 
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``, the coefficient GEMM adding the residual (``addmm``: one kernel fewer)."""
+        if self.coef.bias is not None or self.row_mean is not None:
+            return residual + self(x)
+        z = self.basis(x)
+        flat = torch.addmm(residual.reshape(-1, residual.shape[-1]), z.reshape(-1, z.shape[-1]), self.coef.weight.t())
+        return flat.view(residual.shape)
+
     def dense_weight(self) -> torch.Tensor:
         w = self.coef.weight @ self.basis.weight
         return w + self.row_mean if self.row_mean is not None else w

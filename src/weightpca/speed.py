@@ -12,8 +12,10 @@ Both regimes run the model's cached forward (``ModelAdapter.cached_logits``)
 as inference engines run a model: a layer's matrices of one input fused into
 one stacked GEMM (``fuse``, ``weightpca.compress.fuse_shared_inputs``: dense
 q/k/v and gate/up one GEMM each, factored ones their bases stacked) and, on
-CUDA, each forward captured as a CUDA graph and replayed (``graph``), compiled
-by ``torch.compile`` first with ``compile``. Regimes (``compress.speed``):
+CUDA, each forward captured as a CUDA graph and replayed (``graph``), the decode
+step compiled by ``torch.compile`` first with ``compile`` (the prefill is not:
+at its sizes it is bound by its GEMMs, and compiling each of its shapes costs a
+minute). Regimes (``compress.speed``):
 
 - prefill: one forward pass of ``batch × context`` tokens for each pair of
   ``prefill`` (the context capped at the model's) into an empty static cache,
@@ -26,6 +28,10 @@ by ``torch.compile`` first with ``compile``. Regimes (``compress.speed``):
   decode step (forward, argmax, cache write, position) is the captured graph,
   replayed once per token, so no Python runs between tokens; on the CPU the
   same step runs eagerly. New tokens / s over the batch.
+
+On CUDA a decode record also says what one step launches (``step_kernels``:
+the kernels and their summed device time, from the profiler over one eager
+step): far fewer seconds of kernels than of step means launch-bound.
 
 Every figure is the median of ``repeats`` timed runs after an untimed warm-up
 (graph capture included), with every run recorded, and its *bound*: what the
@@ -135,11 +141,11 @@ class Prefill:
     """One forward of a prompt ``tokens [B, T]`` into an empty static cache of ``T`` positions, the
     output layer on the last position only; ``Captured`` (a CUDA graph on CUDA)."""
 
-    def __init__(self, adapter, tokens: torch.Tensor, dtype, graph: bool, compile: bool = False):
+    def __init__(self, adapter, tokens: torch.Tensor, dtype, graph: bool):
         self.adapter, self.tokens = adapter, tokens
         batch, length = tokens.shape
         self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, tokens.device, capacity=length)
-        self.run = Captured(self._forward, tokens.device, graph, compile)
+        self.run = Captured(self._forward, tokens.device, graph)
 
     def _forward(self) -> None:
         self.cache.position.zero_()
@@ -147,7 +153,8 @@ class Prefill:
 
 
 class Decoder:
-    """Greedy decoding of ``batch`` sequences through a static KV cache of ``prompt + new_tokens`` positions.
+    """Greedy decoding of ``batch`` sequences through a static KV cache of ``prompt + new_tokens`` positions
+    (rounded up to a multiple of 16: attention kernels pad a mask whose rows are not 16-aligned, in every layer).
 
     ``prefill()`` runs the prompt (the cache rewound to position 0), which gives the first new token;
     ``decode()`` the ``new_tokens - 1`` steps after it, one ``Captured`` step each (on CUDA a graph
@@ -158,7 +165,8 @@ class Decoder:
     def __init__(self, adapter, prompt: torch.Tensor, new_tokens: int, dtype, graph: bool, compile: bool = False):
         self.adapter, self.prompt, self.new_tokens = adapter, prompt, new_tokens
         batch, length = prompt.shape
-        self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, prompt.device, capacity=length + new_tokens)
+        capacity = -(-(length + new_tokens) // 16) * 16
+        self.cache = KVCache.empty(adapter.kv_shape(), batch, dtype, prompt.device, capacity=capacity)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)  # the last token of each
         self.steps = torch.zeros((), dtype=torch.long, device=prompt.device)  # decode steps since the prefill
         self.step = Captured(self._step, prompt.device, graph, compile)
@@ -192,6 +200,31 @@ class Decoder:
         """A whole greedy continuation: prefill, then decode."""
         self.prefill()
         self.decode()
+
+    @torch.no_grad()
+    def step_kernels(self, top: int = 8) -> dict | None:
+        """CUDA: what one decode step launches, from the profiler over one step run outside its graph
+        after a prefill (compiled with ``compile``; the graph replays the same kernels): their number,
+        summed device seconds, and the ``top`` kernels by time as ``[name, calls, seconds]``. None on the CPU."""
+        if self.prompt.device.type != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prefill()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.step.fn()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        by_name: dict[str, list] = {}
+        for e in kernels:
+            row = by_name.setdefault(e.name, [e.name, 0, 0.0])
+            row[1] += 1
+            row[2] += e.time_range.elapsed_us() / 1e6
+        return dict(
+            kernels=len(kernels),
+            kernel_seconds=sum(row[2] for row in by_name.values()),
+            top=sorted(by_name.values(), key=lambda row: -row[2])[:top],
+        )
 
 
 @torch.no_grad()
@@ -236,7 +269,7 @@ def measure(
         peak_includes_loading = not reset_peak_rss()
     prefills = []
     for b, t in regimes:
-        times = _timed(Prefill(loaded, tokens(b, t), DTYPES[dtype], graph, compile).run, device, repeats)
+        times = _timed(Prefill(loaded, tokens(b, t), DTYPES[dtype], graph).run, device, repeats)
         prefills.append(
             dict(
                 batch=b,
@@ -244,7 +277,6 @@ def measure(
                 tokens_per_s=b * t / float(np.median(times)),
                 bound_tokens_per_s=b * t * bandwidth / weights,
                 cuda_graph=graph and device.startswith("cuda"),
-                compiled=compile,
                 repeats=repeats,
                 seconds=times,
             )
@@ -260,6 +292,7 @@ def measure(
         decoder = Decoder(loaded, tokens(b, prompt), new_tokens, DTYPES[dtype], graph, compile)
         times = _timed(decoder.decode, device, repeats, before=decoder.prefill)
         assert int(decoder.steps) == new_tokens - 1
+        kernels = decoder.step_kernels()  # after the timing: a compiled step is compiled by then
         # a step attends to prompt + new_tokens / 2 positions on average
         kv = 2 * n_layers * b * kv_heads * (prompt + new_tokens / 2) * head_dim * torch.finfo(DTYPES[dtype]).bits // 8
         decodes.append(
@@ -272,6 +305,7 @@ def measure(
                 bound_tokens_per_s=b * bandwidth / (weights + kv),
                 cuda_graph=decoder.graph is not None,
                 compiled=compile,
+                step_kernels=kernels,
                 repeats=repeats,
                 seconds=times,
             )

@@ -59,6 +59,9 @@ class KVCache:
       tensor, ``index_copy_``) and attended to in full under a mask of the positions written: every
       step has the same shapes and no host-side value, so a decode step can be captured once as a
       CUDA graph and replayed.
+
+    A forward computes its ``positions`` and ``mask`` once and hands the positions to every layer's
+    ``update``: per-layer work is kernels a decode step launches once per layer.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, static: bool = False):
@@ -81,20 +84,25 @@ class KVCache:
         return self.position + offset if self.static else self.keys.shape[3] + offset
 
     def mask(self, t: int) -> torch.Tensor | None:
-        """``[T, S_total]`` boolean: the query at position p attends to key positions j <= p (static: of
-        the whole buffer, so only positions already written). None for a forward that fills a whole
-        static cache (``T`` = its capacity, so from position 0): plain causal attention, which
-        ``attend`` runs without a mask (the fused kernels of a prompt's prefill)."""
+        """``[T, S_total]`` additive mask in the cache's dtype (0 where the query at position p may attend to
+        key position j <= p, the dtype's lowest value elsewhere; static: over the whole buffer, so only
+        positions already written). Additive, built once per forward: attention would otherwise turn a
+        boolean mask into this in every layer. None for a forward that fills a whole static cache (``T`` =
+        its capacity, so from position 0): plain causal attention, which ``attend`` runs without a mask
+        (the fused kernels of a prompt's prefill)."""
         if self.static and self.keys.shape[3] == t:
             return None
         total = self.keys.shape[3] if self.static else self.keys.shape[3] + t
         keys = torch.arange(total, device=self.keys.device)
-        return keys.unsqueeze(0) <= self.positions(t).unsqueeze(1)
+        allowed = keys.unsqueeze(0) <= self.positions(t).unsqueeze(1)
+        zero = torch.zeros((), dtype=self.keys.dtype, device=self.keys.device)
+        return torch.where(allowed, zero, torch.finfo(self.keys.dtype).min)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """This layer's new keys/values ``[B, H_kv, T, D]`` stored; returns every key and value to attend to."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None):
+        """This layer's new keys/values ``[B, H_kv, T, D]`` stored (static: at ``positions``, the forward's
+        ``positions(T)``, computed here when not given); returns every key and value to attend to."""
         if self.static:
-            where = self.positions(k.shape[2])
+            where = self.positions(k.shape[2]) if positions is None else positions
             self.keys[layer].index_copy_(2, where, k.to(self.keys.dtype))
             self.values[layer].index_copy_(2, where, v.to(self.values.dtype))
             return self.keys[layer], self.values[layer]
@@ -115,19 +123,34 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None):
-    """Softmax attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, S, D]`` under ``mask [T, S]`` (None:
-    causal, T = S); grouped query heads (H a multiple of H_kv) share their key/value head. Returns
-    ``[B, T, H·D]``."""
+    """Softmax attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, S, D]`` under the additive ``mask [T, S]``
+    (None: causal, T = S); grouped query heads (H = n H_kv) share their key/value head. Returns ``[B, T, H·D]``.
+
+    Under a mask, the n query heads of one key/value head are attended as n·T query rows of that head
+    (``q`` viewed ``[B, H_kv, n·T, D]``, the mask's rows repeated n times; at T = 1 it broadcasts): keys
+    and values are read in place, never copied to H heads, and the ops stay plain (reshape, SDPA) for ONNX."""
+    b, h, t, d = q.shape
     if mask is None:  # no mask: SDPA may take its flash kernel, grouped heads read in place
         y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-    if k.shape[1] != q.shape[1]:  # expand, not repeat_interleave: no host sync (CUDA graphs), plain ONNX ops
-        b, h_kv, s, d = k.shape
-        n = q.shape[1] // h_kv
-        k = k[:, :, None].expand(b, h_kv, n, s, d).reshape(b, h_kv * n, s, d)
-        v = v[:, :, None].expand(b, h_kv, n, s, d).reshape(b, h_kv * n, s, d)
+        return y.transpose(1, 2).reshape(b, t, h * d)
+    n = h // k.shape[1]
+    if n > 1:
+        q = q.reshape(b, k.shape[1], n * t, d)
+        mask = mask if t == 1 else mask.repeat(n, 1)
     y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    return y.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+def add_linear(residual: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``residual + module(x)``, the sum done by the GEMM itself (``addmm``: C + A Bᵀ in one kernel instead
+    of a GEMM and an add) when ``module`` is a bias-free ``nn.Linear`` or has its own ``add_to``
+    (a factored matrix: its last GEMM adds)."""
+    if type(module) is nn.Linear and module.bias is None:
+        flat = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), module.weight.t())
+        return flat.view(residual.shape)
+    if hasattr(module, "add_to"):
+        return module.add_to(residual, x)
+    return residual + module(x)
 
 
 class ModelAdapter:

@@ -74,12 +74,13 @@ class GPTAdapter(ModelAdapter):
             tok = tok @ gpt.scale_up
         if c.embd_bias:
             tok = tok + gpt.embd_bias
-        x = tok + tr.wpe(cache.positions(t))
+        positions = cache.positions(t)
+        x = tok + tr.wpe(positions)
         mask = cache.mask(t)
         for i, block in enumerate(tr.h):
             qkv = self.project(i, self.SHARED_INPUT[0], block.ln_1(x))
             q, k, v = (z.reshape(b, t, heads, head_dim).transpose(1, 2) for z in qkv)
-            k, v = cache.update(i, k, v)
+            k, v = cache.update(i, k, v, positions)
             x = x + block.attn.c_proj(attend(q, k, v, mask))
             x = x + block.mlp(block.ln_2(x))
         cache.advance(t)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import AdapterError, KVCache, Matrix, ModelAdapter, attend
+from .base import AdapterError, KVCache, Matrix, ModelAdapter, add_linear, attend
 
 # model_type values whose transformers class has this layout
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -20,6 +20,29 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 CACHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTN = ("q", "k", "v", "o")
 _MLP = ("gate", "up", "down")
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-style ``RMSNorm`` module (``weight``, ``variance_epsilon``) applied as one op: ``x / sqrt(mean(x²)
+    + eps) · weight`` (``torch.nn.functional.rms_norm``, reducing in float32 as the module does, which
+    instead runs six elementwise kernels and two casts). In an ONNX export the module itself: opset 17 has no
+    RMSNorm, and the exporter does not decompose it."""
+    if torch.onnx.is_in_onnx_export():
+        return norm(x)
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotation_sines(sin: torch.Tensor) -> torch.Tensor:
+    """The rotary sines ``[.., D]`` (two equal halves) with the first half negated, for :func:`rotate`."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of ``x [.., D]``, in Hugging Face's half-split layout: ``x cos + rotate_half(x) sin``
+    with ``rotate_half(x) = (-x₂, x₁)`` = ``roll(x, D/2)`` times the signs in ``signed_sin``
+    (:func:`rotation_sines`): three kernels (a product, a roll, a fused multiply-add) instead of five."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class LlamaAdapter(ModelAdapter):
@@ -89,9 +112,11 @@ class LlamaAdapter(ModelAdapter):
 
     def cached_logits(self, ids: torch.Tensor, cache: KVCache, last: bool = False) -> torch.Tensor:
         """The decoder layer written out with its own modules (norms, projections, rotary embedding, the
-        MLP's activation), attention over ``cache``; Qwen3's per-head q/k norms included."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        MLP's activation), attention over ``cache``; Qwen3's per-head q/k norms included.
 
+        Written in few kernels, since a decode step at small batch is as slow as the kernels it launches:
+        RMSNorm as one fused op (``rms_norm``), the rotary embedding as three (``rotate``), positions, mask
+        and sines once per forward, the residual sums inside the o and down GEMMs (``add_linear``)."""
         kind = self.model.config.model_type
         if kind not in CACHED_MODEL_TYPES:
             raise AdapterError(
@@ -101,20 +126,22 @@ class LlamaAdapter(ModelAdapter):
         b, t = ids.shape
         _, _, head_dim = self.kv_shape()
         h = body.embed_tokens(ids)
-        cos, sin = body.rotary_emb(h, cache.positions(t).unsqueeze(0).expand(b, t))
+        positions = cache.positions(t)
+        cos, sin = body.rotary_emb(h, positions.unsqueeze(0).expand(b, t))
+        cos, sin = cos.unsqueeze(2), rotation_sines(sin).unsqueeze(2)  # [B, T, 1, D]: over the heads
         mask = cache.mask(t)
         for i, layer in enumerate(body.layers):
-            a, x = layer.self_attn, layer.input_layernorm(h)
+            a, x = layer.self_attn, rms_norm(layer.input_layernorm, h)
             q, k, v = (y.reshape(b, t, -1, head_dim) for y in self.project(i, ("q", "k", "v"), x))
             if hasattr(a, "q_norm"):
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            k, v = cache.update(i, k, v.transpose(1, 2))
-            h = h + a.o_proj(attend(q, k, v, mask, a.scaling))
-            gate, up = self.project(i, ("gate", "up"), layer.post_attention_layernorm(h))
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+                q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
+            q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
+            k, v = cache.update(i, k, v.transpose(1, 2), positions)
+            h = add_linear(h, a.o_proj, attend(q, k, v, mask, a.scaling))
+            gate, up = self.project(i, ("gate", "up"), rms_norm(layer.post_attention_layernorm, h))
+            h = add_linear(h, layer.mlp.down_proj, layer.mlp.act_fn(gate) * up)
         cache.advance(t)
-        return self.model.lm_head(body.norm(h[:, -1:] if last else h))
+        return self.model.lm_head(rms_norm(body.norm, h[:, -1:] if last else h))
 
     @classmethod
     def load(cls, path_or_id: str, gguf_file: str | None = None, device: str = "cpu") -> "LlamaAdapter":
