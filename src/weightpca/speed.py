@@ -30,8 +30,9 @@ minute). Regimes (``compress.speed``):
   same step runs eagerly. New tokens / s over the batch.
 
 On CUDA a decode record also says what one step launches (``step_kernels``:
-the kernels and their summed device time, from the profiler over one eager
-step): far fewer seconds of kernels than of step means launch-bound.
+the kernels and their summed device time, from the profiler over one step run
+outside its graph): far fewer seconds of kernels than of step means launch gaps;
+nearly as many, that the step costs the kernels themselves.
 
 Every figure is the median of ``repeats`` timed runs after an untimed warm-up
 (graph capture included), with every run recorded, and its *bound*: what the
