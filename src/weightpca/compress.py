@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, adapter_for
+from .adapters.base import add_product
 from .allocation import parse_ranks
 from .io import WeightFileError, check_state_dict, load_tensors, read_json, save_tensors, write_json
 from .plan import Factor, model_plan
@@ -104,9 +105,7 @@ class LowRankLinear(nn.Module):
         """``residual + self(x)``, the coefficient GEMM adding the residual (``addmm``: one kernel fewer)."""
         if self.coef.bias is not None or self.row_mean is not None:
             return residual + self(x)
-        z = self.basis(x)
-        flat = torch.addmm(residual.reshape(-1, residual.shape[-1]), z.reshape(-1, z.shape[-1]), self.coef.weight.t())
-        return flat.view(residual.shape)
+        return add_product(residual, self.basis(x), self.coef.weight)
 
     def dense_weight(self) -> torch.Tensor:
         w = self.coef.weight @ self.basis.weight

@@ -141,13 +141,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return y.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
 
+def add_product(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``residual + x Wᵀ`` as one GEMM (``addmm`` over the flattened leading dims)."""
+    flat = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+    return flat.view(residual.shape)
+
+
 def add_linear(residual: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``residual + module(x)``, the sum done by the GEMM itself (``addmm``: C + A Bᵀ in one kernel instead
     of a GEMM and an add) when ``module`` is a bias-free ``nn.Linear`` or has its own ``add_to``
     (a factored matrix: its last GEMM adds)."""
     if type(module) is nn.Linear and module.bias is None:
-        flat = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), module.weight.t())
-        return flat.view(residual.shape)
+        return add_product(residual, x, module.weight)
     if hasattr(module, "add_to"):
         return module.add_to(residual, x)
     return residual + module(x)
