@@ -14,6 +14,7 @@ from weightpca.compress import (
     CompressedModelError,
     LowRankLinear,
     balance_factors,
+    concurrent_linears,
     count_parameters,
     export_point,
     factorize_model,
@@ -68,6 +69,20 @@ def test_lowrank_linear_is_the_dense_reconstruction_with_its_mean():
     for m in (layer, plain):
         torch.testing.assert_close(add_linear(residual, m, x), residual + m(x))
     torch.testing.assert_close(add_linear(residual, linear(dense), x), residual + F.linear(x, dense))
+
+
+def test_concurrent_linears_are_the_separate_linears_and_trace_with_their_shapes():
+    """The coefficient GEMMs of a fused group (run on streams at once on CUDA; CPU here): each output is
+    its own linear map of its slice of the stacked product, and the op's registered shapes are right."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 5, 30, generator=gen, dtype=torch.float64)
+    slices = [z[..., :8], z[..., 8:20], z[..., 20:]]  # column slices: strided views, as FusedProjection gives
+    weights = [torch.randn(n, s.shape[-1], generator=gen, dtype=torch.float64) for n, s in zip((7, 3, 11), slices)]
+    biases = [None, torch.randn(3, generator=gen, dtype=torch.float64), None]
+    out = concurrent_linears(slices, weights, biases)
+    for y, s, w, b in zip(out, slices, weights, biases, strict=True):
+        torch.testing.assert_close(y, F.linear(s, w, b))
+    torch.library.opcheck(concurrent_linears, (slices, weights, biases))  # the fake (compile-time) shapes too
 
 
 def test_activation_aware_factors_fold_the_whitening():

@@ -163,6 +163,55 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+_SIDE_STREAMS: dict[torch.device, list] = {}  # CUDA streams concurrent_linears forks onto, per device
+
+
+def _linear_into(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``y = x Wᵀ + b`` written into ``y``, over the flattened leading dims (a column slice stays a view)."""
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+
+
+@torch.library.custom_op("weightpca::concurrent_linears", mutates_args=())
+def concurrent_linears(
+    xs: list[torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``[x Wᵀ + b]`` of independent linear maps; on CUDA each on its own stream, so that they run at once.
+
+    At decode sizes a GEMM is a few microseconds of latency on a few SMs, not of bandwidth: the
+    coefficient GEMMs of a layer's factored q/k/v, run one after the other, cost three times one of
+    them; forked onto streams (and captured so in a CUDA graph, whose branches then run concurrently)
+    about one (H200, SmolLM2's shapes at batch 1: 7.3 against 3.2 us; docs/speed.md). The outputs are
+    allocated on the calling stream, which waits for every fork before it goes on. A custom op, so that
+    ``torch.compile`` calls it as it is instead of tracing (and serialising) its streams."""
+    outs = [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]
+    work = list(zip(outs, xs, weights, biases, strict=True))
+    if xs[0].device.type != "cuda":
+        for args in work:
+            _linear_into(*args)
+        return outs
+    main = torch.cuda.current_stream(xs[0].device)
+    side = _SIDE_STREAMS.setdefault(xs[0].device, [])
+    side += [torch.cuda.Stream(xs[0].device) for _ in range(len(work) - 1 - len(side))]
+    for stream in side[: len(work) - 1]:
+        stream.wait_stream(main)
+    _linear_into(*work[0])
+    for stream, args in zip(side, work[1:]):
+        with torch.cuda.stream(stream):
+            _linear_into(*args)
+    for stream in side[: len(work) - 1]:
+        main.wait_stream(stream)
+    return outs
+
+
+@concurrent_linears.register_fake
+def _(xs, weights, biases):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]
+
+
 class FusedProjection(nn.Module):
     """The linear maps of one input (a layer's q/k/v, gate/up) as one stacked GEMM, then each factored
     member's coefficient GEMM on its slice: what inference engines do with dense q/k/v and gate/up.
@@ -174,7 +223,8 @@ class FusedProjection(nn.Module):
         dense:     y = z[W's rows] (+ its bias, stacked too),
         factored:  y = coef(z[B's rows]) + z[μ's row] 1.
 
-    q/k/v factored thus take 1 + 3 GEMMs instead of 6 (dense: 1 instead of 3). Built after the model has
+    q/k/v factored thus take 1 + 3 GEMMs instead of 6 (dense: 1 instead of 3), and on CUDA the 3 run
+    concurrently (:func:`concurrent_linears`). Built after the model has
     its final dtype and device: every member's stacked parameter becomes a view of the stack, so the
     weights are held once. For inference only (a view's gradient would not reach the stack).
     """
@@ -214,9 +264,15 @@ class FusedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z = nn.functional.linear(x, self.weight, self.bias)
+        factored = [(z[..., where], coef) for where, coef, _ in self.reads if coef is not None]
+        if x.is_cuda and len(factored) > 1:  # on CUDA the coefficient GEMMs run at once
+            slices, coefs = zip(*factored)
+            ys = iter(concurrent_linears(list(slices), [c.weight for c in coefs], [c.bias for c in coefs]))
+        else:
+            ys = (coef(z) for z, coef in factored)
         out = []
         for where, coef, mean in self.reads:
-            y = z[..., where] if coef is None else coef(z[..., where])
+            y = z[..., where] if coef is None else next(ys)
             out.append(y if mean is None else y + z[..., mean].unsqueeze(-1))
         return tuple(out)
 
