@@ -54,6 +54,13 @@ def cut_rank(n: int, m: int, cut: float, multiple: int) -> int:
     return int(min(min(n, m), max(multiple, multiple * round(r / multiple))))
 
 
+def whole_model_cut(target: LlamaAdapter, removed: float) -> float:
+    """The cut of every linear matrix that removes ``removed`` of the whole model's parameters (embeddings
+    and norms counted, so the cut is larger than ``removed``)."""
+    linear = sum(target.weight_view(m).numel() for m in target.matrices())
+    return removed * count_parameters(target.model) / linear
+
+
 def random_models(
     folder: Path, work: Path, cut: float, multiple: int, dtype: torch.dtype, removed: float | None = None
 ) -> tuple[Path, Path, dict]:
@@ -67,8 +74,7 @@ def random_models(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
     target = LlamaAdapter(model)
     if removed is not None:
-        linear = sum(target.weight_view(m).numel() for m in target.matrices())
-        cut = removed * count_parameters(model) / linear
+        cut = whole_model_cut(target, removed)
     rng = np.random.default_rng(0)
     factors, ranks = {}, {}
     for m in target.matrices():

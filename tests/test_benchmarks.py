@@ -155,3 +155,27 @@ def test_recovery_bench_on_a_tiny_llama_folder_resumes_after_a_kill(tmp_path):
         (f"uniform{p}", 1, True, False) for p in (10, 30)
     ]
     assert (tmp_path / "whole" / "recovery" / "uniform30_balanced" / "seed1" / "recovery.json").is_file()
+
+
+def test_decode_ops_bench_takes_speed_bench_ranks_and_refuses_without_cuda(tmp_path):
+    """benchmarks/decode_ops_bench.py times one layer's GEMMs at the ranks speed_bench.py exports (its
+    CUDA timing: docs/speed.md); without a CUDA device it says what it needs instead."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode_ops_bench import layer_shapes
+    from speed_bench import random_models
+
+    tiny_llama_folder(tmp_path)
+    roles, ranks, kv = layer_shapes(tmp_path / "model", 0.2, 4)
+    _, _, info = random_models(tmp_path / "model", tmp_path / "work", 0.0, 4, torch.float32, removed=0.2)
+    assert sorted(set(ranks.values())) == info["ranks"] and set(roles) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(r % 4 == 0 and r <= min(roles[role]) for role, r in ranks.items()) and len(kv) == 3
+    if not torch.cuda.is_available():
+        done = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks/decode_ops_bench.py"), str(tmp_path / "model")]
+            + ["--json", str(tmp_path / "ops.json")],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1 and "needs a CUDA device" in done.stderr and not (tmp_path / "ops.json").exists()
