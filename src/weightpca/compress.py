@@ -184,7 +184,8 @@ def concurrent_linears(
     At decode sizes a GEMM is a few microseconds of latency on a few SMs, not of bandwidth: the
     coefficient GEMMs of a layer's factored q/k/v, run one after the other, cost three times one of
     them; forked onto streams (and captured so in a CUDA graph, whose branches then run concurrently)
-    about one (H200, SmolLM2's shapes at batch 1: 7.3 against 3.2 us; docs/speed.md). The outputs are
+    less (H200, in a CUDA graph, SmolLM2's three at batch 1: 7.5 against 5.3 us; a 1.7B shape's 10.3
+    against 7.1; benchmarks/decode_ops_bench.py, docs/speed.md). The outputs are
     allocated on the calling stream, which waits for every fork before it goes on. A custom op, so that
     ``torch.compile`` calls it as it is instead of tracing (and serialising) its streams."""
     outs = [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]

@@ -123,11 +123,13 @@ class KVCache:
             self._new_k, self._new_v = [], []
 
 
-# SDPA's kernels for a masked (decode) call on CUDA, in order of preference. cuDNN's, which SDPA would
-# otherwise pick, costs a decode step a copy of the mask, a copy of the query and a memset per layer
-# (measured on an H200, SmolLM2's shape: 6.8 us per call in a CUDA graph, the memory-efficient 5.7 us at
-# batch 1, 10.6 against 6.7 us at batch 64; docs/speed.md)
-MASKED_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+# SDPA's kernels, in order of preference, for a masked (decode) call on CUDA whose query heads share
+# key/value heads (their rows attended as one head's, see attend). cuDNN's, which SDPA would otherwise
+# pick, is slower there: in a CUDA graph on an H200 (benchmarks/decode_ops_bench.py, docs/speed.md),
+# SmolLM2's shape (3 query rows per key/value head) 6.9 us per call at batch 1 against the memory-
+# efficient kernel's 5.9, 10.9 against 7.0 at batch 64; without grouping (a 1.7B shape, 32 heads of
+# their own) cuDNN is the faster (3.7 against 5.9 us at batch 1), so ungrouped calls keep SDPA's choice.
+GROUPED_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None):
@@ -137,7 +139,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     Under a mask, the n query heads of one key/value head are attended as n·T query rows of that head
     (``q`` viewed ``[B, H_kv, n·T, D]``, the mask's rows repeated n times; at T = 1 it broadcasts): keys
     and values are read in place, never copied to H heads, and the ops stay plain (reshape, SDPA) for ONNX.
-    On CUDA a masked call prefers the memory-efficient kernel (``MASKED_ATTENTION``)."""
+    On CUDA a masked call of grouped heads prefers the memory-efficient kernel (``GROUPED_ATTENTION``)."""
     b, h, t, d = q.shape
     if mask is None:  # no mask: SDPA may take its flash kernel, grouped heads read in place
         y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -146,7 +148,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if n > 1:
         q = q.reshape(b, k.shape[1], n * t, d)
         mask = mask if t == 1 else mask.repeat(n, 1)
-    with sdpa_kernel(MASKED_ATTENTION, set_priority=True) if q.is_cuda else contextlib.nullcontext():
+    with sdpa_kernel(GROUPED_ATTENTION, set_priority=True) if q.is_cuda and n > 1 else contextlib.nullcontext():
         y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return y.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
@@ -162,7 +164,7 @@ def add_linear(residual: torch.Tensor, module: nn.Module, x: torch.Tensor) -> to
     of a GEMM and an add) when ``module`` is a bias-free ``nn.Linear`` or has its own ``add_to``
     (a factored matrix: its last GEMM adds). Not under ``torch.compile``, which fuses a plain sum into
     the next kernel that reads it (the next RMSNorm), and a plain GEMM is faster than ``addmm`` at decode
-    sizes (H200, SmolLM2's o: 3.3 against 4.3 us at batch 1)."""
+    sizes (H200, SmolLM2's o: 3.4 against 4.4 us at batch 1, benchmarks/decode_ops_bench.py)."""
     if torch.compiler.is_compiling():
         return residual + module(x)
     if type(module) is nn.Linear and module.bias is None:
