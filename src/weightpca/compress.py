@@ -187,7 +187,7 @@ def concurrent_linears(
     less (H200, in a CUDA graph, SmolLM2's three at batch 1: 7.5 against 5.3 us; a 1.7B shape's 10.3
     against 7.1; benchmarks/decode_ops_bench.py, docs/speed.md). The outputs are
     allocated on the calling stream, which waits for every fork before it goes on. A custom op, so that
-    ``torch.compile`` calls it as it is instead of tracing (and serialising) its streams."""
+    ``torch.compile`` calls it as it is rather than tracing through its stream switches."""
     outs = [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]
     work = list(zip(outs, xs, weights, biases, strict=True))
     if xs[0].device.type != "cuda":
@@ -270,7 +270,7 @@ class FusedProjection(nn.Module):
             slices, coefs = zip(*factored)
             ys = iter(concurrent_linears(list(slices), [c.weight for c in coefs], [c.bias for c in coefs]))
         else:
-            ys = (coef(z) for z, coef in factored)
+            ys = (coef(part) for part, coef in factored)
         out = []
         for where, coef, mean in self.reads:
             y = z[..., where] if coef is None else next(ys)
