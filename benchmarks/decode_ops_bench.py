@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -39,29 +38,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from weightpca.adapters import LlamaAdapter  # noqa: E402
 from weightpca.compress import DTYPES, concurrent_linears  # noqa: E402
+from weightpca.speed import Captured, timed  # noqa: E402
 
 
 def graph_microseconds(op, reps: int, repeats: int) -> float:
-    """Median microseconds per call of ``op`` with ``reps`` calls captured back to back in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture (kernel choice, compilation)
-        for _ in range(3):
-            op()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Median microseconds per call of ``op`` with ``reps`` calls captured back to back in one CUDA graph
+    (``weightpca.speed.Captured``), the graph replayed ``repeats`` times after its capture."""
+
+    def ops():
         for _ in range(reps):
             op()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(times)
+
+    graph = Captured(ops, torch.device("cuda"), graph=True)
+    return statistics.median(timed(graph, "cuda", repeats)) / reps * 1e6
 
 
 def triton_gemv():
@@ -128,8 +117,8 @@ def main() -> None:
     hidden = roles["q"][1]
     gemms = dict(qkv=(sum(roles[r][0] for r in "qkv"), hidden), o=roles["o"])
     gemms |= dict(gate_up=(roles["gate"][0] + roles["up"][0], hidden), down=roles["down"])
-    gemms["bases_qkv"] = (ranks["q"] + ranks["k"] + ranks["v"], roles["q"][1])
-    gemms["bases_gate_up"] = (ranks["gate"] + ranks["up"], roles["gate"][1])
+    gemms["bases_qkv"] = (ranks["q"] + ranks["k"] + ranks["v"], hidden)
+    gemms["bases_gate_up"] = (ranks["gate"] + ranks["up"], hidden)
     for role in ("o", "down"):
         gemms[f"basis_{role}"] = (ranks[role], roles[role][1])
     for role in roles:

@@ -175,6 +175,11 @@ def _linear_into(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: t
         torch.addmm(bias, x2, weight.t(), out=y2)
 
 
+def _linear_outputs(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised ``[.., n]`` outputs of the linear maps ``weights [n, m]`` on ``xs [.., m]``."""
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]
+
+
 @torch.library.custom_op("weightpca::concurrent_linears", mutates_args=())
 def concurrent_linears(
     xs: list[torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor | None]
@@ -188,7 +193,7 @@ def concurrent_linears(
     against 7.1; benchmarks/decode_ops_bench.py, docs/speed.md). The outputs are
     allocated on the calling stream, which waits for every fork before it goes on. A custom op, so that
     ``torch.compile`` calls it as it is rather than tracing through its stream switches."""
-    outs = [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]
+    outs = _linear_outputs(xs, weights)
     work = list(zip(outs, xs, weights, biases, strict=True))
     if xs[0].device.type != "cuda":
         for args in work:
@@ -210,7 +215,7 @@ def concurrent_linears(
 
 @concurrent_linears.register_fake
 def _(xs, weights, biases):
-    return [x.new_empty((*x.shape[:-1], w.shape[0])) for x, w in zip(xs, weights, strict=True)]
+    return _linear_outputs(xs, weights)
 
 
 class FusedProjection(nn.Module):

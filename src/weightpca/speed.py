@@ -93,7 +93,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _timed(run, device: str, repeats: int, before=None) -> list[float]:
+def timed(run, device: str, repeats: int, before=None) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``run`` after an untimed warm-up; ``before`` runs untimed
     ahead of every call (a decode's prefill)."""
     times = []
@@ -270,7 +270,7 @@ def measure(
         peak_includes_loading = not reset_peak_rss()
     prefills = []
     for b, t in regimes:
-        times = _timed(Prefill(loaded, tokens(b, t), DTYPES[dtype], graph).run, device, repeats)
+        times = timed(Prefill(loaded, tokens(b, t), DTYPES[dtype], graph).run, device, repeats)
         prefills.append(
             dict(
                 batch=b,
@@ -291,7 +291,7 @@ def measure(
         raise ValueError(f"decode: {new_tokens} new tokens leave no prompt in the model's {loaded.max_len} positions")
     for b in dict.fromkeys(int(b) for b in decode_batches):
         decoder = Decoder(loaded, tokens(b, prompt), new_tokens, DTYPES[dtype], graph, compile)
-        times = _timed(decoder.decode, device, repeats, before=decoder.prefill)
+        times = timed(decoder.decode, device, repeats, before=decoder.prefill)
         assert int(decoder.steps) == new_tokens - 1
         kernels = decoder.step_kernels()  # after the timing: a compiled step is compiled by then
         # a step attends to prompt + new_tokens / 2 positions on average
