@@ -2,7 +2,7 @@
 
     python benchmarks/speed_bench.py MODEL_FOLDER --work DIR [--cut 0.2 | --removed 0.2] [--rank-multiple 64] \\
         [--dtype bfloat16] [--device auto] [--prefill 1x512 1x2048 8x2048] [--decode-batches 1 64] \\
-        [--new-tokens 32] [--repeats 3] [--compile] [--no-fuse] --json out.json [--markdown out.md]
+        [--new-tokens 32] [--repeats 3] [--compile [--partial-products]] [--no-fuse] --json out.json [--markdown out.md]
 
 Speed does not depend on the weights' values, only on the shapes: MODEL_FOLDER needs a Llama-style
 ``config.json`` and its tokenizer files, not its weights. Two models of that shape with random weights
@@ -13,8 +13,9 @@ of its parameters (rank ``(1 - cut) n m / (n + m)``, rounded to the nearest mult
 counted). Each is then measured in a fresh process (``weightpca.speed.measure``): prefill at
 each batch x context, greedy decode through a static KV cache at each batch size, both through the
 model's cached forward with a layer's matrices of one input fused into one stacked GEMM (unless
-``--no-fuse``) and on CUDA captured as CUDA graphs (the decode step compiled first with ``--compile``), each figure
-with its bandwidth bound.
+``--no-fuse``) and on CUDA captured as CUDA graphs (the decode step compiled first with ``--compile``; with
+``--partial-products`` too, each projection of the step one split kernel, weightpca.partial_products), each
+figure with its bandwidth bound.
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before its capture")
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up (their bases) as separate GEMMs")
     ap.add_argument(
+        "--partial-products",
+        action="store_true",
+        help="with --compile on CUDA: each projection of a decode step as one split kernel, not its GEMMs",
+    )
+    ap.add_argument(
         "--removed",
         type=float,
         default=None,
@@ -141,6 +147,7 @@ def main() -> None:
         repeats=args.repeats,
         compile=args.compile,
         fuse=not args.no_fuse,
+        partial_products=args.partial_products,
     )
     command = " ".join(["python", "benchmarks/speed_bench.py", *sys.argv[1:]])
 

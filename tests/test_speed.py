@@ -40,7 +40,7 @@ def test_prefill_gives_the_last_positions_logits_again_and_again(family, fuse):
     with torch.no_grad():
         full = adapter.logits(tokens)[:, -1:]
         if fuse:
-            assert fuse_shared_inputs(adapter) == (4 if family == "factored" else 0)
+            assert fuse_shared_inputs(adapter) == (8 if family == "factored" else 0)
         prefill = Prefill(adapter, tokens, torch.float32, graph=True)
         for _ in range(2):  # the cache rewound each time
             prefill.run()
@@ -60,7 +60,7 @@ def test_measure_times_every_regime_with_its_bound(tmp_path):
     assert [(r["batch"], r["context"]) for r in record["prefill"]] == [(1, 20), (2, 64)]
     assert [(r["batch"], r["prompt"], r["new_tokens"]) for r in record["decode"]] == [(1, 5, 6), (3, 5, 6)]
     assert record["weight_bytes"] == weight_bytes(factored) and record["dtype"] == "float32"
-    assert record["fused_groups"] == 4  # q/k/v and gate/up of both layers
+    assert record["fused_groups"] == 8  # q/k/v, gate/up, o and down of both layers
     bw = record["bandwidth_bytes_per_s"]
     for r in record["prefill"]:
         assert len(r["seconds"]) == r["repeats"] == 2

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, adapter_for
-from .adapters.base import add_product
+from .adapters.base import add_linear, add_product
 from .allocation import parse_ranks
 from .io import WeightFileError, check_state_dict, load_tensors, read_json, save_tensors, write_json
+from .partial_products import partial_products, plan_tiles
 from .plan import Factor, model_plan
 from .refit import refit_plan
 
@@ -163,6 +164,9 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+# decode batches up to this many rows go through partial_products when a FusedProjection's few_rows is set
+PARTIAL_PRODUCT_ROWS = 64
+
 _SIDE_STREAMS: dict[torch.device, list] = {}  # CUDA streams concurrent_linears forks onto, per device
 
 
@@ -267,8 +271,70 @@ class FusedProjection(nn.Module):
         for m, (where, coef, _) in zip(members, self.reads):
             if coef is None and m.bias is not None:
                 m.bias.data = bias[where]
+        self.members, self.few_rows = members, False
+        self._plan_partial_products()
+
+    def _plan_partial_products(self) -> None:
+        """The tile table of :func:`~weightpca.partial_products.partial_products` over the members; the
+        factored members' coefficients become views of one flat buffer. None where a member has a PCA
+        mean row (a rank-one term the kernel does not add)."""
+        self.register_buffer("tiles", None)
+        if any(mean is not None for _, _, mean in self.reads):
+            return
+        maps, coefs, biases = [], [], []
+        for where, coef, _ in self.reads:
+            if coef is None:
+                n = where.stop - where.start
+                maps.append((n, where.start, 0, 0, True))
+                biases.append(None if self.bias is None else self.bias[where])
+            else:
+                n, rank = coef.weight.shape
+                maps.append((n, where.start, rank, sum(c.numel() for c in coefs), False))
+                coefs.append(coef.weight.detach().reshape(-1))
+                biases.append(coef.bias)
+        flat = torch.cat(coefs) if coefs else self.weight.new_empty(0)
+        for (n, _, rank, offset, dense), (_, coef, _) in zip(maps, self.reads):
+            if not dense:
+                coef.weight.data = flat[offset : offset + n * rank].view(n, rank)
+        tiles, self.block_r, self.slices = plan_tiles(maps, self.weight.shape[1])
+        self.tiles = tiles.to(self.weight.device)
+        self.register_buffer("coefs", flat)
+        self.n_outputs = [n for n, *_ in maps]
+        self.out_bias = None
+        if any(b is not None for b in biases):
+            self.out_bias = torch.cat(
+                [b.detach() if b is not None else flat.new_zeros(n) for b, n in zip(biases, self.n_outputs)]
+            )
+
+    def _partial_sum(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every member's output side by side, ``[.., N]``, from :func:`partial_products` when it applies:
+        ``few_rows`` set, compiling for CUDA (inductor fuses the sum over the slices into the op that
+        reads it; run eagerly the sum would be a kernel of its own), at most ``PARTIAL_PRODUCT_ROWS`` rows
+        of a 16-bit dtype. None otherwise."""
+        rows = x.numel() // x.shape[-1]
+        if not (
+            self.few_rows
+            and self.tiles is not None
+            and x.is_cuda
+            and torch.compiler.is_compiling()
+            and rows <= PARTIAL_PRODUCT_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16)
+        ):
+            return None
+        x2 = x.reshape(rows, x.shape[-1])
+        p = partial_products(x2, self.weight, self.coefs, self.tiles, sum(self.n_outputs), self.block_r, self.slices)
+        y = p.sum(0) if self.out_bias is None else p.sum(0) + self.out_bias
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + member(x)`` of a group of one (a layer's o or down matrix)."""
+        y = self._partial_sum(x)
+        return add_linear(residual, self.members[0], x) if y is None else residual + y
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self._partial_sum(x)
+        if y is not None:
+            return tuple(y.split(self.n_outputs, dim=-1))
         z = nn.functional.linear(x, self.weight, self.bias)
         factored = [(z[..., where], coef) for where, coef, _ in self.reads if coef is not None]
         if x.is_cuda and len(factored) > 1:  # on CUDA the coefficient GEMMs run at once
@@ -289,7 +355,7 @@ def _fusable(adapter, layer: dict, roles: tuple[str, ...], users: dict[int, list
     them is something else (a LoRA wrapper), or a basis is shared beyond the group (``cross_layer``:
     stacking it here would copy it)."""
     modules = list({id(mod): mod for mod in (adapter.module(layer[r]) for r in roles)}.values())
-    if len(modules) == 1:
+    if len(modules) == 1 and len(roles) > 1:
         only = modules[0]
         modules = list(only.parts) if isinstance(only, ConcatLinear) and len(only.parts) == len(roles) else []
     if len(modules) != len(roles) or not all(type(m) in (nn.Linear, LowRankLinear) for m in modules):
@@ -301,17 +367,22 @@ def _fusable(adapter, layer: dict, roles: tuple[str, ...], users: dict[int, list
 
 
 @torch.no_grad()
-def fuse_shared_inputs(adapter) -> int:
-    """Fuse every layer's ``SHARED_INPUT`` groups into :class:`FusedProjection` modules, used by the
-    adapter's ``project`` (hence its cached forward, which speed measurements run); returns how many.
-    Call it on a model in its final dtype and device, for inference: its weights become views."""
+def fuse_shared_inputs(adapter, few_rows: bool = False) -> int:
+    """Fuse every layer's ``SHARED_INPUT`` groups, and each ``RESIDUAL_INPUT`` matrix as a group of one,
+    into :class:`FusedProjection` modules, used by the adapter's ``project`` and ``add_project`` (hence
+    its cached forward, which speed measurements run); returns how many. ``few_rows``: a compiled CUDA
+    forward of at most ``PARTIAL_PRODUCT_ROWS`` rows runs each of them as one
+    :func:`~weightpca.partial_products.partial_products` kernel. Call it on a model in its final dtype
+    and device, for inference: its weights become views."""
     adapter.fused, users = {}, basis_users(adapter.model)
+    groups = adapter.SHARED_INPUT + tuple((role,) for role in adapter.RESIDUAL_INPUT)
     for i in range(adapter.n_layers):
         layer = adapter.layer_matrices(i)
-        for roles in adapter.SHARED_INPUT:
+        for roles in groups:
             members = _fusable(adapter, layer, roles, users)
             if members is not None:
-                adapter.fused[(i, roles)] = FusedProjection(members)
+                adapter.fused[(i, roles)] = fused = FusedProjection(members)
+                fused.few_rows = few_rows
     return len(adapter.fused)
 
 

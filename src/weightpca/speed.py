@@ -243,14 +243,17 @@ def measure(
     graph: bool = True,
     compile: bool = False,
     fuse: bool = True,
+    partial_products: bool = False,
 ) -> dict:
     """Parameters, weight bytes, peak memory, and every prefill and decode regime of one model (run in its
-    own process), each with its bandwidth bound."""
+    own process), each with its bandwidth bound. ``partial_products`` (with ``fuse`` and ``compile``, on
+    CUDA): every fused projection of a decode step as one split kernel
+    (``weightpca.partial_products``) instead of its GEMMs."""
     from .compress import fuse_shared_inputs
 
     loaded = adapters.load(kind, path, config, device)
     model = loaded.model.to(DTYPES[dtype])
-    fused = fuse_shared_inputs(loaded) if fuse else 0
+    fused = fuse_shared_inputs(loaded, few_rows=partial_products) if fuse else 0
     params = sum(p.numel() for p in model.parameters())
     weights = weight_bytes(model)
     bandwidth = copy_bandwidth(device)
@@ -316,6 +319,7 @@ def measure(
         weight_bytes=weights,
         dtype=dtype,
         fused_groups=fused,
+        partial_products=partial_products and fuse,
         bandwidth_bytes_per_s=bandwidth,
         peak_memory_mb=peak,
         peak_includes_loading=peak_includes_loading,

@@ -183,6 +183,7 @@ class ModelAdapter:
     family: str = ""  # the kind recorded in a compressed model's compress.json
     ROLES: tuple[str, ...] = ()  # every matrix role of a layer, in module order
     SHARED_INPUT: tuple[tuple[str, ...], ...] = ()  # roles that read one input (q/k/v; gate/up)
+    RESIDUAL_INPUT: tuple[str, ...] = ()  # roles whose output the cached forward adds to the residual (o, down)
     GROUPS: dict[str, tuple[str, ...]] = {}  # config names of matrix groups -> roles (qkv, o, mlp)
     LAYERS: str = ""  # the module list of the transformer layers (layer i is f"{LAYERS}.{i}")
 
@@ -250,6 +251,14 @@ class ModelAdapter:
                 outputs[m.path] = self.module(m)(x)
             result.append(outputs[m.path] if m.rows is None else outputs[m.path][..., m.rows])
         return tuple(result)
+
+    def add_project(self, i: int, role: str, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + x Wᵀ`` of layer i's matrix ``role`` (a ``RESIDUAL_INPUT`` role): from its fused
+        module when there is one, else :func:`add_linear` of its module."""
+        fused = self.fused.get((i, (role,)))
+        if fused is not None:
+            return fused.add_to(residual, x)
+        return add_linear(residual, self.module(self.layer_matrices(i)[role]), x)
 
     def roles(self, groups=None) -> list[str]:
         """The roles of config matrix groups (``[qkv, o, mlp]``); every role when ``groups`` is None."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import AdapterError, KVCache, Matrix, ModelAdapter, add_linear, attend
+from .base import AdapterError, KVCache, Matrix, ModelAdapter, attend
 
 # model_type values whose transformers class has this layout
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -49,6 +49,7 @@ class LlamaAdapter(ModelAdapter):
     family = "hf"
     ROLES = _ATTN + _MLP
     SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
+    RESIDUAL_INPUT = ("o", "down")
     GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "mlp": _MLP}
     LAYERS = "model.layers"
 
@@ -116,7 +117,7 @@ class LlamaAdapter(ModelAdapter):
 
         Written in few kernels, since a decode step at small batch is as slow as the kernels it launches:
         RMSNorm as one fused op (``rms_norm``), the rotary embedding as three (``rotate``), positions, mask
-        and sines once per forward, the residual sums inside the o and down GEMMs (``add_linear``)."""
+        and sines once per forward, the residual sums inside the o and down GEMMs (``add_project``)."""
         kind = self.model.config.model_type
         if kind not in CACHED_MODEL_TYPES:
             raise AdapterError(
@@ -137,9 +138,9 @@ class LlamaAdapter(ModelAdapter):
                 q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
             q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
             k, v = cache.update(i, k, v.transpose(1, 2), positions)
-            h = add_linear(h, a.o_proj, attend(q, k, v, mask, a.scaling))
+            h = self.add_project(i, "o", h, attend(q, k, v, mask, a.scaling))
             gate, up = self.project(i, ("gate", "up"), rms_norm(layer.post_attention_layernorm, h))
-            h = add_linear(h, layer.mlp.down_proj, layer.mlp.act_fn(gate) * up)
+            h = self.add_project(i, "down", h, layer.mlp.act_fn(gate) * up)
         cache.advance(t)
         return self.model.lm_head(rms_norm(body.norm, h[:, -1:] if last else h))
 
