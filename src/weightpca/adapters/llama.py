@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import decode_attention
 from .base import AdapterError, KVCache, Matrix, ModelAdapter, attend
 
 # model_type values whose transformers class has this layout
@@ -117,7 +118,9 @@ class LlamaAdapter(ModelAdapter):
 
         Written in few kernels, since a decode step at small batch is as slow as the kernels it launches:
         RMSNorm as one fused op (``rms_norm``), the rotary embedding as three (``rotate``), positions, mask
-        and sines once per forward, the residual sums inside the o and down GEMMs (``add_project``)."""
+        and sines once per forward, the residual sums inside the o and down GEMMs (``add_project``); a
+        decode step's attention on CUDA (one new token, a static cache, 16-bit floats) as one kernel that
+        also rotates the query (``weightpca.decode_attention``)."""
         kind = self.model.config.model_type
         if kind not in CACHED_MODEL_TYPES:
             raise AdapterError(
@@ -130,15 +133,22 @@ class LlamaAdapter(ModelAdapter):
         positions = cache.positions(t)
         cos, sin = body.rotary_emb(h, positions.unsqueeze(0).expand(b, t))
         cos, sin = cos.unsqueeze(2), rotation_sines(sin).unsqueeze(2)  # [B, T, 1, D]: over the heads
-        mask = cache.mask(t)
+        # a decode step on CUDA: each layer's attention one kernel (decode_attention), the query rotated in it
+        one_kernel = t == 1 and cache.static and decode_attention.runs_on(h)
+        mask = None if one_kernel else cache.mask(t)
         for i, layer in enumerate(body.layers):
             a, x = layer.self_attn, rms_norm(layer.input_layernorm, h)
             q, k, v = (y.reshape(b, t, -1, head_dim) for y in self.project(i, ("q", "k", "v"), x))
             if hasattr(a, "q_norm"):
                 q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
-            q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
-            k, v = cache.update(i, k, v.transpose(1, 2), positions)
-            h = self.add_project(i, "o", h, attend(q, k, v, mask, a.scaling))
+            k, v = cache.update(i, rotate(k, cos, sin).transpose(1, 2), v.transpose(1, 2), positions)
+            if one_kernel:
+                y = decode_attention.decode_attention(
+                    q.reshape(b, -1), cos[:, 0, 0], sin[:, 0, 0], k, v, cache.position, a.scaling
+                ).view(b, 1, -1)
+            else:
+                y = attend(rotate(q, cos, sin).transpose(1, 2), k, v, mask, a.scaling)
+            h = self.add_project(i, "o", h, y)
             gate, up = self.project(i, ("gate", "up"), rms_norm(layer.post_attention_layernorm, h))
             h = self.add_project(i, "down", h, layer.mlp.act_fn(gate) * up)
         cache.advance(t)
