@@ -120,7 +120,7 @@ class LlamaAdapter(ModelAdapter):
         RMSNorm as one fused op (``rms_norm``), the rotary embedding as three (``rotate``), positions, mask
         and sines once per forward, the residual sums inside the o and down GEMMs (``add_project``); a
         decode step's attention on CUDA (one new token, a static cache, 16-bit floats) as one kernel that
-        also rotates the query (``weightpca.decode_attention``)."""
+        also rotates the query and key and stores the key and value (``weightpca.decode_attention``)."""
         kind = self.model.config.model_type
         if kind not in CACHED_MODEL_TYPES:
             raise AdapterError(
@@ -133,7 +133,7 @@ class LlamaAdapter(ModelAdapter):
         positions = cache.positions(t)
         cos, sin = body.rotary_emb(h, positions.unsqueeze(0).expand(b, t))
         cos, sin = cos.unsqueeze(2), rotation_sines(sin).unsqueeze(2)  # [B, T, 1, D]: over the heads
-        # a decode step on CUDA: each layer's attention one kernel (decode_attention), the query rotated in it
+        # a decode step on CUDA: each layer's cache write and attention one kernel (decode_attention)
         one_kernel = t == 1 and cache.static and decode_attention.runs_on(h)
         mask = None if one_kernel else cache.mask(t)
         for i, layer in enumerate(body.layers):
@@ -141,12 +141,13 @@ class LlamaAdapter(ModelAdapter):
             q, k, v = (y.reshape(b, t, -1, head_dim) for y in self.project(i, ("q", "k", "v"), x))
             if hasattr(a, "q_norm"):
                 q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
-            k, v = cache.update(i, rotate(k, cos, sin).transpose(1, 2), v.transpose(1, 2), positions)
-            if one_kernel:
+            if one_kernel:  # the key and value stored in the static cache by the kernel
+                new = (q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1), cos[:, 0, 0], sin[:, 0, 0])
                 y = decode_attention.decode_attention(
-                    q.reshape(b, -1), cos[:, 0, 0], sin[:, 0, 0], k, v, cache.position, a.scaling
+                    *new, cache.keys[i], cache.values[i], cache.position, a.scaling
                 ).view(b, 1, -1)
             else:
+                k, v = cache.update(i, rotate(k, cos, sin).transpose(1, 2), v.transpose(1, 2), positions)
                 y = attend(rotate(q, cos, sin).transpose(1, 2), k, v, mask, a.scaling)
             h = self.add_project(i, "o", h, y)
             gate, up = self.project(i, ("gate", "up"), rms_norm(layer.post_attention_layernorm, h))
