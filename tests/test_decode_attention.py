@@ -27,6 +27,8 @@ def case(heads, kv_heads, dim, position, seed):
     qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
     # strided rows, as slices of a fused q/k/v output
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    if seed == 2:  # a key of its own layout (Qwen3's normalised keys), the value still a slice
+        k = k.contiguous()
     angle = torch.randn(batch, dim // 2, generator=g).repeat(1, 2)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     sin = torch.cat([-sin[:, : dim // 2], sin[:, dim // 2 :]], dim=1)

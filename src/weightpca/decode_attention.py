@@ -56,7 +56,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, q_stride, k_ptr, v_ptr, kv_new_stride, cos_ptr, sin_ptr, cos_stride, sin_stride,
+        q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, cos_ptr, sin_ptr, cos_stride, sin_stride,
         keys_ptr, values_ptr, kv_stride_b, kv_stride_h, kv_stride_s, position_ptr, out_ptr, out_stride,
         scale, n, S, D,
         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -72,11 +72,11 @@ if triton is not None:
         # the new key (rotated) and value into the cache at the position; the barrier makes them visible
         # to every thread of the program before the walk below reads them back
         one = tl.arange(0, 1)
-        new_at = b * kv_new_stride + g * D + one[:, None] * 0
-        key = _rotated(k_ptr + new_at, cos, sin, dims, dim_ok[None, :], D)
+        new_at = g * D + one[:, None] * 0
+        key = _rotated(k_ptr + b * k_stride + new_at, cos, sin, dims, dim_ok[None, :], D)
         at_position = kv_at + position * kv_stride_s + dims[None, :] + one[:, None] * 0
         tl.store(keys_ptr + at_position, key.to(keys_ptr.dtype.element_ty), mask=dim_ok[None, :])
-        value = tl.load(v_ptr + new_at + dims[None, :], mask=dim_ok[None, :], other=0.0)
+        value = tl.load(v_ptr + b * v_stride + new_at + dims[None, :], mask=dim_ok[None, :], other=0.0)
         tl.store(values_ptr + at_position, value.to(values_ptr.dtype.element_ty), mask=dim_ok[None, :])
         tl.debug_barrier()
 
@@ -133,14 +133,14 @@ def decode_attention(
         return reference_decode_attention(q, k, v, cos, sin, keys, values, position, scale)
     batch, width = q.shape
     _, kv_heads, capacity, dim = keys.shape
-    if keys.stride() != values.stride() or keys.stride(-1) != 1 or k.stride() != v.stride():
-        raise ValueError("decode_attention: keys and values (new and cached) need one layout each")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
+    if keys.stride() != values.stride() or keys.stride(-1) != 1:
+        raise ValueError("decode_attention: the cached keys and values need one layout, head dims contiguous")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("decode_attention: the new queries, keys and values need contiguous rows")
     n = width // dim // kv_heads
     out = q.new_empty((batch, width))
     _decode_attention_kernel[(batch, kv_heads)](
-        q, q.stride(0), k, v, k.stride(0), cos, sin, cos.stride(0), sin.stride(0),
+        q, q.stride(0), k, k.stride(0), v, v.stride(0), cos, sin, cos.stride(0), sin.stride(0),
         keys, values, keys.stride(0), keys.stride(1), keys.stride(2), position, out, out.stride(0),
         scale, n, capacity, dim,
         BLOCK_Q=max(16, triton_next_power_of_2(n)), BLOCK_D=max(16, triton_next_power_of_2(dim)), BLOCK_S=BLOCK_S,
