@@ -58,9 +58,11 @@ if triton is not None:
     def _decode_attention_kernel(
         q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, cos_ptr, sin_ptr, cos_stride, sin_stride,
         keys_ptr, values_ptr, kv_stride_b, kv_stride_h, kv_stride_s, position_ptr, out_ptr, out_stride,
-        scale, n, S, D,
-        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        scale, n, D,
+        S: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
+        # S (the cache's capacity) is a compile-time constant: fixed for a decoder's life, and Triton
+        # 3.6's interpreter cannot loop to a runtime bound
         b, g = tl.program_id(0), tl.program_id(1)
         rows, dims = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
         row_ok, dim_ok = rows < n, dims < D
@@ -142,7 +144,7 @@ def decode_attention(
     _decode_attention_kernel[(batch, kv_heads)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), cos, sin, cos.stride(0), sin.stride(0),
         keys, values, keys.stride(0), keys.stride(1), keys.stride(2), position, out, out.stride(0),
-        scale, n, capacity, dim,
+        scale, n, dim, S=capacity,
         BLOCK_Q=max(16, triton_next_power_of_2(n)), BLOCK_D=max(16, triton_next_power_of_2(dim)), BLOCK_S=BLOCK_S,
     )  # fmt: skip
     return out

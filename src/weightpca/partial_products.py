@@ -57,9 +57,11 @@ if triton is not None:
 
     @triton.jit
     def _partial_products_kernel(
-        x_ptr, x_stride, stack_ptr, stack_stride, coef_ptr, tiles_ptr, out_ptr, M, N, K,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, x_stride, stack_ptr, stack_stride, coef_ptr, tiles_ptr, out_ptr, M, N,
+        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        # K (the input width) is a compile-time constant: fixed per projection, and Triton 3.6's
+        # interpreter cannot loop to a runtime bound
         t, s = tl.program_id(0), tl.program_id(1)
         tile = tiles_ptr + t * 7
         o0, o1 = tl.load(tile), tl.load(tile + 1)
@@ -141,8 +143,8 @@ def partial_products(
     out = x.new_empty((slices, x.shape[0], n_out), dtype=torch.float32)
     block_m = max(16, triton_next_power_of_2(x.shape[0]))
     _partial_products_kernel[(tiles.shape[0], slices)](
-        x, x.stride(0), stack, stack.stride(0), coefs, tiles, out, x.shape[0], n_out, m,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+        x, x.stride(0), stack, stack.stride(0), coefs, tiles, out, x.shape[0], n_out,
+        K=m, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return out
 
