@@ -170,18 +170,16 @@ def reference_decode_attention(
     embedding, the key and value stored at ``position``, then ``attend`` under the mask of the positions
     written."""
     from .adapters.base import attend
+    from .adapters.llama import rotate
 
     batch, width = q.shape
     kv_heads, capacity, dim = keys.shape[1:]
     cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-
-    def rotate(x: Tensor) -> Tensor:
-        return torch.addcmul(x * cos, x.roll(dim // 2, dims=-1), sin)
-
     where = position.reshape(1)
-    keys.index_copy_(2, where, rotate(k.reshape(batch, kv_heads, 1, dim)).to(keys.dtype))
+    keys.index_copy_(2, where, rotate(k.reshape(batch, kv_heads, 1, dim), cos, sin).to(keys.dtype))
     values.index_copy_(2, where, v.reshape(batch, kv_heads, 1, dim).to(values.dtype))
     written = torch.arange(capacity, device=keys.device) <= position
     zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
     mask = torch.where(written, zero, torch.finfo(keys.dtype).min)[None, :]
-    return attend(rotate(q.reshape(batch, width // dim, 1, dim)), keys, values, mask, scale).reshape(batch, width)
+    queries = rotate(q.reshape(batch, width // dim, 1, dim), cos, sin)
+    return attend(queries, keys, values, mask, scale).reshape(batch, width)
