@@ -15,18 +15,18 @@ import torch
 
 from weightpca.partial_products import MAX_SLICES, partial_products, plan_tiles, reference_partial_products
 
-# a dense map, two factored ones (one with a rank that is not a slice multiple), a dense map whose
-# outputs end mid-tile; m = 96 inputs (not a multiple of the 64-wide input step)
+# a dense map, two factored ones (ranks 80 and 16: over one 64-rank step and under it), a dense map
+# whose outputs end mid-tile; m = 96 inputs (not a multiple of the 16-wide input slices)
 CASE = """
 import json, torch
-from weightpca.partial_products import partial_products, plan_tiles
+from weightpca.partial_products import partial_products, plan_tiles, reference_partial_products
 
 def case(rows, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     m, maps, stack, coefs, want = 96, [], [], [], []
     x = torch.randn(rows, m, generator=g).to(dtype)
     first = 0
-    for n, rank in [(80, None), (64, 40), (48, 16), (20, None)]:
+    for n, rank in [(80, None), (64, 80), (48, 16), (20, None)]:
         if rank is None:
             w = torch.randn(n, m, generator=g).to(dtype)
             maps.append((n, first, 0, 0, True)); stack.append(w); first += n
@@ -36,11 +36,13 @@ def case(rows, dtype, seed):
             offset = sum(t.numel() for t in coefs)
             maps.append((n, first, rank, offset, False)); stack.append(b); coefs.append(c.reshape(-1)); first += rank
             want.append((x.float() @ b.float().t()).to(dtype).float() @ c.float().t())
-    tiles, block_r, slices = plan_tiles(maps, m)
-    p = partial_products(x, torch.cat(stack), torch.cat(coefs), tiles, sum(n for n, *_ in maps), block_r, slices)
+    tiles, block_k, slices, max_rank = plan_tiles(maps, m)
+    args = (x, torch.cat(stack), torch.cat(coefs), tiles, sum(n for n, *_ in maps), block_k, slices, max_rank)
+    p, ref = partial_products(*args), reference_partial_products(*args)
     want = torch.cat(want, dim=1)
-    return {"rows": rows, "shape": list(p.shape), "slices": slices,
-            "err": (p.sum(0) - want).abs().max().item(), "scale": want.abs().max().item()}
+    return {"rows": rows, "shape": list(p.shape), "slices": slices, "max_rank": max_rank,
+            "err": (p - ref).abs().max().item(), "err_unsplit": (p.sum(0) - want).abs().max().item(),
+            "scale": want.abs().max().item()}
 
 print(json.dumps([case(rows, dtype, seed) for rows, dtype, seed in
                   [(1, torch.float16, 0), (5, torch.float16, 1), (17, torch.float32, 2)]]))
@@ -54,9 +56,12 @@ def test_kernel_in_the_cpu_interpreter_sums_to_each_maps_output():
     assert done.returncode == 0, done.stderr[-3000:]
     for case in json.loads(done.stdout.strip().splitlines()[-1]):
         assert case["shape"][1:] == [case["rows"], 80 + 64 + 48 + 20], case
-        assert 1 < case["slices"] <= MAX_SLICES, case
-        # float32 sums in another order; float16 inputs give float32 products of the same values
+        assert 1 < case["slices"] <= MAX_SLICES and case["max_rank"] == 128, case
+        # the reference's products, summed in another order (float32)
         assert case["err"] <= 1e-4 * case["scale"], case
+        # and every map's output: factored maps' partial B x are rounded one input slice at a time
+        tolerance = 1e-4 if case["rows"] == 17 else 1e-2  # float32 / float16 rounding
+        assert case["err_unsplit"] <= tolerance * case["scale"], case
 
 
 @pytest.mark.parametrize("family, mode", [("llama", None), ("llama", "activation_aware"), ("gpt", "activation_aware")])
@@ -84,7 +89,14 @@ def test_fused_projections_tile_tables_give_their_members_outputs(family, mode):
         with torch.no_grad():
             want = torch.cat([m(x) for m in fused.members], dim=-1)
             p = reference_partial_products(
-                x, fused.weight, fused.coefs, fused.tiles, sum(fused.n_outputs), fused.block_r, fused.slices
+                x,
+                fused.weight,
+                fused.coefs,
+                fused.tiles,
+                sum(fused.n_outputs),
+                fused.block_k,
+                fused.slices,
+                fused.max_rank,
             )
             got = p.sum(0) + (0 if fused.out_bias is None else fused.out_bias)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -119,9 +131,9 @@ def test_kernel_on_cuda_matches_the_reference(rows):
             maps.append((n, sum(t.shape[0] for t in stack), rank, sum(c.numel() for c in coefs), False))
             stack.append(torch.randn(rank, m, generator=g) / m**0.5)
             coefs.append(torch.randn(n * rank, generator=g) / rank**0.5)
-    tiles, block_r, slices = plan_tiles(maps, m)
+    tiles, *blocks = plan_tiles(maps, m)
     args = [torch.randn(rows, m, generator=g), torch.cat(stack), torch.cat(coefs)]
-    args = [a.to(torch.bfloat16) for a in args] + [tiles, sum(n for n, *_ in maps), block_r, slices]
+    args = [a.to(torch.bfloat16) for a in args] + [tiles, sum(n for n, *_ in maps), *blocks]
     want = reference_partial_products(*args)
     cuda = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
     got = partial_products(*cuda).cpu()

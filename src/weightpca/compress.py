@@ -296,7 +296,7 @@ class FusedProjection(nn.Module):
         for (n, _, rank, offset, dense), (_, coef, _) in zip(maps, self.reads):
             if not dense:
                 coef.weight.data = flat[offset : offset + n * rank].view(n, rank)
-        tiles, self.block_r, self.slices = plan_tiles(maps, self.weight.shape[1])
+        tiles, self.block_k, self.slices, self.max_rank = plan_tiles(maps, self.weight.shape[1])
         self.tiles = tiles.to(self.weight.device)
         self.register_buffer("coefs", flat)
         self.n_outputs = [n for n, *_ in maps]
@@ -322,7 +322,9 @@ class FusedProjection(nn.Module):
         ):
             return None
         x2 = x.reshape(rows, x.shape[-1])
-        p = partial_products(x2, self.weight, self.coefs, self.tiles, sum(self.n_outputs), self.block_r, self.slices)
+        p = partial_products(
+            x2, self.weight, self.coefs, self.tiles, sum(self.n_outputs), self.block_k, self.slices, self.max_rank
+        )
         y = p.sum(0) if self.out_bias is None else p.sum(0) + self.out_bias
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
