@@ -16,7 +16,10 @@ replayed ``--repeats`` times, the median per op (launch gaps included). For MODE
 - masked attention of one query per sequence over ``--keys`` cached positions, grouped heads as
   ``weightpca.adapters.base.attend`` runs it, on each SDPA kernel;
 - a layer's factored q/k/v coefficient GEMMs one after the other against ``concurrent_linears``
-  (forked onto streams: concurrent branches of the graph).
+  (forked onto streams: concurrent branches of the graph);
+- with Triton, each projection (q/k/v, o, gate/up, down; dense and factored) as one
+  ``weightpca.partial_products`` kernel (its sum over slices is left out: the step fuses it into
+  the op that reads it), at a few output tile widths (``BLOCK_N``).
 
 CUDA only (a CUDA graph is what is timed).
 """
@@ -36,6 +39,7 @@ from speed_bench import cut_rank, whole_model_cut  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from weightpca import partial_products as pp  # noqa: E402
 from weightpca.adapters import LlamaAdapter  # noqa: E402
 from weightpca.compress import DTYPES, concurrent_linears  # noqa: E402
 from weightpca.speed import Captured, timed  # noqa: E402
@@ -81,6 +85,44 @@ def triton_gemv():
         kernel[grid](x, w, y, m, w.shape[0], k, triton.next_power_of_2(m), block_n, block_k, num_warps=warps)
 
     return run
+
+
+def partial_products_us(roles: dict, ranks: dict, batch: int, dtype, time_op) -> dict:
+    """Microseconds of one ``partial_products`` kernel per projection of a layer, dense and factored
+    (ranks ``ranks``), per output tile width: ``{group: {"dense"|"factored": {block_n: us}}}``."""
+    groups = dict(qkv=("q", "k", "v"), o=("o",), gate_up=("gate", "up"), down=("down",))
+    out, default = {}, pp.BLOCK_N
+    try:
+        for name, members in groups.items():
+            m = roles[members[0]][1]
+            x = torch.randn(batch, m, device="cuda", dtype=dtype)
+            for kind in ("dense", "factored"):
+                maps, stack, coefs = [], [], []
+                for role in members:
+                    n, first = roles[role][0], sum(t.shape[0] for t in stack)
+                    if kind == "dense":
+                        maps.append((n, first, 0, 0, True))
+                        stack.append(torch.randn(n, m, device="cuda", dtype=dtype) / m**0.5)
+                    else:
+                        rank = ranks[role]
+                        maps.append((n, first, rank, sum(c.numel() for c in coefs), False))
+                        stack.append(torch.randn(rank, m, device="cuda", dtype=dtype) / m**0.5)
+                        coefs.append(torch.randn(n * rank, device="cuda", dtype=dtype) / rank**0.5)
+                stack = torch.cat(stack)
+                coefs = torch.cat(coefs) if coefs else stack.new_empty(0)
+                n_out = sum(n for n, *_ in maps)
+                times = {}
+                for block_n in (32, 64, 128):
+                    pp.BLOCK_N = block_n  # read by plan_tiles and by the launch
+                    tiles, *blocks = pp.plan_tiles(maps, m)
+                    tiles = tiles.cuda()
+                    times[block_n] = time_op(
+                        lambda: pp.partial_products(x, stack, coefs, tiles, n_out, *blocks)  # noqa: B023
+                    )
+                out.setdefault(name, {})[kind] = times
+    finally:
+        pp.BLOCK_N = default
+    return out
 
 
 def layer_shapes(folder: Path, removed: float, multiple: int) -> tuple[dict, dict, tuple[int, int, int]]:
@@ -172,6 +214,10 @@ def main() -> None:
             concurrent_linears=time_op(lambda: concurrent_linears(inputs, coefs, [None] * 3)),
         )
         record["batches"][str(batch)] = dict(gemm_us=rows, attention_us=attention, qkv_coefficients_us=qkv_coefs)
+        if pp.triton is not None:
+            record["batches"][str(batch)]["partial_products_us"] = partial_products_us(
+                roles, ranks, batch, dtype, time_op
+            )
         print(json.dumps({batch: record["batches"][str(batch)]}), flush=True)
     args.json.write_text(json.dumps(record, indent=1))
 
