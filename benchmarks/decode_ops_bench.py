@@ -87,27 +87,28 @@ def triton_gemv():
     return run
 
 
-def partial_products_us(roles: dict, ranks: dict, batch: int, dtype, time_op) -> dict:
+def partial_products_us(roles: dict, ranks: dict, batch: int, dtype, time_op, device="cuda") -> dict:
     """Microseconds of one ``partial_products`` kernel per projection of a layer, dense and factored
-    (ranks ``ranks``), per output tile width: ``{group: {"dense"|"factored": {block_n: us}}}``."""
+    (ranks ``ranks``), per output tile width: ``{group: {"dense"|"factored": {block_n: us}}}``.
+    ``time_op(op)`` times a call of ``op`` (on a CPU device the op is the torch reference)."""
     groups = dict(qkv=("q", "k", "v"), o=("o",), gate_up=("gate", "up"), down=("down",))
     out, default = {}, pp.BLOCK_N
     try:
         for name, members in groups.items():
             m = roles[members[0]][1]
-            x = torch.randn(batch, m, device="cuda", dtype=dtype)
+            x = torch.randn(batch, m, device=device, dtype=dtype)
             for kind in ("dense", "factored"):
                 maps, stack, coefs = [], [], []
                 for role in members:
                     n, first = roles[role][0], sum(t.shape[0] for t in stack)
                     if kind == "dense":
                         maps.append((n, first, 0, 0, True))
-                        stack.append(torch.randn(n, m, device="cuda", dtype=dtype) / m**0.5)
+                        stack.append(torch.randn(n, m, device=device, dtype=dtype) / m**0.5)
                     else:
                         rank = ranks[role]
                         maps.append((n, first, rank, sum(c.numel() for c in coefs), False))
-                        stack.append(torch.randn(rank, m, device="cuda", dtype=dtype) / m**0.5)
-                        coefs.append(torch.randn(n * rank, device="cuda", dtype=dtype) / rank**0.5)
+                        stack.append(torch.randn(rank, m, device=device, dtype=dtype) / m**0.5)
+                        coefs.append(torch.randn(n * rank, device=device, dtype=dtype) / rank**0.5)
                 stack = torch.cat(stack)
                 coefs = torch.cat(coefs) if coefs else stack.new_empty(0)
                 n_out = sum(n for n, *_ in maps)
@@ -115,7 +116,7 @@ def partial_products_us(roles: dict, ranks: dict, batch: int, dtype, time_op) ->
                 for block_n in (32, 64, 128):
                     pp.BLOCK_N = block_n  # read by plan_tiles and by the launch
                     tiles, *blocks = pp.plan_tiles(maps, m)
-                    tiles = tiles.cuda()
+                    tiles = tiles.to(device)
                     times[block_n] = time_op(
                         lambda: pp.partial_products(x, stack, coefs, tiles, n_out, *blocks)  # noqa: B023
                     )

@@ -171,6 +171,21 @@ def test_decode_ops_bench_takes_speed_bench_ranks_and_refuses_without_cuda(tmp_p
     _, _, info = random_models(tmp_path / "model", tmp_path / "work", 0.0, 4, torch.float32, removed=0.2)
     assert sorted(set(ranks.values())) == info["ranks"] and set(roles) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert all(r % 4 == 0 and r <= min(roles[role]) for role, r in ranks.items()) and len(kv) == 3
+    # its partial_products timings build each projection's tiles right: on the CPU the op is the
+    # reference, whose sums must have the projection's outputs' shape and be finite
+    from decode_ops_bench import partial_products_us
+
+    ran = []
+
+    def time_op(op):
+        ran.append(op().sum(0))
+        return 0.0
+
+    us = partial_products_us(roles, ranks, 3, torch.float32, time_op, device="cpu")
+    assert set(us) == {"qkv", "o", "gate_up", "down"} and all(set(us[g]) == {"dense", "factored"} for g in us)
+    widths = [sum(roles[r][0] for r in group) for group in ("qkv", ["o"], ["gate", "up"], ["down"])]
+    assert [y.shape for y in ran] == [(3, w) for w in widths for _ in range(6)]  # 2 kinds x 3 tile widths
+    assert all(torch.isfinite(y).all() and y.abs().sum() > 0 for y in ran)
     if not torch.cuda.is_available():
         done = subprocess.run(
             [sys.executable, str(REPO / "benchmarks/decode_ops_bench.py"), str(tmp_path / "model")]
