@@ -64,7 +64,7 @@ def test_unknown_mode_refused():
         qkv_plan("joint", layers())
 
 
-def tiny_llama(tmp_path, vocab_size=64):
+def tiny_llama(tmp_path, vocab_size=64, max_positions=64):
     """A 2-layer Llama (grouped-query attention) and a character tokenizer of its first 28 ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -77,7 +77,7 @@ def tiny_llama(tmp_path, vocab_size=64):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
     )
     model = LlamaForCausalLM(cfg)
     vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27}

@@ -69,8 +69,12 @@ def test_killed_snakemake_second_instance_locked_out_then_rerun_incomplete(tmp_p
             "compress.enabled": False,
             "recovery.enabled": False,
             "sketch.enabled": False,
+            "lowrank.enabled": False,
             "factorize.ranks": [4],
-            "experiment.variants": {"A": {}},
+            # the variants (merged over the default's A, B and C) train briefly: only D is killed
+            "experiment.variants": {
+                v: {"train": {"max_steps": 10 if v == "B" else 20, "warmup_steps": 1}} for v in "ABC"
+            },
         },
     )
     cmd = [
