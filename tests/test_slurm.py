@@ -65,7 +65,7 @@ def slurm_cfg(ci_dag, tmp_path_factory):
     """The ci DAG's config with ONE_OF_EACH: the same rules in fewer jobs, every job's settings those
     of the same job of the local run (ci_dag), so their outputs can be compared. The pretrained
     target is a tiny Llama folder instead of SmolLM2: its rules are the same, and the local run
-    has already put SmolLM2 itself through them (its jobs were 4 of the Slurm run's 8 minutes)."""
+    has already put SmolLM2 itself through them."""
     _, cfg = ci_dag
     work = tmp_path_factory.mktemp("slurm_cfg")
     model, tok = tiny_llama(work, max_positions=256)  # the ci config's 256-token evaluation window
