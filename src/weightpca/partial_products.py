@@ -13,9 +13,10 @@ Why: at decode sizes a GEMM costs its latency (2.5–5 µs on an H200 whatever i
 docs/speed.md), so a factored matrix as two GEMMs costs twice a dense one. Split over its inputs it
 is one kernel with no barrier between its two products: program ``(t, s)`` multiplies its input
 slice by its slice of B's columns (all ranks, in steps of ``BLOCK_R``) and the result by output
-tile t's rows of C. Every program reads its inputs once, in one round of loads (session 16's first
-version split the ranks instead and looped over all m inputs in each program, ~2x a dense
-projection's time). The sum over ``s`` is left to the kernel that reads the output: with
+tile t's rows of C. Every program reads its slice of x once and walks only the map's ranks, one
+64-rank step per round of loads (a dense tile: one round); session 16's first version split the
+ranks instead and looped over all m inputs in each program, ~2x a dense projection's time.
+The sum over ``s`` is left to the kernel that reads the output: with
 ``S <= 8`` inductor unrolls it into that kernel (the RMSNorm after a residual sum, the rotary
 embedding, the MLP's activation), so the step launches one kernel per projection, dense or
 factored. The same split-K idea as split-K GEMMs (e.g. CUTLASS's), with the reduction moved into
