@@ -7,6 +7,9 @@ in tests/test_hf_folder.py).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 from pathlib import Path
 
 import torch
@@ -44,6 +47,30 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     with ``rotate_half(x) = (-x₂, x₁)`` = ``roll(x, D/2)`` times the signs in ``signed_sin``
     (:func:`rotation_sines`): three kernels (a product, a roll, a fused multiply-add) instead of five."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Inside: the ``gguf`` package's file reader and tensor-name map are built once per argument.
+
+    Why: transformers (5.x) opens a GGUF file three times to load a model with its tokenizer (config,
+    tokenizer, weights), and each ``GGUFReader`` parses the whole vocabulary field by field (~12 s
+    for SmolLM2's on a 2-core CPU); it also rebuilds the tensor-name map once per submodule (~400
+    times, ~16 s). Both are pure functions of their arguments and read-only afterwards, so caching
+    them changes nothing but the time (the prepared folder's test compares the logits). Outside the
+    block the package is as it was."""
+    try:
+        import gguf
+    except ImportError:  # transformers names the missing package itself
+        yield
+        return
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(saved[0])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
 class LlamaAdapter(ModelAdapter):
@@ -169,8 +196,11 @@ class LlamaAdapter(ModelAdapter):
         ):
             raise AdapterError(f"{local}: no model weights (*.safetensors, *.bin or the GGUF file) in this folder")
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32, trust_remote_code=False, **kwargs)
+        with gguf_parsed_once() if gguf_file else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                path_or_id, dtype=torch.float32, trust_remote_code=False, **kwargs
+            )
         return cls(model.to(device).eval(), tokenizer)
 
     @staticmethod
