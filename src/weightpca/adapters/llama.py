@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 from pathlib import Path
 
 import torch
