@@ -1,8 +1,11 @@
 """benchmarks/train_bench.py's --profile breakdown, on the CPU (its CUDA path: docs/gpu.md)."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO, kill_training_at
 
@@ -194,3 +197,35 @@ def test_decode_ops_bench_takes_speed_bench_ranks_and_refuses_without_cuda(tmp_p
             text=True,
         )
         assert done.returncode == 1 and "needs a CUDA device" in done.stderr and not (tmp_path / "ops.json").exists()
+
+
+FACTORED_KERNELS_CASE = """
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+from factored_kernel_bench import checked_designs
+g = torch.Generator().manual_seed(0)
+out = []
+# m under one input slice and over several; n, r not multiples of any tile
+for batch, n, m, r in [(1, 40, 48, 24), (3, 70, 200, 40)]:
+    x, W = torch.randn(batch, m, generator=g).half(), torch.randn(n, m, generator=g).half()
+    B, C = torch.randn(r, m, generator=g).half(), torch.randn(n, r, generator=g).half()
+    out.append({name: err for name, _, err in checked_designs(x, W, B, C)})
+print(json.dumps(out))
+"""
+
+
+def test_factored_kernel_bench_designs_compute_the_product_in_the_cpu_interpreter():
+    """benchmarks/factored_kernel_bench.py's one-kernel designs of ``C (B x)`` (atomic adds over
+    input and rank slices; rank slices with a loop over the inputs) and partial_products' kernel, run
+    in Triton's CPU interpreter (float16: its bfloat16 conversions are wrong), against the exact
+    product, at shapes that are no multiple of any tile."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, "-c", FACTORED_KERNELS_CASE], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for errs in json.loads(done.stdout.strip().splitlines()[-1]):
+        families = {name.split("_n")[0] for name in errs}
+        assert families == {"src_dense", "src_factored", "atomic", "rank_split"} and len(errs) == 40, errs
+        assert max(errs.values()) < 2e-3, errs  # float16 rounding of the partial B x, no more
