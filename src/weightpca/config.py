@@ -78,7 +78,16 @@ def check_config(config: dict) -> None:
                 )
     surgery = config.get("surgery")
     if surgery:
+        layer_tokens = surgery["sensitivity"]["layer_tokens"] if surgery["sensitivity"]["enabled"] else None
         for name, t in surgery["targets"].items():
+            # a target's evaluation window: ours its block size, a Hugging Face model surgery.window
+            ours = t["kind"] == "gpt"
+            window, key = (model["block_size"], "model.block_size") if ours else (surgery["window"], "surgery.window")
+            if layer_tokens is not None and layer_tokens < window:
+                raise ConfigError(
+                    f"surgery.sensitivity.layer_tokens ({layer_tokens}) is shorter than one evaluation window of "
+                    f"target {name} ({key} = {window}); give at least {window}, or null for all its eval_tokens"
+                )
             if t["kind"] == "hf" and t.get("path"):
                 try:  # headers and config.json only: a job would fail on these much later
                     check_hf_folder(t["path"])

@@ -135,6 +135,12 @@ BAD = [
         r"mode 'activation_aware' is not swept for target gpt \(its modes \['separate'\]\); add it to "
         r"surgery\.targets\.gpt\.modes",
     ),
+    (
+        "sensitivity probes shorter than one evaluation window",
+        {"surgery.sensitivity.layer_tokens": 128},
+        r"surgery\.sensitivity\.layer_tokens \(128\) is shorter than one evaluation window of target smollm2 "
+        r"\(surgery\.window = 256\); give at least 256, or null",
+    ),
     ("unknown W&B mode", {"wandb.mode": "sometimes"}, r"'sometimes' is not one of[\s\S]*\['wandb'\]\['mode'\]"),
     (
         "corpus archive missing",
