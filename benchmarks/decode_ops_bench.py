@@ -140,17 +140,24 @@ def layer_shapes(folder: Path, removed: float, multiple: int) -> tuple[dict, dic
     return roles, ranks, target.kv_shape()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_arguments(description: str) -> argparse.ArgumentParser:
+    """The command line this bench shares with factored_kernel_bench.py: a model folder's shape, the
+    ranks of ``speed_bench.py --removed``, the dtype, the batches, the graph's copies and replays."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("folder", type=Path)
     ap.add_argument("--removed", type=float, default=0.2)
     ap.add_argument("--rank-multiple", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    ap.add_argument("--keys", type=int, default=48, help="cached positions a decode step attends to")
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=50, help="copies of the op captured in one CUDA graph")
+    ap.add_argument("--repeats", type=int, default=20, help="replays of the graph")
     ap.add_argument("--json", type=Path, required=True)
+    return ap
+
+
+def main() -> None:
+    ap = shape_arguments(__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", type=int, default=48, help="cached positions a decode step attends to")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_ops_bench.py times CUDA graphs: it needs a CUDA device (speed_bench.py measures the CPU)")

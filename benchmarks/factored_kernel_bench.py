@@ -28,7 +28,6 @@ Triton's CPU interpreter against the exact product.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
-from decode_ops_bench import graph_microseconds, layer_shapes  # noqa: E402
+from decode_ops_bench import graph_microseconds, layer_shapes, shape_arguments  # noqa: E402
 
 from weightpca import partial_products as pp  # noqa: E402
 from weightpca.compress import DTYPES  # noqa: E402
@@ -203,16 +202,8 @@ def best(row: dict, family: str) -> tuple[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("folder", type=Path)
-    ap.add_argument("--removed", type=float, default=0.2)
-    ap.add_argument("--rank-multiple", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap = shape_arguments(__doc__.split("\n\n")[0])
     ap.add_argument("--roles", nargs="+", default=["gate", "q", "down"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available() or pp.triton is None:
         sys.exit("factored_kernel_bench.py times Triton kernels in CUDA graphs: it needs a CUDA device and Triton")

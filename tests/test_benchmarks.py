@@ -214,7 +214,7 @@ print(json.dumps(out))
 """
 
 
-def test_factored_kernel_bench_designs_compute_the_product_in_the_cpu_interpreter():
+def test_factored_kernel_bench_designs_compute_the_product_in_the_cpu_interpreter(tmp_path):
     """benchmarks/factored_kernel_bench.py's one-kernel designs of ``C (B x)`` (atomic adds over
     input and rank slices; rank slices with a loop over the inputs) and partial_products' kernel, run
     in Triton's CPU interpreter (float16: its bfloat16 conversions are wrong), against the exact
@@ -229,3 +229,10 @@ def test_factored_kernel_bench_designs_compute_the_product_in_the_cpu_interprete
         families = {name.split("_n")[0] for name in errs}
         assert families == {"src_dense", "src_factored", "atomic", "rank_split"} and len(errs) == 40, errs
         assert max(errs.values()) < 2e-3, errs  # float16 rounding of the partial B x, no more
+    import torch
+
+    if not torch.cuda.is_available():  # it times CUDA graphs: elsewhere it says what it needs
+        tiny_llama_folder(tmp_path)
+        bench = [sys.executable, str(REPO / "benchmarks/factored_kernel_bench.py"), str(tmp_path / "model")]
+        done = subprocess.run(bench + ["--json", str(tmp_path / "k.json")], capture_output=True, text=True)
+        assert done.returncode == 1 and "needs a CUDA device" in done.stderr and not (tmp_path / "k.json").exists()
