@@ -78,7 +78,8 @@ def check_config(config: dict) -> None:
                 )
     surgery = config.get("surgery")
     if surgery:
-        layer_tokens = surgery["sensitivity"]["layer_tokens"] if surgery["sensitivity"]["enabled"] else None
+        scans = surgery["enabled"] and surgery["sensitivity"]["enabled"]
+        layer_tokens = surgery["sensitivity"]["layer_tokens"] if scans else None
         for name, t in surgery["targets"].items():
             # a target's evaluation window: ours its block size, a Hugging Face model surgery.window
             ours = t["kind"] == "gpt"

@@ -56,8 +56,9 @@ def gguf_parsed_once():
     tokenizer, weights), and each ``GGUFReader`` parses the whole vocabulary field by field (~12 s
     for SmolLM2's on a 2-core CPU); it also rebuilds the tensor-name map once per submodule (~400
     times, ~16 s). Both are pure functions of their arguments and read-only afterwards, so caching
-    them changes nothing but the time (the prepared folder's test compares the logits). Outside the
-    block the package is as it was."""
+    them changes nothing but the time (checked once: SmolLM2's prepared weights and tokenizer are
+    byte-identical with and without it, 48 s against 26 s). Outside the block the package is as it
+    was."""
     try:
         import gguf
     except ImportError:  # transformers names the missing package itself
