@@ -88,10 +88,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def block_m(rows: int) -> int:
-    return max(16, pp.triton_next_power_of_2(rows))  # tl.dot's least
-
-
 def atomic_op(x, B, C, block_n, block_k, block_r, warps=4):
     """The atomic design as a callable (zeroing included) and its float32 output ``[M, n]``."""
     (M, m), (r, n) = x.shape, (B.shape[0], C.shape[0])
@@ -101,7 +97,7 @@ def atomic_op(x, B, C, block_n, block_k, block_r, warps=4):
     def op():
         out.zero_()
         _atomic_kernel[grid](
-            x, B, C, out, M, n, m, r, BLOCK_M=block_m(M), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+            x, B, C, out, M, n, m, r, BLOCK_M=pp.dot_block(M), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=warps,
         )  # fmt: skip
 
@@ -115,7 +111,7 @@ def rank_split_op(x, B, C, block_n, block_k, block_r, warps=4, stages=1):
 
     def op():
         _rank_split_kernel[(cdiv(n, block_n), parts.shape[0])](
-            x, B, C, parts, M, n, m, r, BLOCK_M=block_m(M), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+            x, B, C, parts, M, n, m, r, BLOCK_M=pp.dot_block(M), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -140,7 +136,7 @@ def src_op(x, W_or_B, C, block_n, warps, stages):
     def op():
         pp._partial_products_kernel[(tiles.shape[0], slices)](
             x, x.stride(0), stack, stack.stride(0), coefs, tiles, parts, M, n, m, MAX_RANK=max_rank,
-            BLOCK_M=block_m(M), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=pp.BLOCK_R, num_warps=warps,
+            BLOCK_M=pp.dot_block(M), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=pp.BLOCK_R, num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
 

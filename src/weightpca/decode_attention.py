@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .partial_products import triton, triton_next_power_of_2, triton_runs_on
+from .partial_products import dot_block, triton, triton_runs_on
 
 if triton is not None:
     import triton.language as tl
@@ -145,7 +145,7 @@ def decode_attention(
         q, q.stride(0), k, k.stride(0), v, v.stride(0), cos, sin, cos.stride(0), sin.stride(0),
         keys, values, keys.stride(0), keys.stride(1), keys.stride(2), position, out, out.stride(0),
         scale, n, dim, S=capacity,
-        BLOCK_Q=max(16, triton_next_power_of_2(n)), BLOCK_D=max(16, triton_next_power_of_2(dim)), BLOCK_S=BLOCK_S,
+        BLOCK_Q=dot_block(n), BLOCK_D=dot_block(dim), BLOCK_S=BLOCK_S,
     )  # fmt: skip
     return out
 

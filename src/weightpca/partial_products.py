@@ -114,7 +114,7 @@ def plan_tiles(maps: list[tuple[int, int, int, int, bool]], m: int) -> tuple[Ten
     its C starts in the coefficient buffer (dense: ignored). Returns the int32 table ``[T, 7]``
     (``TILE_FIELDS``), ``BLOCK_K``, the slice count ``S <= MAX_SLICES`` of the m inputs, and the
     largest factored rank rounded up to ``BLOCK_R`` (0 if every map is dense)."""
-    block_k = max(16, triton_next_power_of_2(-(-m // MAX_SLICES)))
+    block_k = dot_block(-(-m // MAX_SLICES))
     rows, start = [], 0
     for n, first, width, c_offset, dense in maps:
         for o in range(0, n, BLOCK_N):
@@ -132,6 +132,11 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def dot_block(n: int) -> int:
+    """The least block that holds ``n`` rows or columns of a ``tl.dot`` operand: a power of two, >= 16."""
+    return max(16, triton_next_power_of_2(n))
+
+
 @torch.library.custom_op("weightpca::partial_products", mutates_args=())
 def partial_products(
     x: Tensor, stack: Tensor, coefs: Tensor, tiles: Tensor, n_out: int, block_k: int, slices: int, max_rank: int
@@ -143,7 +148,7 @@ def partial_products(
     if not triton_runs_on(x):
         return reference_partial_products(x, stack, coefs, tiles, n_out, block_k, slices, max_rank)
     out = x.new_empty((slices, x.shape[0], n_out), dtype=torch.float32)
-    block_m = max(16, triton_next_power_of_2(x.shape[0]))
+    block_m = dot_block(x.shape[0])
     _partial_products_kernel[(tiles.shape[0], slices)](
         x, x.stride(0), stack, stack.stride(0), coefs, tiles, out, x.shape[0], n_out, x.shape[-1],
         MAX_RANK=max_rank, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, BLOCK_R=BLOCK_R,
